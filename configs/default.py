@@ -1,0 +1,87 @@
+"""Shared base config: the paper's CIFAR-10 recipe (Ho et al. 2020, App. B).
+
+Every other config starts from `get_config()` here and overrides what differs. Every
+field is overridable on the command line, e.g. `--config.training.batch_size=64`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # Data: what is read and how it is shaped.
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = "cifar10"  # tfds name, or "fashion_mnist_files" / "synthetic".
+  data.data_dir = ""  # tfds data_dir, or the folder of local files ("" = default).
+  data.train_split = "train"
+  data.eval_split = "test"
+  data.image_size = 32
+  data.num_channels = 3
+  data.random_flip = True
+  data.shuffle_buffer = 50_000  # tfds path only.
+
+  # Model: the U-Net of the official code (DESIGN.md §3).
+  config.model = model = ml_collections.ConfigDict()
+  model.ch = 128
+  model.ch_mult = (1, 2, 2, 2)
+  model.num_res_blocks = 2
+  model.attn_resolutions = (16,)
+  model.dropout = 0.1
+  model.resamp_with_conv = True
+  model.num_groups = 32
+  model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16".
+  model.remat = False  # jax.checkpoint each res block.
+
+  # Diffusion process and objective (paper §2-3).
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.beta_schedule = "linear"
+  diffusion.beta_start = 1e-4
+  diffusion.beta_end = 0.02
+  diffusion.num_timesteps = 1000
+  diffusion.model_mean_type = "eps"
+  diffusion.model_var_type = "fixedlarge"
+  diffusion.loss_type = "mse"
+
+  # Optimisation and bookkeeping.
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128  # GLOBAL batch, split over all devices of all hosts.
+  training.num_train_steps = 800_000
+  training.learning_rate = 2e-4
+  training.warmup_steps = 5000
+  training.grad_clip = 1.0
+  training.adam_b1 = 0.9
+  training.adam_b2 = 0.999
+  training.adam_eps = 1e-8
+  training.ema_decay = 0.9999
+  training.seed = 0
+  training.log_every_steps = 100
+  training.checkpoint_every_steps = 10_000
+  training.keep_checkpoints = 3
+  training.sample_every_steps = 50_000
+  training.num_grid_samples = 64
+  training.eval_every_steps = 0  # 0: no bits/dim estimate during training.
+
+  # Sampling (--mode=sample, and the grids written during training).
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.method = "ancestral"  # "ancestral" (Algorithm 2) or "ddim".
+  sampling.num_steps = 1000  # DDIM steps; ancestral always runs all T steps.
+  sampling.eta = 0.0
+  sampling.num_samples = 50_000
+  sampling.batch_size = 256  # GLOBAL batch per sampler call.
+  sampling.clip_denoised = True
+  sampling.checkpoint_step = -1  # -1: the latest checkpoint.
+  sampling.seed = 0
+
+  # Evaluation (--mode=eval).
+  config.eval = evaluation = ml_collections.ConfigDict()
+  evaluation.num_examples = 10_000  # Test images for bits/dim (-1: the whole split).
+  evaluation.batch_size = 128  # GLOBAL batch for bits/dim.
+  evaluation.feature_network = "inception"  # "inception" or "classifier".
+  evaluation.inception_weights = ""  # Path of converted Inception weights (.npz).
+  evaluation.fid_num_samples = 50_000
+  evaluation.fid_reference_split = "train"
+  evaluation.seed = 0
+
+  config.multihost = False  # Call jax.distributed.initialize() (Cloud TPU pods).
+  return config

@@ -1,0 +1,1 @@
+"""Networks for ddpm_jax (the paper's U-Net)."""
