@@ -72,6 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.clip_denoised = True
   sampling.checkpoint_step = -1  # -1: the latest checkpoint.
   sampling.seed = 0
+  sampling.tag = ""  # Written to samples/step_<k>_<tag>/ when set (e.g. "ancestral").
 
   # Evaluation (--mode=eval).
   config.eval = evaluation = ml_collections.ConfigDict()
@@ -81,6 +82,13 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.inception_weights = ""  # Path of converted Inception weights (.npz).
   evaluation.fid_num_samples = 50_000
   evaluation.fid_reference_split = "train"
+  # The "classifier" feature network: a small CNN trained once on data.train_split.
+  evaluation.classifier_steps = 2000
+  evaluation.classifier_batch_size = 128
+  evaluation.classifier_learning_rate = 2e-3
+  evaluation.classifier_width = 16
+  evaluation.classifier_feature_dim = 128
+  evaluation.classifier_seed = 0
   evaluation.seed = 0
 
   config.multihost = False  # Call jax.distributed.initialize() (Cloud TPU pods).

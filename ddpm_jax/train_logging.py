@@ -1,0 +1,108 @@
+"""Logging of a training run: TensorBoard scalars and images (tensorboardX, no TensorFlow),
+PNG sample grids (Pillow) and a console progress line with steps/s and the ETA."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+TENSORBOARD_DIR = "tensorboard"
+SAMPLES_DIR = "samples"
+
+
+def image_grid(images: np.ndarray, *, ncols: int | None = None, pad: int = 2) -> np.ndarray:
+  """Tiles uint8 images [N, H, W, C] into one [rows*(H+pad)+pad, cols*(W+pad)+pad, C] grid."""
+  images = np.asarray(images)
+  if images.ndim != 4 or images.dtype != np.uint8 or images.shape[0] == 0:
+    raise ValueError(f"image_grid needs uint8 images [N>0, H, W, C]; got {images.dtype} "
+                     f"{images.shape}.")
+  n, h, w, c = images.shape
+  ncols = ncols or int(np.ceil(np.sqrt(n)))
+  nrows = -(-n // ncols)
+  grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+  for i, img in enumerate(images):
+    r, col = divmod(i, ncols)
+    top, left = pad + r * (h + pad), pad + col * (w + pad)
+    grid[top:top + h, left:left + w] = img
+  return grid
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+  """Writes a uint8 [H, W, C] image (C = 1 or 3) as PNG, atomically."""
+  from PIL import Image  # Pillow: imported here so that importing this module stays light.
+  image = np.asarray(image)
+  pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    pil.save(f, format="PNG")
+  os.replace(tmp, path)
+
+
+class Progress:
+  """Steps/s, images/s and the ETA, measured between consecutive log steps."""
+
+  def __init__(self, start_step: int, num_steps: int, global_batch: int):
+    self.num_steps, self.global_batch = num_steps, global_batch
+    self._last_step, self._last_time = start_step, time.perf_counter()
+
+  def update(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    steps_per_s = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    self._last_step, self._last_time = step, now
+    return dict(steps_per_sec=steps_per_s, images_per_sec=steps_per_s * self.global_batch)
+
+  def line(self, step: int, metrics: dict[str, float]) -> str:
+    eta = (self.num_steps - step) / max(metrics["steps_per_sec"], 1e-9)
+    return (f"step {step}/{self.num_steps} loss {metrics['loss']:.5f} "
+            f"grad_norm {metrics['grad_norm']:.3f} lr {metrics['learning_rate']:.3g} "
+            f"{metrics['steps_per_sec']:.2f} steps/s {metrics['images_per_sec']:.1f} img/s "
+            f"ETA {datetime.timedelta(seconds=int(eta))}")
+
+
+class MetricWriter:
+  """TensorBoard event files under workdir/tensorboard and PNG grids under workdir/samples.
+
+  Disabled (every call a no-op) on processes other than 0.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.enabled = enabled
+    self.samples_dir = os.path.join(workdir, SAMPLES_DIR)
+    self._writer = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+      os.makedirs(self.samples_dir, exist_ok=True)
+      self._writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+
+  def write_hparams(self, config: ml_collections.ConfigDict, *, num_params: int) -> None:
+    if self._writer is not None:
+      text = json.dumps(config.to_dict(), indent=2, default=str)
+      self._writer.add_text("config", f"```\n{text}\n```", 0)
+      self._writer.add_scalar("num_params", num_params, 0)
+
+  def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+    if self._writer is not None:
+      for name, value in scalars.items():
+        self._writer.add_scalar(f"train/{name}", value, step)
+      self._writer.flush()
+
+  def write_images(self, step: int, images: np.ndarray) -> str | None:
+    """Saves the grid of uint8 samples as samples/step_XXXXXXXX.png and in TensorBoard."""
+    if self._writer is None:
+      return None
+    grid = image_grid(images)
+    path = os.path.join(self.samples_dir, f"step_{step:08d}.png")
+    save_png(path, grid)
+    self._writer.add_image("samples", grid, step, dataformats="HWC")
+    self._writer.flush()
+    return path
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()

@@ -1,0 +1,368 @@
+"""Tests of ddpm_jax/input_pipeline.py on the 8 CPU devices of tests/conftest.py.
+
+Expected values come from the data themselves: fake idx files whose images are random (so
+every image and its mirror image are unique and can be looked up), the published
+Fashion-MNIST pixel statistics (mean 0.2860, std 0.3530 of x/255 over the training set),
+and tfds.testing.mock_data for the tfds code paths.
+"""
+
+import gzip
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default as default_config
+from ddpm_jax import input_pipeline as ip
+
+NUM_TRAIN, NUM_TEST = 40, 37  # Not multiples of the global batch: epochs straddle batches.
+GLOBAL_BATCH = 16
+MOCK_EXAMPLES = 24
+
+
+def _write_idx(path, images: np.ndarray, magic: int = 2051, truncate: int = 0) -> None:
+  header = np.array([magic, *images.shape[:3]], dtype=">u4").tobytes()
+  data = header + images.astype(np.uint8).tobytes()
+  with gzip.open(path, "wb") as f:
+    f.write(data[:len(data) - truncate])
+
+
+@pytest.fixture(scope="module")
+def fake_files(tmp_path_factory):
+  """A data_dir with small random idx files for both splits, and their images."""
+  folder = tmp_path_factory.mktemp("fashion")
+  rng = np.random.default_rng(123)
+  images = {"train": rng.integers(0, 256, (NUM_TRAIN, 28, 28), dtype=np.uint8),
+            "test": rng.integers(0, 256, (NUM_TEST, 28, 28), dtype=np.uint8)}
+  for split, array in images.items():
+    _write_idx(folder / ip.FASHION_MNIST_FILES[split], array)
+  return str(folder), {k: v[..., None] for k, v in images.items()}
+
+
+def _config(dataset="fashion_mnist_files", **overrides):
+  config = default_config.get_config().data
+  shape = {"fashion_mnist_files": (28, 1), "fashion_mnist": (28, 1), "synthetic": (8, 3)}
+  config.image_size, config.num_channels = shape.get(dataset, (32, 3))
+  config.dataset = dataset
+  config.random_flip = False
+  config.update(overrides)
+  return config
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _identify(batch: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(index into images, was-mirrored) of every example of a [D, B, H, W, C] batch."""
+  lookup = {img.tobytes(): (i, False) for i, img in enumerate(images)}
+  lookup.update({img[:, ::-1].tobytes(): (i, True) for i, img in enumerate(images)})
+  found = [lookup[x.tobytes()] for x in batch.reshape((-1,) + images.shape[1:])]
+  return np.array([i for i, _ in found]), np.array([f for _, f in found])
+
+
+# ------------------------------------------------------------------ shapes and batching
+
+
+def test_train_batch_shape_and_dtype():
+  batch = next(ip.create_train_iterator(_config("synthetic"), global_batch_size=16, seed=0))
+  chex.assert_shape(batch, (8, 2, 8, 8, 3))
+  assert batch.dtype == np.uint8 and batch.std() > 10  # Random images, not zeros.
+
+
+def test_global_batch_not_divisible_names_both_numbers():
+  with pytest.raises(ValueError, match=r"global_batch_size=12 .* 8 devices"):
+    ip.create_train_iterator(_config("synthetic"), global_batch_size=12, seed=0)
+
+
+def test_epochs_cover_every_example_once(fake_files):
+  folder, images = fake_files
+  batches = _take(ip.create_train_iterator(_config(data_dir=folder),
+                                           global_batch_size=GLOBAL_BATCH, seed=3), 5)
+  # Flattening each [D, B] batch gives its global order; 5*16 positions = 2 epochs of 40.
+  found = [_identify(b, images["train"]) for b in batches]
+  order, flipped = (np.concatenate(parts) for parts in zip(*found))
+  assert not flipped.any()
+  np.testing.assert_array_equal(np.sort(order[:NUM_TRAIN]), np.arange(NUM_TRAIN))
+  np.testing.assert_array_equal(np.sort(order[NUM_TRAIN:]), np.arange(NUM_TRAIN))
+  assert not np.array_equal(order[:NUM_TRAIN], order[NUM_TRAIN:])  # Reshuffled per epoch.
+
+
+@pytest.mark.parametrize("random_flip", [False, True])
+def test_same_seed_same_batches_and_exact_resume(fake_files, random_flip):
+  config = _config(data_dir=fake_files[0], random_flip=random_flip)
+  make = lambda seed, start=0: ip.create_train_iterator(  # noqa: E731
+      config, global_batch_size=GLOBAL_BATCH, seed=seed, start_step=start)
+  reference = _take(make(7), 7)
+  chex.assert_trees_all_equal(reference, _take(make(7), 7))
+  chex.assert_trees_all_equal(reference[3:], _take(make(7, start=3), 4))
+  other = _take(make(8), 7)
+  assert not all(np.array_equal(a, b) for a, b in zip(reference, other))
+
+
+def test_flips_mirror_about_half_and_keep_the_order(fake_files):
+  folder, images = fake_files
+  make = lambda flip: ip.create_train_iterator(  # noqa: E731
+      _config(data_dir=folder, random_flip=flip), global_batch_size=GLOBAL_BATCH, seed=5)
+  plain = np.concatenate(_take(make(False), 10), axis=1)
+  flipped = np.concatenate(_take(make(True), 10), axis=1)
+  order_plain, mirrored_plain = _identify(plain, images["train"])
+  order_flip, mirrored = _identify(flipped, images["train"])
+  np.testing.assert_array_equal(order_plain, order_flip)  # Flips never change which example.
+  assert not mirrored_plain.any()
+  # 160 fair coin flips: mean 80, sd ~6.3; [50, 110] is a ~4.7 sd band.
+  assert 50 <= mirrored.sum() <= 110, mirrored.sum()
+  flat_plain, flat_flip = (x.reshape((-1, 28, 28, 1)) for x in (plain, flipped))
+  np.testing.assert_array_equal(flat_flip[mirrored], flat_plain[mirrored][:, :, ::-1])
+  np.testing.assert_array_equal(flat_flip[~mirrored], flat_plain[~mirrored])
+
+
+def test_processes_take_contiguous_slices_of_the_global_batch(fake_files, monkeypatch):
+  config = _config(data_dir=fake_files[0], random_flip=True)
+  single = _take(ip.create_train_iterator(config, global_batch_size=32, seed=1), 3)
+  single_eval = list(ip.create_eval_iterator(config, global_batch_size=32))
+  per_process, per_process_eval = [], []
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for index in range(2):
+    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+    per_process.append(_take(ip.create_train_iterator(config, global_batch_size=32, seed=1), 3))
+    per_process_eval.append(list(ip.create_eval_iterator(config, global_batch_size=32)))
+  for step in range(3):
+    chex.assert_shape(per_process[0][step], (8, 2, 28, 28, 1))
+    joined = np.concatenate([p[step].reshape(16, 28, 28, 1) for p in per_process])
+    np.testing.assert_array_equal(joined, single[step].reshape(32, 28, 28, 1))
+  assert len(per_process_eval[0]) == len(per_process_eval[1]) == len(single_eval) == 2
+  for (images, mask), parts in zip(single_eval, zip(*per_process_eval)):
+    np.testing.assert_array_equal(np.concatenate([p[1].ravel() for p in parts]), mask.ravel())
+    np.testing.assert_array_equal(np.concatenate([p[0].reshape(16, 28, 28, 1) for p in parts]),
+                                  images.reshape(32, 28, 28, 1))
+
+
+# --------------------------------------------------------------------------- eval pass
+
+
+@pytest.mark.parametrize("num_examples", [-1, 20])
+def test_eval_iterator_ordered_padded_and_masked(fake_files, num_examples):
+  folder, images = fake_files
+  batches = list(ip.create_eval_iterator(_config(data_dir=folder), global_batch_size=16,
+                                         num_examples=num_examples))
+  total = NUM_TEST if num_examples == -1 else num_examples
+  assert len(batches) == -(-total // 16)
+  flat_images = np.concatenate([b.reshape(16, 28, 28, 1) for b, _ in batches])
+  flat_mask = np.concatenate([m.reshape(16) for _, m in batches])
+  chex.assert_shape(batches[0][1], (8, 2))
+  assert batches[0][1].dtype == bool
+  np.testing.assert_array_equal(flat_mask, np.arange(len(flat_mask)) < total)
+  np.testing.assert_array_equal(flat_images[:total], images["test"][:total])
+  assert not flat_images[total:].any()  # Zero padding.
+
+
+def test_eval_num_examples_beyond_split_is_rejected(fake_files):
+  with pytest.raises(ValueError, match="num_examples=38"):
+    ip.create_eval_iterator(_config(data_dir=fake_files[0]), global_batch_size=16,
+                            num_examples=NUM_TEST + 1)
+
+
+# ------------------------------------------------------------------------ idx files
+
+
+def test_idx_reader_parses_a_small_file(tmp_path):
+  images = np.random.default_rng(0).integers(0, 256, (3, 5, 4), dtype=np.uint8)
+  _write_idx(tmp_path / "x.gz", images)
+  parsed = ip.read_idx_images(str(tmp_path / "x.gz"))
+  assert parsed.dtype == np.uint8
+  np.testing.assert_array_equal(parsed, images[..., None])
+
+
+@pytest.mark.parametrize("corruption,message", [
+    (dict(magic=2049), "magic number 2049, expected 2051"),
+    (dict(truncate=7), "header says 3x5x4"),
+    ("not gzip", "not a readable gzip"),
+])
+def test_idx_reader_rejects_corrupt_files(tmp_path, corruption, message):
+  path = tmp_path / "bad.gz"
+  if isinstance(corruption, str):
+    path.write_bytes(b"plain bytes, no gzip header")
+  else:
+    _write_idx(path, np.zeros((3, 5, 4), np.uint8), **corruption)
+  with pytest.raises(ValueError, match=message):
+    ip.read_idx_images(str(path))
+
+
+def test_real_fashion_mnist_files():
+  paths = {s: os.path.join(ip.FASHION_MNIST_DIR, f) for s, f in ip.FASHION_MNIST_FILES.items()}
+  if not all(os.path.isfile(p) for p in paths.values()):
+    pytest.skip(f"Fashion-MNIST idx files absent under {ip.FASHION_MNIST_DIR} "
+                "(apt-get install dataset-fashion-mnist)")
+  train, test = ip.read_idx_images(paths["train"]), ip.read_idx_images(paths["test"])
+  chex.assert_shape(train, (60000, 28, 28, 1))
+  chex.assert_shape(test, (10000, 28, 28, 1))
+  assert train.min() == 0 and train.max() == 255
+  scaled = train / 255.0
+  assert abs(scaled.mean() - 0.2860) < 5e-4 and abs(scaled.std() - 0.3530) < 5e-4
+  # The default folder is used when data_dir is empty; the eval pass serves the file order.
+  images, mask = next(ip.create_eval_iterator(_config(), global_batch_size=16))
+  np.testing.assert_array_equal(images.reshape(16, 28, 28, 1), test[:16])
+  assert mask.all()
+
+
+def test_missing_files_without_data_dir_fall_back_then_explain(monkeypatch, tmp_path):
+  monkeypatch.setattr(ip, "FASHION_MNIST_DIR", str(tmp_path / "absent"))
+
+  def offline(*args):
+    raise RuntimeError("Failed to download fashion_mnist\nsecond line")
+
+  monkeypatch.setattr(ip, "_load_tfds_numpy", offline)
+  ip.validate_data_config(_config())  # The tfds fallback is allowed: no error yet.
+  with pytest.raises(ValueError, match=r"not found; install .*dataset-fashion-mnist.*"
+                     r"fallback failed too: RuntimeError: Failed to download fashion_mnist$"):
+    ip.create_train_iterator(_config(), global_batch_size=16, seed=0)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(dataset="imagenet"), r"data.dataset='imagenet' is unknown; allowed: cifar10, "),
+    (dict(dataset="cifar10", image_size=64), r"image_size=64.*'cifar10', which is 32x32x3"),
+    (dict(dataset="cifar10", num_channels=1), r"num_channels=1.*32x32x3"),
+    (dict(dataset="synthetic", image_size=0), r"data.image_size=0 must be a positive"),
+    (dict(dataset="lsun/bedroom", image_size=64, num_channels=1), "num_channels=1"),
+    (dict(dataset="cifar10", eval_split="validation"), r"eval_split='validation'.*train, test"),
+    (dict(dataset="celeb_a_hq/256", image_size=256), r"eval_split='test'.*allowed: train"),
+    (dict(dataset="synthetic", train_split="train[:10]"), r"train_split='train\[:10\]'"),
+    (dict(dataset="cifar10", data_dir="/nonexistent/tfds"), r"'/nonexistent/tfds' is not an"),
+])
+def test_bad_config_is_rejected(overrides, message):
+  overrides = dict(overrides)
+  config = _config(overrides.pop("dataset"), **overrides)
+  with pytest.raises(ValueError, match=message):
+    ip.validate_data_config(config)
+
+
+def test_data_dir_without_idx_files_names_path_and_package(tmp_path):
+  with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz not found.*"
+                     r"apt-get install dataset-fashion-mnist"):
+    ip.create_train_iterator(_config(data_dir=str(tmp_path)), global_batch_size=16, seed=0)
+
+
+def test_valid_configs_pass():
+  ip.validate_data_config(default_config.get_config().data)
+  ip.validate_data_config(_config("lsun/church_outdoor", image_size=64,
+                                      eval_split="validation"))  # LSUN is resized.
+  ip.validate_data_config(_config("cifar10", eval_split="train[:1000]"))
+  with pytest.raises(ValueError, match=r"split='valid'"):
+    ip.create_eval_iterator(_config("synthetic"), global_batch_size=16, split="valid")
+
+
+# --------------------------------------------------------------------------- tfds paths
+
+
+@pytest.fixture(scope="module")
+def mock_tfds():
+  """tfds with deterministic random examples (TF is imported once, here)."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    yield tfds
+
+
+def test_cifar10_in_memory_through_mock_tfds(mock_tfds):
+  stored = np.concatenate([b["image"] for b in mock_tfds.as_numpy(
+      mock_tfds.load("cifar10", split="train", shuffle_files=False).batch(64))])
+  config = _config("cifar10", random_flip=False)
+  batches = _take(ip.create_train_iterator(config, global_batch_size=16, seed=0), 3)
+  chex.assert_shape(batches, (8, 2, 32, 32, 3))
+  order = np.concatenate([_identify(b, stored)[0] for b in batches])
+  np.testing.assert_array_equal(np.sort(order[:MOCK_EXAMPLES]), np.arange(MOCK_EXAMPLES))
+  evaluated = list(ip.create_eval_iterator(config, global_batch_size=16))
+  assert [int(m.sum()) for _, m in evaluated] == [16, MOCK_EXAMPLES - 16]
+  np.testing.assert_array_equal(np.concatenate(
+      [b.reshape(16, 32, 32, 3) for b, _ in evaluated])[:MOCK_EXAMPLES], stored)
+
+
+def test_lsun_streams_deterministically_and_resumes(mock_tfds):
+  config = _config("lsun/church_outdoor", image_size=16, random_flip=True, shuffle_buffer=8,
+                   eval_split="validation")
+  make = lambda seed, start=0: ip.create_train_iterator(  # noqa: E731
+      config, global_batch_size=16, seed=seed, start_step=start)
+  reference = _take(make(0), 4)  # 64 positions: batches straddle the 24-example epochs.
+  chex.assert_shape(reference, (8, 2, 16, 16, 3))
+  assert all(b.dtype == np.uint8 for b in reference)
+  chex.assert_trees_all_equal(reference[2:], _take(make(0, start=2), 2))
+  assert not np.array_equal(reference[0], next(make(1)))
+  # Epoch 0 (no flips) is a permutation of the decoded split served by the eval pass.
+  config.random_flip = False
+  epoch = np.concatenate([b.reshape(16, 16, 16, 3) for b in _take(make(0), 2)])
+  evaluated = list(ip.create_eval_iterator(config, global_batch_size=16, split="train"))
+  decoded = np.concatenate([b.reshape(16, 16, 16, 3) for b, _ in evaluated])[:MOCK_EXAMPLES]
+  assert [int(m.sum()) for _, m in evaluated] == [16, MOCK_EXAMPLES - 16]
+  np.testing.assert_array_equal(np.sort(_identify(epoch[:MOCK_EXAMPLES], decoded)[0]),
+                                np.arange(MOCK_EXAMPLES))
+
+
+def test_center_crop_and_resize_keeps_the_middle_square(mock_tfds):
+  del mock_tfds  # Only for the single TensorFlow import.
+  image = np.zeros((8, 16, 3), np.uint8)
+  image[:, 4:12] = 200  # The centered 8x8 square; the side bands must be cropped away.
+  image[:4, 4:12, 0] = 100
+  out = np.asarray(ip.center_crop_and_resize(image, 4))
+  assert out.dtype == np.uint8 and out.shape == (4, 4, 3)
+  np.testing.assert_array_equal(out[:, :, 1], 200)
+  np.testing.assert_array_equal(out[:2, :, 0], 100)  # Area averages 2x2 blocks exactly.
+  np.testing.assert_array_equal(out[2:, :, 0], 200)
+
+
+# ----------------------------------------------------------------------------- device
+
+
+def test_to_model_input_maps_the_byte_range_to_unit_interval():
+  levels = np.array([0, 255, 51], np.uint8)
+  np.testing.assert_allclose(ip.to_model_input(levels), [-1.0, 1.0, 51 / 127.5 - 1.0])
+  on_device = jax.jit(ip.to_model_input)(jnp.asarray(levels))
+  assert on_device.dtype == jnp.float32
+  np.testing.assert_allclose(on_device, [-1.0, 1.0, 51 / 127.5 - 1.0], rtol=1e-6)
+
+
+def test_prefetch_to_device_feeds_pmap():
+  source = ip.create_train_iterator(_config("synthetic"), global_batch_size=16, seed=0)
+  host = _take(ip.create_train_iterator(_config("synthetic"), global_batch_size=16, seed=0), 3)
+  consumed = []
+
+  def counting():
+    for batch in source:
+      consumed.append(1)
+      yield batch
+
+  device_batches = ip.prefetch_to_device(counting(), size=2)
+  first = next(device_batches)
+  assert len(consumed) == 2  # `size` batches in flight.
+  mean = jax.pmap(lambda x: jnp.mean(ip.to_model_input(x)))
+  for expected, batch in zip(host, [first, next(device_batches), next(device_batches)]):
+    assert isinstance(batch, jax.Array) and batch.shape == (8, 2, 8, 8, 3)
+    for shard in batch.addressable_shards:  # Row i lives on local device i.
+      row = shard.index[0].start
+      assert shard.device == jax.local_devices()[row]
+      np.testing.assert_array_equal(np.asarray(shard.data)[0], expected[row])
+    np.testing.assert_allclose(mean(batch), (expected / 127.5 - 1.0).mean(axis=(1, 2, 3, 4)),
+                               atol=1e-6)
+  with pytest.raises(ValueError, match=r"shape \(3, 2\) does not lead with the 8 local"):
+    next(ip.prefetch_to_device(iter([np.zeros((3, 2))])))
+
+
+def test_non_tfds_sources_work_without_tensorflow():
+  """TensorFlow is imported lazily: block it and serve the synthetic source."""
+  code = ("import sys; sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None\n"
+          "from configs import default; from ddpm_jax import input_pipeline as ip\n"
+          "c = default.get_config().data; c.dataset = 'synthetic'; c.image_size = 4\n"
+          "print(next(ip.create_train_iterator(c, global_batch_size=2, seed=0)).shape)")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip().endswith("(1, 2, 4, 4, 3)")
