@@ -60,7 +60,6 @@ def get_config() -> ml_collections.ConfigDict:
   training.keep_checkpoints = 3
   training.sample_every_steps = 50_000
   training.num_grid_samples = 64
-  training.eval_every_steps = 0  # 0: no bits/dim estimate during training.
 
   # Sampling (--mode=sample, and the grids written during training).
   config.sampling = sampling = ml_collections.ConfigDict()

@@ -34,6 +34,7 @@ FROZEN_FIELDS = (
     "model.resamp_with_conv", "model.num_groups",
     "diffusion.beta_schedule", "diffusion.beta_start", "diffusion.beta_end",
     "diffusion.num_timesteps", "diffusion.model_mean_type", "diffusion.model_var_type",
+    "training.seed",  # The rng of the state and the data order both derive from it.
 )
 
 T = TypeVar("T")
@@ -74,14 +75,18 @@ def _lookup(tree: dict, dotted: str) -> Any:
 
 def check_or_write_config(config: ml_collections.ConfigDict, workdir: str, *,
                           write: bool = True) -> None:
-  """Writes workdir/config.json on the first start; on later starts refuses incompatible changes.
+  """Writes workdir/config.json on the first start; once a checkpoint exists, refuses changes.
 
   Raises ValueError naming every frozen field whose value differs from the saved config.
-  ``write=False`` (processes other than 0) only checks.
+  While workdir/checkpoints holds no step (a first start that failed early), the file is
+  rewritten with the new config: there is nothing it could mismatch. ``write=False``
+  (processes other than 0, sampling and evaluation) only checks.
   """
   path = os.path.join(workdir, CONFIG_FILE)
   new = _jsonable(config.to_dict())
-  if os.path.exists(path):
+  ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+  has_checkpoint = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+  if os.path.exists(path) and (has_checkpoint or not write):
     try:
       with open(path) as f:
         old = json.load(f)

@@ -85,10 +85,17 @@ def generate_samples(config: ml_collections.ConfigDict, params: Any, num_samples
   return np.concatenate(out)[:num_samples]
 
 
+def _sampler_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What produced a sample set; stored next to the samples and in fid.json."""
+  smp = config.sampling
+  return dict(method=str(smp.method), num_steps=int(smp.num_steps), eta=float(smp.eta),
+              clip_denoised=bool(smp.clip_denoised), seed=int(smp.seed))
+
+
 def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   """--mode=sample: writes samples/step_<k>/samples.npz and grid.png; returns the npz path."""
   smp = config.sampling
-  train.validate_config(config)
+  train.validate_config(config, mode="sample")
   num = _check_positive("sampling.num_samples", smp.num_samples)
   _check_divisible("sampling.batch_size", _check_positive("sampling.batch_size", smp.batch_size))
   params, step = restore_ema_params(config, workdir)
@@ -100,7 +107,7 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   samples = generate_samples(config, params, num, seed=int(smp.seed))
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, SAMPLES_FILE)
-  np.savez(path, samples=samples)
+  np.savez(path, samples=samples, **_sampler_settings(config))
   train_logging.save_png(os.path.join(out, "grid.png"), train_logging.image_grid(samples[:64]))
   logging.info("Wrote %d samples of step %d to %s", num, step, path)
   return path
@@ -127,7 +134,7 @@ def make_p_bpd(config: ml_collections.ConfigDict, schedule: diffusion.DiffusionS
                                     model_var_type=diff.model_var_type, clip_denoised=True)
       return jax.tree.map(lambda a: a[0], out)
 
-    return jax.lax.map(lambda args: one(*args), (x, keys))
+    return jax.vmap(one)(x, keys)
 
   return jax.pmap(per_device, axis_name=train.AXIS, in_axes=(0, 0, None), devices=devices)
 
@@ -145,11 +152,14 @@ def bpd_summary(total: np.ndarray, prior: np.ndarray, terms: np.ndarray) -> dict
 def rate_distortion(prior: np.ndarray, terms: np.ndarray, mse: np.ndarray) -> dict[str, np.ndarray]:
   """Progressive lossy compression (paper §4.3, Fig. 5, Algorithms 3-4).
 
-  Having received x_t, the rate is the bits sent so far: L_T + sum_{s >= t} L_s (bits/dim,
-  the prior and the terms from T-1 down to t), and the distortion the RMSE of the x_0
-  estimate at t on the [0, 255] scale. Index t = 0 .. T-1; rate[0] is the full bound.
+  Index i = 0 .. T-1 is the paper's t = i + 1: the receiver holds x_t, decoded so far from
+  x_T (cost L_T, the prior term) and the terms of x_{T-1} .. x_t (terms[T-1] .. terms[i+1]),
+  so rate[i] = L_T + sum_{j > i} terms[j] (bits/dim): L_T alone at t = T, the bound without
+  the decoder term L_0 at t = 1. The distortion is the RMSE of the x_0 estimate from x_t on
+  the [0, 255] scale.
   """
-  rate = prior.mean() + np.cumsum(terms.mean(axis=0)[::-1])[::-1]
+  sent_after = np.cumsum(terms.mean(axis=0)[::-1])[::-1]  # sum_{j >= i} terms[j]
+  rate = prior.mean() + np.append(sent_after[1:], 0.0)
   distortion = np.sqrt(mse.mean(axis=0)) * 127.5
   return dict(t=np.arange(terms.shape[1]), rate=rate, distortion=distortion)
 
@@ -195,7 +205,7 @@ def _plot_rate_distortion(path: str, rd: dict[str, np.ndarray]) -> None:
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """--mode=eval: bits/dim and rate-distortion, then FID / IS when eval.fid_num_samples > 0."""
   ev = config.eval
-  train.validate_config(config)
+  train.validate_config(config, mode="eval")
   input_pipeline.validate_data_config(config.data)
   _check_divisible("eval.batch_size", _check_positive("eval.batch_size", ev.batch_size))
   if int(ev.num_examples) != -1:
@@ -233,20 +243,26 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _fid(config: ml_collections.ConfigDict, workdir: str, params: Any, step: int, num: int,
          out: str) -> dict[str, Any]:
-  """FID / IS of `num` samples: those of --mode=sample for this step if there are enough,
-  otherwise freshly generated with the config's sampler (not saved)."""
+  """FID / IS of `num` samples: those of --mode=sample for this step if there are enough and
+  the config's sampler made them, otherwise freshly generated with it (not saved)."""
   from ddpm_jax.evaluation import sample_quality
   npz = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "samples", f"step_{step}",
                      SAMPLES_FILE)
-  samples = np.load(npz)["samples"] if os.path.exists(npz) else np.zeros((0,))
-  source = npz
+  settings = _sampler_settings(config)
+  if settings["method"] == "ancestral":
+    settings.pop("num_steps"), settings.pop("eta")  # Not used by the ancestral sampler.
+  samples, source = np.zeros((0,)), f"generated ({settings})"
+  if os.path.exists(npz):
+    with np.load(npz) as saved:
+      same = all(k in saved and saved[k].item() == v for k, v in settings.items())
+      if same and saved["samples"].shape[0] >= num:
+        samples, source = saved["samples"], npz
   if samples.shape[0] < num:
     _check_divisible("sampling.batch_size", int(config.sampling.batch_size))
-    samples, source = generate_samples(config, params, num, seed=int(config.sampling.seed)), (
-        f"generated ({config.sampling.method})")
+    samples = generate_samples(config, params, num, seed=int(config.sampling.seed))
   cache = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "eval", "cache")
   result = sample_quality.evaluate_samples(samples[:num], config, cache_dir=cache)
-  result.update(step=step, samples=source, sampling_method=config.sampling.method)
+  result.update(step=step, samples=source, sampler=settings)
   with open(os.path.join(out, "fid.json"), "w") as f:
     json.dump(result, f, indent=2)
   logging.info("FID of step %d (%s features, %d samples vs %s): %.3f", step,

@@ -8,25 +8,31 @@ horizontal flips (the paper's only augmentation, App. B) are pure functions of (
 and a resumed run sees exactly the batches of an uninterrupted one. Each process takes its
 contiguous slice of the global batch.
 
-Sources: small tfds datasets (cifar10, fashion_mnist) are held in host memory; large ones
-(celeb_a_hq/256, lsun/*) stream through tf.data with a per-epoch seeded shuffle of each
-process's part; "fashion_mnist_files" parses Debian's dataset-fashion-mnist idx files;
-"synthetic" needs no files. Only the tfds sources import TensorFlow.
+Sources (read by `data_sources`): small tfds datasets (cifar10, fashion_mnist) are held in
+host memory; large ones (celeb_a_hq/256, lsun/*) stream through tf.data with a per-epoch
+seeded shuffle of each process's part; "fashion_mnist_files" parses Debian's
+dataset-fashion-mnist idx files; "synthetic" needs no files. Only the tfds sources import
+TensorFlow.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
-import gzip
 import itertools
 import os
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ddpm_jax import data_sources
+# Re-exported: the readers' public names stay importable from here.
+from ddpm_jax.data_sources import (  # pylint: disable=unused-import
+    FASHION_MNIST_DIR, FASHION_MNIST_FILES, SYNTHETIC_NUM_EXAMPLES, center_crop_and_resize,
+    read_idx_images)
+from ddpm_jax.data_sources import APT_HINT, ArraySource, array_source
 
 DATASETS: tuple[str, ...] = (
     "cifar10", "celeb_a_hq/256", "lsun/church_outdoor", "lsun/bedroom", "lsun/cat",
@@ -41,13 +47,9 @@ _SPLITS = {"cifar10": ("train", "test"), "fashion_mnist": ("train", "test"),
            "fashion_mnist_files": ("train", "test"), "celeb_a_hq/256": ("train",),
            "lsun/church_outdoor": ("train", "validation"), "lsun/bedroom": ("train", "validation"),
            "lsun/cat": ("train",), "synthetic": ("train", "test")}
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_FILES = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}
-_APT_HINT = "install the Debian package with `apt-get install dataset-fashion-mnist`"
-SYNTHETIC_NUM_EXAMPLES = {"train": 50_000, "test": 10_000}
-_IDX3_MAGIC = 2051
-# Tags that keep the independent random streams drawn from one user seed apart.
-_PERM_TAG, _FLIP_TAG, _SHUFFLE_TAG, _SYNTH_TAG = 1, 2, 3, 4
+# Tags that keep the independent random streams drawn from one user seed apart (the
+# synthetic source uses 4, see data_sources).
+_PERM_TAG, _FLIP_TAG, _SHUFFLE_TAG = 1, 2, 3
 
 
 def _int_at_least(value: Any, name: str, minimum: int = 1) -> int:
@@ -66,14 +68,6 @@ def _check_split(dataset: str, split: str, field: str) -> None:
     how = " (optionally sliced, e.g. train[:1000])" if tfds_source else ""
     raise ValueError(f"{field}={split!r} is not a split of {dataset!r}; allowed: "
                      f"{', '.join(allowed)}{how}")
-
-
-def _image_shape(data_config) -> tuple[int, int, int]:
-  return (data_config.image_size, data_config.image_size, data_config.num_channels)
-
-
-def _fashion_mnist_path(data_dir: str, split: str) -> str:
-  return os.path.join(data_dir or FASHION_MNIST_DIR, FASHION_MNIST_FILES[split])
 
 
 def validate_data_config(data_config) -> None:
@@ -99,14 +93,15 @@ def validate_data_config(data_config) -> None:
     _check_split(dataset, getattr(data_config, field), f"data.{field}")
   data_dir = data_config.data_dir
   if data_dir and "://" not in data_dir and not os.path.isdir(data_dir):
-    hint = f"; it should hold the idx files ({_APT_HINT})" if "files" in dataset else ""
+    hint = f"; it should hold the idx files ({APT_HINT})" if "files" in dataset else ""
     raise ValueError(f"data.data_dir={data_dir!r} is not an existing folder{hint}")
   if dataset == "fashion_mnist_files" and data_dir:  # No tfds fallback with an explicit folder.
     for split in (data_config.train_split, data_config.eval_split):
-      path = _fashion_mnist_path(data_dir, split)
+      path = data_sources.fashion_mnist_path(data_dir, split)
       if not os.path.isfile(path):
-        raise ValueError(f"Fashion-MNIST file {path} not found in data.data_dir; {_APT_HINT} "
-                         f"(files under {FASHION_MNIST_DIR}) or point data.data_dir at them")
+        raise ValueError(f"Fashion-MNIST file {path} not found in data.data_dir; {APT_HINT} "
+                         f"(files under {data_sources.FASHION_MNIST_DIR}) or point "
+                         "data.data_dir at them")
 
 
 def _per_device_batch(global_batch_size: int) -> tuple[int, int]:
@@ -117,148 +112,6 @@ def _per_device_batch(global_batch_size: int) -> tuple[int, int]:
     raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the "
                      f"{processes * local} devices ({processes} processes x {local} local)")
   return global_batch_size // processes, global_batch_size // (processes * local)
-
-
-
-@dataclasses.dataclass(frozen=True)
-class _ArraySource:
-  """A random-access split: `gather(int64 indices [n]) -> uint8 [n, H, W, C]`."""
-  num_examples: int
-  gather: Callable[[np.ndarray], np.ndarray]
-
-
-def read_idx_images(path: str) -> np.ndarray:
-  """Parses a gzip'd idx3-ubyte image file (the MNIST / Fashion-MNIST format).
-
-  Returns:
-    uint8 array [N, rows, cols, 1].
-  Raises:
-    ValueError: the file is not gzip, has the wrong magic number or a size that does not
-      match its header.
-  """
-  try:
-    with gzip.open(path, "rb") as f:
-      data = f.read()
-  except (OSError, EOFError) as e:
-    raise ValueError(f"{path} is not a readable gzip idx file ({e})") from e
-  if len(data) < 16:
-    raise ValueError(f"{path} is corrupt: {len(data)} bytes, shorter than the 16-byte idx header")
-  magic, n, rows, cols = (int(v) for v in np.frombuffer(data[:16], dtype=">u4"))
-  if magic != _IDX3_MAGIC:
-    raise ValueError(f"{path} has magic number {magic}, expected {_IDX3_MAGIC} (idx3 uint8 "
-                     "images); the file is corrupt or not an images file")
-  expected = 16 + n * rows * cols
-  if len(data) != expected:
-    raise ValueError(f"{path} is corrupt: its header says {n}x{rows}x{cols} images "
-                     f"({expected} bytes) but it holds {len(data)} bytes")
-  return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, rows, cols, 1)
-
-
-def _import_tfds():
-  """Imports TensorFlow and tfds lazily; keeps TF off the accelerators JAX uses."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:  # TF already initialised its devices.
-    pass
-  return tf, tfds
-
-
-def _load_tfds_numpy(name: str, split: str, data_dir: str) -> np.ndarray:
-  """Reads a whole (small) tfds split into memory, in the split's stored order."""
-  _, tfds = _import_tfds()
-  ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
-  batches = [b["image"] for b in tfds.as_numpy(ds.batch(4096))]
-  if not batches:
-    raise ValueError(f"tfds split {name}:{split} is empty")
-  return np.concatenate(batches)
-
-
-def _load_fashion_mnist_files(data_dir: str, split: str) -> np.ndarray:
-  path = _fashion_mnist_path(data_dir, split)
-  if os.path.isfile(path):
-    return read_idx_images(path)
-  message = (f"Fashion-MNIST file {path} not found; {_APT_HINT} or set data.data_dir to the "
-             "folder of the idx files")
-  if data_dir:
-    raise ValueError(message)
-  try:  # Without the Debian files, tfds may still have (or download) fashion_mnist.
-    return _load_tfds_numpy("fashion_mnist", split, "")
-  except Exception as e:  # pylint: disable=broad-except
-    first_line = (str(e).strip().splitlines() or [""])[0]
-    raise ValueError(f"{message}; the tfds 'fashion_mnist' fallback failed too: "
-                     f"{type(e).__name__}: {first_line}") from e
-
-
-def _synthetic_source(split: str, shape: tuple[int, int, int]) -> _ArraySource:
-  """Fixed random images: example i is drawn from its own generator, so any subset is cheap."""
-  split_id = sorted(SYNTHETIC_NUM_EXAMPLES).index(split)
-
-  size = int(np.prod(shape))
-
-  def gather(indices: np.ndarray) -> np.ndarray:
-    out = np.empty((len(indices), size), np.uint8)
-    for row, i in enumerate(indices):  # Raw 64-bit draws viewed as bytes: ~10x integers().
-      bits = np.random.default_rng((_SYNTH_TAG, split_id, int(i))).bit_generator
-      out[row] = bits.random_raw(-(-size // 8)).view(np.uint8)[:size]
-    return out.reshape((len(indices),) + shape)
-
-  return _ArraySource(SYNTHETIC_NUM_EXAMPLES[split], gather)
-
-
-def _array_source(data_config, split: str) -> _ArraySource:
-  """Builds the in-memory / random-access source of a split (not for streamed datasets)."""
-  shape = _image_shape(data_config)
-  if data_config.dataset == "synthetic":
-    return _synthetic_source(split, shape)
-  if data_config.dataset == "fashion_mnist_files":
-    images = _load_fashion_mnist_files(data_config.data_dir, split)
-  else:
-    images = _load_tfds_numpy(data_config.dataset, split, data_config.data_dir)
-  if images.dtype != np.uint8 or images.shape[1:] != shape or not len(images):
-    raise ValueError(f"{data_config.dataset}:{split} holds {images.dtype} images of shape "
-                     f"{images.shape}; expected uint8 [N>0, {', '.join(map(str, shape))}]")
-  images.flags.writeable = False
-  return _ArraySource(len(images), lambda indices: images[indices])
-
-
-def center_crop_and_resize(image, size: int):
-  """Center-crops a [H, W, C] tf image to a square and area-resizes it to size x size uint8.
-
-  LSUN images vary in size; the paper trains on them at 256x256 (§4). The shorter side is
-  kept whole, the longer one is cropped symmetrically; the area resize averages (antialiases).
-  """
-  tf, _ = _import_tfds()
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
-  side = tf.minimum(height, width)
-  image = tf.image.crop_to_bounding_box(image, (height - side) // 2, (width - side) // 2,
-                                        side, side)
-  image = tf.image.resize(image, [size, size], method="area", antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
-
-
-def _tfds_stream(data_config, split: str, per_process: bool = False):
-  """(tf, tfds, dataset of encoded image bytes in stored order, decode fn) of a split.
-
-  With `per_process`, each process reads only its own even part of the split.
-  """
-  tf, tfds = _import_tfds()
-  if per_process and jax.process_count() > 1:
-    split = tfds.split_for_jax_process(split, process_index=jax.process_index(),
-                                       process_count=jax.process_count())
-  ds = tfds.load(data_config.dataset, split=split, data_dir=data_config.data_dir or None,
-                 shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda example: example["image"])
-  size, channels = data_config.image_size, data_config.num_channels
-  resize = data_config.dataset.startswith("lsun/")
-
-  def decode(encoded):
-    image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
-    image = center_crop_and_resize(image, size) if resize else image
-    return tf.ensure_shape(image, [size, size, channels])
-
-  return tf, tfds, ds, decode
 
 
 def _flip(images: np.ndarray, flips: np.ndarray) -> np.ndarray:
@@ -275,7 +128,7 @@ def _train_flips(seed: int, step: int, global_batch: int, local_batch: int) -> n
   return flips[start:start + local_batch]
 
 
-def _in_memory_train(source: _ArraySource, global_batch: int, local_batch: int, seed: int,
+def _in_memory_train(source: ArraySource, global_batch: int, local_batch: int, seed: int,
                      start_step: int, flip: bool) -> Iterator[np.ndarray]:
   """Global batch `step` = positions [step*B, (step+1)*B) of the epoch permutations."""
   n, start = source.num_examples, jax.process_index() * local_batch
@@ -301,8 +154,8 @@ def _streamed_train(data_config, global_batch: int, local_batch: int, seed: int,
   This process's batch `step` covers positions [step*B_local, (step+1)*B_local) of the
   concatenated epochs, so resuming skips (undecoded) examples to that offset.
   """
-  tf, tfds, encoded, decode = _tfds_stream(data_config, data_config.train_split,
-                                           per_process=True)
+  tf, tfds, encoded, decode = data_sources.tfds_stream(data_config, data_config.train_split,
+                                                      per_process=True)
   n = int(encoded.cardinality())
   if n < 0:  # Unknown: count the (still encoded) examples once.
     n = int(encoded.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
@@ -348,10 +201,10 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int,
   if data_config.dataset in _STREAMED_TFDS:
     batches = _streamed_train(data_config, global_batch_size, local_batch, seed, start_step)
   else:
-    source = _array_source(data_config, data_config.train_split)
+    source = array_source(data_config, data_config.train_split)
     batches = _in_memory_train(source, global_batch_size, local_batch, seed, start_step,
                                bool(data_config.random_flip))
-  shape = (jax.local_device_count(), per_device) + tuple(_image_shape(data_config))
+  shape = (jax.local_device_count(), per_device) + tuple(data_sources.image_shape(data_config))
   return (np.ascontiguousarray(batch).reshape(shape) for batch in batches)
 
 
@@ -370,7 +223,7 @@ def create_eval_iterator(data_config, *, global_batch_size: int, split: str | No
   if num_examples != -1:
     num_examples = _int_at_least(num_examples, "num_examples (or -1 for all)")
   local_batch, per_device = _per_device_batch(global_batch_size)
-  image_shape = _image_shape(data_config)
+  image_shape = data_sources.image_shape(data_config)
   start = jax.process_index() * local_batch
   out_shape = (jax.local_device_count(), per_device)
 
@@ -382,7 +235,7 @@ def create_eval_iterator(data_config, *, global_batch_size: int, split: str | No
     return images.reshape(out_shape + image_shape), mask.reshape(out_shape)
 
   if data_config.dataset in _STREAMED_TFDS:
-    tf, tfds, encoded, decode = _tfds_stream(data_config, split)
+    tf, tfds, encoded, decode = data_sources.tfds_stream(data_config, split)
     known = int(encoded.cardinality())
     if num_examples > known >= 0:
       raise ValueError(f"num_examples={num_examples} exceeds the {known} examples of {split!r}")
@@ -390,7 +243,7 @@ def create_eval_iterator(data_config, *, global_batch_size: int, split: str | No
     batches = tfds.as_numpy(ds.batch(global_batch_size).prefetch(tf.data.AUTOTUNE))
     return (pack(batch[start:start + local_batch], len(batch)) for batch in batches)
 
-  source = _array_source(data_config, split)
+  source = array_source(data_config, split)
   if num_examples > source.num_examples:
     raise ValueError(f"num_examples={num_examples} exceeds the {source.num_examples} "
                      f"examples of {split!r}")
@@ -433,69 +286,7 @@ def load_labeled_arrays(data_config, split: str,
   if num_examples != -1 and (isinstance(num_examples, bool) or num_examples < 1
                              or not isinstance(num_examples, (int, np.integer))):
     raise ValueError(f"num_examples={num_examples!r} must be a positive integer or -1 (all)")
-  shape = _image_shape(data_config)
-
-  def read_idx_labels(path: str) -> np.ndarray:
-    try:
-      with gzip.open(path, "rb") as f:
-        data = f.read()
-    except (OSError, EOFError) as e:
-      raise ValueError(f"{path} is not a readable gzip idx file ({e})") from e
-    header = np.frombuffer(data[:8], dtype=">u4") if len(data) >= 8 else np.array([0, 0])
-    magic, n = int(header[0]), int(header[1])
-    if magic != 2049 or len(data) != 8 + n:
-      raise ValueError(f"{path} is not an idx1 label file (magic {magic}, expected 2049, "
-                       f"{len(data)} bytes for {n} labels); the file is corrupt")
-    return np.frombuffer(data, dtype=np.uint8, offset=8)
-
-  def load_tfds(name: str, tfds_split: str) -> tuple[np.ndarray, np.ndarray]:
-    _, tfds = _import_tfds()
-    ds = tfds.load(name, split=tfds_split, data_dir=data_config.data_dir or None,
-                   shuffle_files=False)
-    batches = list(tfds.as_numpy(ds.batch(4096)))
-    if not batches:
-      raise ValueError(f"tfds split {name}:{tfds_split} is empty")
-    return (np.concatenate([b["image"] for b in batches]),
-            np.concatenate([b["label"] for b in batches]))
-
-  if dataset == "synthetic":
-    available = SYNTHETIC_NUM_EXAMPLES[split]
-    if num_examples > available:
-      raise ValueError(f"num_examples={num_examples} exceeds the {available} examples of "
-                       f"{split!r}")
-    indices = np.arange(available if num_examples == -1 else num_examples, dtype=np.int64)
-    images, labels = _synthetic_source(split, shape).gather(indices), indices % 10
-  elif dataset == "fashion_mnist_files":
-    directory = data_config.data_dir or FASHION_MNIST_DIR
-    image_path = _fashion_mnist_path(data_config.data_dir, split)
-    label_path = os.path.join(directory, FASHION_MNIST_FILES[split].replace("images-idx3",
-                                                                            "labels-idx1"))
-    if os.path.isfile(image_path) or data_config.data_dir:
-      images = _load_fashion_mnist_files(data_config.data_dir, split)
-      if not os.path.isfile(label_path):
-        raise ValueError(f"Fashion-MNIST label file {label_path} not found next to the "
-                         f"images; {_APT_HINT}")
-      labels = read_idx_labels(label_path)
-    else:  # Neither the Debian files nor a data_dir: tfds, as for the images.
-      try:
-        images, labels = load_tfds("fashion_mnist", split)
-      except Exception as e:  # pylint: disable=broad-except
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"Fashion-MNIST file {image_path} not found; {_APT_HINT}; the tfds "
-                         f"'fashion_mnist' fallback failed too: {type(e).__name__}: "
-                         f"{first_line}") from e
-  else:
-    images, labels = load_tfds(dataset, split)
-  if images.dtype != np.uint8 or images.shape[1:] != shape or labels.shape != images.shape[:1]:
-    raise ValueError(f"{dataset}:{split} holds {images.dtype} images of shape {images.shape} "
-                     f"and labels of shape {labels.shape}; expected uint8 [N, "
-                     f"{', '.join(map(str, shape))}] and [N]")
-  if num_examples > len(images):
-    raise ValueError(f"num_examples={num_examples} exceeds the {len(images)} examples of "
-                     f"{split!r}")
-  if num_examples != -1:
-    images, labels = images[:num_examples], labels[:num_examples]
-  return np.ascontiguousarray(images), labels.astype(np.int32)
+  return data_sources.read_labeled_arrays(data_config, split, num_examples)
 
 
 def to_model_input(images_uint8):

@@ -1,7 +1,8 @@
 """Samplers as single lax.scan loops: ancestral (paper Algorithm 2) and DDIM.
 
 Both are pure functions of (schedule, model_fn, rng, shape): jit, pmap and vmap compose
-over them, and the noise of step t is drawn from ``fold_in(rng, t)``, so the same rng gives
+over them; x_T comes from ``split(rng)[0]`` and the noise of step t from
+``fold_in(split(rng)[1], t)``, so the same rng gives
 the same samples however the loop is compiled. ``model_fn(x_t, t) -> model_output`` is any
 callable (a closure over the network's parameters); t is 0-based (t=0 is the paper's t=1).
 """
@@ -219,7 +220,8 @@ def ddim_sample(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: j
            + jnp.sqrt(jnp.maximum(1 - abar_s - sigma**2, 0.0)) * eps + sigma * noise)
     return x_s, None
 
-  x_0, _ = jax.lax.scan(step, x_init, (jnp.asarray(steps[::-1]), jnp.asarray(prev_steps[::-1])))
+  x_0, _ = jax.lax.scan(step, x_init.astype(jnp.float32),
+                        (jnp.asarray(steps[::-1]), jnp.asarray(prev_steps[::-1])))
   return x_0
 
 

@@ -6,9 +6,10 @@ step is pmapped over all devices with gradients and metrics averaged by ``lax.pm
 
 Randomness is a pure function of (seed, step): the timestep and noise of example i of
 global batch `step` come from fold_in(fold_in(key(seed), step), i) whatever the device
-count, so a step on 8 devices equals the step on 1 device at the same global batch (up to
-float reduction order), and a resumed run repeats an uninterrupted one bit for bit.
-Dropout masks are drawn per device from (seed, step, device index).
+count, and a resumed run repeats an uninterrupted one bit for bit. Dropout masks are drawn
+per device from (seed, step, device index), so with dropout 0 a step on 8 devices equals
+the step on 1 device at the same global batch (up to float reduction order); with dropout
+the masks, not the expectation, depend on the device count.
 """
 
 from __future__ import annotations
@@ -47,9 +48,26 @@ class TrainState:
   rng: jnp.ndarray
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Cheap checks of every training field, before anything is compiled, read or written."""
-  tr, diff = config.training, config.diffusion
+def validate_config(config: ml_collections.ConfigDict, *, mode: str = "train") -> None:
+  """Cheap checks of the fields ``mode`` uses, before anything is compiled, read or written.
+
+  'train' checks every training field; 'sample' and 'eval' only the diffusion and sampling.
+  """
+  diff, smp = config.diffusion, config.sampling
+  diffusion._check_choice("diffusion.model_mean_type", diff.model_mean_type,
+                          diffusion.MEAN_TYPES)
+  diffusion._check_choice("diffusion.model_var_type", diff.model_var_type, diffusion.VAR_TYPES)
+  diffusion._check_choice("diffusion.loss_type", diff.loss_type, diffusion.LOSS_TYPES)
+  diffusion._check_choice("sampling.method", smp.method, sampling.SAMPLING_METHODS)
+  if smp.method == "ddim":
+    sampling.ddim_timesteps(int(diff.num_timesteps), int(smp.num_steps))
+  if not float(smp.eta) >= 0:
+    raise ValueError(f"sampling.eta={smp.eta} must be >= 0.")
+  if mode != "train":
+    if jax.process_count() > 1:
+      raise ValueError(f"--mode={mode} runs on one host; got {jax.process_count()} processes.")
+    return
+  tr = config.training
   for name in ("num_train_steps", "batch_size", "log_every_steps", "checkpoint_every_steps",
                "keep_checkpoints"):
     if int(tr[name]) <= 0:
@@ -70,16 +88,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if tr.sample_every_steps and tr.num_grid_samples % num_devices:
     raise ValueError(f"training.num_grid_samples={tr.num_grid_samples} is not divisible by the "
                      f"{num_devices} devices.")
-  diffusion._check_choice("diffusion.model_mean_type", diff.model_mean_type,
-                          diffusion.MEAN_TYPES)
-  diffusion._check_choice("diffusion.model_var_type", diff.model_var_type, diffusion.VAR_TYPES)
-  diffusion._check_choice("diffusion.loss_type", diff.loss_type, diffusion.LOSS_TYPES)
   if diff.loss_type == "mse" and diff.model_var_type in diffusion.LEARNED_VAR_TYPES:
     raise ValueError(f"diffusion.loss_type='mse' cannot train model_var_type="
                      f"{diff.model_var_type!r}; use 'hybrid' or 'kl'.")
-  diffusion._check_choice("sampling.method", config.sampling.method, sampling.SAMPLING_METHODS)
-  if config.sampling.method == "ddim":
-    sampling.ddim_timesteps(int(diff.num_timesteps), int(config.sampling.num_steps))
 
 
 def create_schedule(diffusion_config: ml_collections.ConfigDict) -> diffusion.DiffusionSchedule:
@@ -249,6 +260,10 @@ class _SigtermFlag:
     self._previous = None
 
   def __enter__(self) -> "_SigtermFlag":
+    if jax.process_count() > 1:
+      # Pods: JAX's preemption notifier (jax.distributed) owns SIGTERM and the hosts agree
+      # on the step through Checkpointer.reached_preemption; a local flag would desync them.
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # Not the main thread: no handler, rely on periodic checkpoints.
@@ -310,24 +325,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   def unreplicated_state() -> TrainState:
     return jax.device_get(unreplicate(p_state))
 
+  def fetch_finite_metrics(p_metrics: dict, done: int) -> dict[str, float]:
+    metrics = {k: float(v) for k, v in unreplicate(p_metrics).items()}
+    if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+      raise FloatingPointError(
+          f"Non-finite loss {metrics['loss']} or gradient norm {metrics['grad_norm']} at step "
+          f"{done}; not saving. The last good checkpoint is step {checkpointer.latest_step()}.")
+    return metrics
+
+  def save(done: int, p_metrics: dict) -> None:
+    fetch_finite_metrics(p_metrics, done)  # Never checkpoint a state made from inf/NaN.
+    checkpointer.save(done, unreplicated_state())
+
   with _SigtermFlag() as sigterm:
     for step in range(start_step, num_steps):
       p_state, p_metrics = p_train_step(p_state, next(batches))
       done = step + 1
       if done % tr.log_every_steps == 0 or done == num_steps:
-        metrics = {k: float(v) for k, v in unreplicate(p_metrics).items()}
-        if not np.isfinite(metrics["loss"]):
-          raise FloatingPointError(f"Loss is {metrics['loss']} at step {done}; not saving. "
-                                   f"The last good checkpoint is step {checkpointer.latest_step()}.")
+        metrics = fetch_finite_metrics(p_metrics, done)
         metrics.update(progress.update(done))
         writer.write_scalars(done, metrics)
         logging.info("%s", progress.line(done, metrics))
       if sigterm.received or checkpointer.reached_preemption(done):
-        checkpointer.save(done, unreplicated_state())
+        save(done, p_metrics)
         logging.info("Saved the checkpoint of step %d after SIGTERM; exiting.", done)
         break
       if done % tr.checkpoint_every_steps == 0 or done == num_steps:
-        checkpointer.save(done, unreplicated_state())
+        save(done, p_metrics)
       if p_sample is not None and (done % tr.sample_every_steps == 0 or done == num_steps):
         rng = jax.random.fold_in(jax.random.key(int(config.sampling.seed)), done)
         images = np.asarray(p_sample(p_state.ema_params, rng))

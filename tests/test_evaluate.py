@@ -72,7 +72,9 @@ def test_eval_mode_bpd_rate_distortion_and_fid(workdir):
   rd = np.loadtxt(os.path.join(out, "rate_distortion.csv"), delimiter=",", skiprows=1)
   chex.assert_shape(rd, (100, 3))
   np.testing.assert_array_equal(rd[:, 0], np.arange(1, 101))
-  assert rd[0, 1] == pytest.approx(saved["total_bpd"], rel=1e-4)
+  # t = 1: everything but the decoder term L_0 has been sent; t = T: only the prior L_T.
+  assert rd[0, 1] == pytest.approx(saved["total_bpd"] - saved["decoder_bpd"], rel=1e-4)
+  assert rd[-1, 1] == pytest.approx(saved["prior_bpd"], rel=1e-4)
   assert np.all(np.diff(rd[:, 1]) <= 1e-6)  # Rate falls as fewer terms have been sent.
   assert os.path.getsize(os.path.join(out, "rate_distortion.png")) > 1000
   with open(os.path.join(out, "fid.json")) as f:
@@ -82,6 +84,7 @@ def test_eval_mode_bpd_rate_distortion_and_fid(workdir):
       "classifier", "train", 16, 20)
   assert np.isfinite(fid["fid"]) and fid["fid"] > 0
   assert fid["samples"].startswith("generated")  # The 12 saved samples are too few.
+  assert fid["sampler"]["method"] == "ddim" and fid["sampler"]["num_steps"] == 5
   with pytest.raises(ValueError, match="already holds"):
     evaluate.run_eval(_config(), workdir)
 

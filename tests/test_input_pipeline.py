@@ -212,12 +212,12 @@ def test_real_fashion_mnist_files():
 
 
 def test_missing_files_without_data_dir_fall_back_then_explain(monkeypatch, tmp_path):
-  monkeypatch.setattr(ip, "FASHION_MNIST_DIR", str(tmp_path / "absent"))
+  monkeypatch.setattr("ddpm_jax.data_sources.FASHION_MNIST_DIR", str(tmp_path / "absent"))
 
   def offline(*args):
     raise RuntimeError("Failed to download fashion_mnist\nsecond line")
 
-  monkeypatch.setattr(ip, "_load_tfds_numpy", offline)
+  monkeypatch.setattr("ddpm_jax.data_sources._load_tfds_numpy", offline)
   ip.validate_data_config(_config())  # The tfds fallback is allowed: no error yet.
   with pytest.raises(ValueError, match=r"not found; install .*dataset-fashion-mnist.*"
                      r"fallback failed too: RuntimeError: Failed to download fashion_mnist$"):

@@ -230,11 +230,23 @@ def test_incompatible_resume_is_refused_and_nothing_changes(trained):
 def test_training_fields_may_change_on_resume(tmp_path):
   workdir = str(tmp_path)
   checkpointing.check_or_write_config(_config(), workdir)
+  (tmp_path / "checkpoints" / "100").mkdir(parents=True)  # As if a step had been saved.
   changed = _config(**{"training.learning_rate": 5e-4, "training.batch_size": 32,
                        "model.dtype": "bfloat16", "training.log_every_steps": 7})
   checkpointing.check_or_write_config(changed, workdir)  # No error.
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["training"]["learning_rate"] == 1e-3  # First start's config kept.
+
+
+def test_config_of_a_start_that_saved_nothing_is_replaced(tmp_path):
+  workdir = str(tmp_path)
+  checkpointing.check_or_write_config(_config(), workdir)
+  checkpointing.check_or_write_config(_config(**{"model.ch": 32}), workdir)  # No checkpoint.
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["model"]["ch"] == 32
+  (tmp_path / "checkpoints" / "7").mkdir(parents=True)
+  with pytest.raises(ValueError, match=r"model.ch: 32 -> 16.*training.seed: 0 -> 5"):
+    checkpointing.check_or_write_config(_config(**{"training.seed": 5}), workdir)
 
 
 @pytest.mark.parametrize("flag,match", [
