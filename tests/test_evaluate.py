@@ -79,12 +79,13 @@ def test_eval_mode_bpd_rate_distortion_and_fid(workdir):
   assert os.path.getsize(os.path.join(out, "rate_distortion.png")) > 1000
   with open(os.path.join(out, "fid.json")) as f:
     fid = json.load(f)
+  assert fid.pop("sampler") == results["fid"].pop("sampler")
   assert fid == pytest.approx(results["fid"], nan_ok=True)
   assert (fid["feature_network"], fid["reference_split"], fid["num_samples"], fid["step"]) == (
       "classifier", "train", 16, 20)
   assert np.isfinite(fid["fid"]) and fid["fid"] > 0
   assert fid["samples"].startswith("generated")  # The 12 saved samples are too few.
-  assert fid["sampler"]["method"] == "ddim" and fid["sampler"]["num_steps"] == 5
+  assert "'method': 'ddim', 'num_steps': 5" in fid["samples"]
   with pytest.raises(ValueError, match="already holds"):
     evaluate.run_eval(_config(), workdir)
 
