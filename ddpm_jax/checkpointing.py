@@ -2,7 +2,8 @@
 
 Workdir layout::
 
-  workdir/config.json           the resolved config of the first start (never overwritten)
+  workdir/config.json           the resolved config of the first start (kept once a
+                                checkpoint exists)
   workdir/checkpoints/<step>/   Orbax checkpoints of the TrainState (numpy, unreplicated)
   workdir/tensorboard/          TensorBoard event files
   workdir/samples/              PNG sample grids
