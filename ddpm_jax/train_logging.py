@@ -93,7 +93,7 @@ class MetricWriter:
       self._writer.flush()
 
   def write_images(self, step: int, images: np.ndarray) -> str | None:
-    """Saves the grid of uint8 samples as samples/step_XXXXXXXX.png and in TensorBoard."""
+    """Saves the grid of uint8 samples as samples/step_<8-digit step>.png and in TensorBoard."""
     if self._writer is None:
       return None
     grid = image_grid(images)

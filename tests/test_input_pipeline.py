@@ -197,8 +197,8 @@ def test_idx_reader_rejects_corrupt_files(tmp_path, corruption, message):
 def test_real_fashion_mnist_files():
   paths = {s: os.path.join(ip.FASHION_MNIST_DIR, f) for s, f in ip.FASHION_MNIST_FILES.items()}
   if not all(os.path.isfile(p) for p in paths.values()):
-    pytest.skip(f"Fashion-MNIST idx files absent under {ip.FASHION_MNIST_DIR} "
-                "(apt-get install dataset-fashion-mnist)")
+    pytest.skip(reason=f"Fashion-MNIST idx files absent under {ip.FASHION_MNIST_DIR} "
+                       "(apt-get install dataset-fashion-mnist)")
   train, test = ip.read_idx_images(paths["train"]), ip.read_idx_images(paths["test"])
   chex.assert_shape(train, (60000, 28, 28, 1))
   chex.assert_shape(test, (10000, 28, 28, 1))
