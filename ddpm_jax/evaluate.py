@@ -50,6 +50,7 @@ def restore_ema_params(config: ml_collections.ConfigDict, workdir: str) -> tuple
   if not os.path.isdir(ckpt_dir):
     raise ValueError(f"No checkpoint in {ckpt_dir!r}; train first (--mode=train).")
   checkpointing.check_or_write_config(config, workdir, write=False)
+  # Restore only: nothing is saved, so the keep limit never prunes a checkpoint.
   checkpointer = checkpointing.Checkpointer(workdir, keep=1_000_000)
   try:
     return checkpointer.restore_params(int(config.sampling.checkpoint_step))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import signal
-import time
 from typing import Any, Callable, Sequence
 
 import flax

@@ -7,7 +7,6 @@ import datetime
 import json
 import os
 import time
-from typing import Any
 
 import ml_collections
 import numpy as np
