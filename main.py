@@ -2,12 +2,22 @@
 
 Any config field can be overridden on the command line, e.g.
   --config.training.batch_size=64 --config.model.dtype=bfloat16
-Re-running the same command resumes from the latest checkpoint in DIR.
+Re-running the same command resumes from the latest intact checkpoint in DIR.
+
+Bad input (unknown flags or config fields, values of the wrong type or out of range, a
+workdir that is a file or holds an incompatible run, a missing checkpoint, ...) ends the
+process with exit status 2 and exactly one line ``error: ...`` on stderr, before anything
+is compiled or written.
 """
 
+from __future__ import annotations
+
+import importlib.util
 import logging as logging_std
 import os
+import re
 import sys
+from typing import Any, NoReturn
 
 from absl import app
 from absl import flags
@@ -17,6 +27,7 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 MODES = ("train", "sample", "eval")
+EXIT_BAD_INPUT = 2
 
 config_flags.DEFINE_config_file("config", None, "Config file (a get_config() module).",
                                 lock_config=True)
@@ -36,20 +47,82 @@ class _QuietOrbax(logging_std.Filter):
     return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
 
 
+def fail(message: Any) -> NoReturn:
+  """Prints ``error: <message>`` as one line on stderr and exits with status 2."""
+  print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+  sys.exit(EXIT_BAD_INPUT)
+
+
+def _config_path(argv: list[str]) -> str | None:
+  """The --config file named in argv, without config_flags' optional ':<args>' suffix."""
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith("--config="):
+      return arg[len("--config="):].split(":")[0]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":")[0]
+  return None
+
+
+def explain_config_error(argv: list[str], error: Exception) -> str:
+  """A one-line account of an exception raised while loading --config or its overrides."""
+  path = _config_path(argv)
+  if path is None or not os.path.isfile(path):
+    return f"--config={path}: no such file."
+  try:
+    spec = importlib.util.spec_from_file_location("_ddpm_jax_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+  except Exception as e:  # pylint: disable=broad-except  (the user's file: report anything)
+    return f"--config={path} cannot be loaded: {type(e).__name__}: {e}"
+  for arg in argv[1:]:
+    match = re.match(r"--config\.([\w.]+)", arg)
+    if not match:
+      continue
+    node, walked = config, []
+    for part in match.group(1).split("."):
+      if not hasattr(node, "keys") or part not in node:
+        where = "config." + ".".join(walked) if walked else "the config"
+        known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "no sub-fields"
+        return f"unknown config field in {arg!r}: {where} has {known}."
+      walked.append(part)
+      node = node[part]
+  return f"--config={path}: {type(error).__name__}: {error}"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing in which every error is one ``error:`` line on stderr (exit 2)."""
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config.keys()  # An unloadable config file raises only when the config is used.
+  except flags.Error as e:
+    fail(e)
+  except Exception as e:  # pylint: disable=broad-except  (raised by the config file)
+    fail(explain_config_error(argv, e))
+  if len(rest) > 1:
+    fail(f"unexpected arguments {rest[1:]}; every option is a --flag, e.g. "
+         "--config.training.batch_size=64.")
+  workdir = os.path.expanduser(FLAGS.workdir)
+  if not workdir.strip():
+    fail("--workdir is empty; give a directory for checkpoints and logs.")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    fail(f"--workdir={FLAGS.workdir!r} exists and is not a directory.")
+  return rest
+
+
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  del argv  # parse_flags refused positional arguments.
   config = FLAGS.config
   logging.get_absl_handler().addFilter(_QuietOrbax())
+  # JAX probes every platform at its first use and logs each one missing (INFO "Unable to
+  # initialize backend 'tpu'"); a bad-input error must stay the only line on stderr.
+  logging_std.getLogger("jax._src.xla_bridge").setLevel(logging_std.WARNING)
   if FLAGS.compile_cache and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compile_cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   multihost = config.multihost if FLAGS.multihost is None else FLAGS.multihost
   if multihost:
     jax.distributed.initialize()
-  logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.default_backend())
   from ddpm_jax import evaluate, train  # After distributed initialisation.
   try:
     if FLAGS.mode == "train":
@@ -58,11 +131,14 @@ def main(argv: list[str]) -> None:
       evaluate.run_sample(config, FLAGS.workdir)
     else:
       evaluate.run_eval(config, FLAGS.workdir)
-  except (ValueError, FloatingPointError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except (ValueError, FloatingPointError) as e:  # Bad input, or a diverged run.
+    fail(e)
+
+
+def run() -> None:
+  """The command line (also what tests/_fault_tools.py runs in forked processes)."""
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -32,6 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_groups = 32
   model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16".
   model.remat = False  # jax.checkpoint each res block.
+  model.attn_impl = "jax"  # "jax" (jax.nn.dot_product_attention) or "explicit" (einsums).
+  model.conv_wgrad = "auto"  # 3x3 kernel gradients: "xla", "taps" (fast on CPU), "auto".
 
   # Diffusion process and objective (paper §2-3).
   config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -60,6 +62,13 @@ def get_config() -> ml_collections.ConfigDict:
   training.keep_checkpoints = 3
   training.sample_every_steps = 50_000
   training.num_grid_samples = 64
+  # Train steps per pmapped call (a lax.scan over k stacked batches): one dispatch and host
+  # round trip per k steps. Log/checkpoint/sample intervals must be multiples of it.
+  training.steps_per_call = 1
+  # A step whose loss or gradients are inf/NaN never changes the state (nor reaches a
+  # checkpoint). "raise": stop with an error naming the step at the next log or checkpoint
+  # step; "skip": go on without that update, counting it (TrainState.nonfinite_steps).
+  training.nonfinite = "raise"
 
   # Sampling (--mode=sample, and the grids written during training).
   config.sampling = sampling = ml_collections.ConfigDict()

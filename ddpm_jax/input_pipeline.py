@@ -148,7 +148,7 @@ def _in_memory_train(source: ArraySource, global_batch: int, local_batch: int, s
 
 
 def _streamed_train(data_config, global_batch: int, local_batch: int, seed: int,
-                    start_step: int) -> Iterator[np.ndarray]:
+                    start_step: int, flip: bool) -> Iterator[np.ndarray]:
   """Each process streams its shard: epoch e is the shard shuffled with a seed from (seed, e).
 
   This process's batch `step` covers positions [step*B_local, (step+1)*B_local) of the
@@ -177,7 +177,7 @@ def _streamed_train(data_config, global_batch: int, local_batch: int, seed: int,
         pending = batch if pending is None else np.concatenate([pending, batch])
         while len(pending) >= local_batch:
           images, pending = pending[:local_batch], pending[local_batch:]
-          if data_config.random_flip:
+          if flip:
             images = _flip(images, _train_flips(seed, step, global_batch, local_batch))
           yield images
           step += 1
@@ -187,23 +187,27 @@ def _streamed_train(data_config, global_batch: int, local_batch: int, seed: int,
 
 
 def create_train_iterator(data_config, *, global_batch_size: int, seed: int,
-                          start_step: int = 0) -> Iterator[np.ndarray]:
+                          start_step: int = 0, random_flip: bool | None = None
+                          ) -> Iterator[np.ndarray]:
   """Endless training batches, uint8 [local_devices, per_device_batch, H, W, C].
 
-  Batch number `step` (and its flips, if data.random_flip) depends only on (seed, step), so
-  `start_step=k` resumes exactly where an uninterrupted run would be at step k. Validation
+  Batch number `step` (and its flips) depends only on (seed, step), so `start_step=k`
+  resumes exactly where an uninterrupted run would be at step k. ``random_flip`` (default
+  data.random_flip) flips on the host; the train loop passes False and flips on the device
+  instead (train.train_step), which is several times cheaper (bench/NOTES.md). Validation
   and data loading happen here, before the first batch is asked for.
   """
   validate_data_config(data_config)
   local_batch, per_device = _per_device_batch(global_batch_size)
   seed = _int_at_least(seed, "seed", 0)
   start_step = _int_at_least(start_step, "start_step", 0)
+  flip = bool(data_config.random_flip if random_flip is None else random_flip)
   if data_config.dataset in _STREAMED_TFDS:
-    batches = _streamed_train(data_config, global_batch_size, local_batch, seed, start_step)
+    batches = _streamed_train(data_config, global_batch_size, local_batch, seed, start_step,
+                              flip)
   else:
     source = array_source(data_config, data_config.train_split)
-    batches = _in_memory_train(source, global_batch_size, local_batch, seed, start_step,
-                               bool(data_config.random_flip))
+    batches = _in_memory_train(source, global_batch_size, local_batch, seed, start_step, flip)
   shape = (jax.local_device_count(), per_device) + tuple(data_sources.image_shape(data_config))
   return (np.ascontiguousarray(batch).reshape(shape) for batch in batches)
 
@@ -293,6 +297,12 @@ def to_model_input(images_uint8):
   """uint8 images -> float32 in [-1, 1] (x / 127.5 - 1, paper §3.3); NumPy or jnp (on device)."""
   xp = np if isinstance(images_uint8, np.ndarray) else jnp
   return xp.asarray(images_uint8).astype(xp.float32) / 127.5 - 1.0
+
+
+def flip_on_device(images: jax.Array, flips: jax.Array) -> jax.Array:
+  """Mirrors images[i] ([B, H, W, C]) left-right where flips[i]: the device-side random flip
+  of training (paper App. B: random horizontal flips for CIFAR-10, LSUN and CelebA-HQ)."""
+  return jnp.where(flips[:, None, None, None], images[:, :, ::-1], images)
 
 
 def prefetch_to_device(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:

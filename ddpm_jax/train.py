@@ -39,20 +39,61 @@ AXIS = "batch"
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a resumed run needs. ``rng`` holds the raw key data of key(seed)."""
+  """Everything a resumed run needs. ``rng`` holds the raw key data of key(seed).
+
+  ``nonfinite_steps`` counts the steps whose loss or gradients were not finite (their
+  updates were not applied); ``last_nonfinite_step`` is the latest of them (-1: none).
+  """
   step: jnp.ndarray
   params: Any
   ema_params: Any
   opt_state: Any
   rng: jnp.ndarray
+  nonfinite_steps: jnp.ndarray = flax.struct.field(
+      default_factory=lambda: jnp.zeros((), jnp.int32))
+  last_nonfinite_step: jnp.ndarray = flax.struct.field(
+      default_factory=lambda: jnp.full((), -1, jnp.int32))
 
 
 def validate_config(config: ml_collections.ConfigDict, *, mode: str = "train") -> None:
   """Cheap checks of the fields ``mode`` uses, before anything is compiled, read or written.
 
-  'train' checks every training field; 'sample' and 'eval' only the diffusion and sampling.
+  'train' checks every training field; 'sample' and 'eval' only the model, the diffusion and
+  the sampling. Raises ValueError: one line naming the field, its value and what is allowed.
   """
-  diff, smp = config.diffusion, config.sampling
+  diffusion._check_choice("mode", mode, ("train", "sample", "eval"))
+  diff, smp, mdl = config.diffusion, config.sampling, config.model
+  for name in ("ch_mult", "attn_resolutions"):
+    value = mdl[name]
+    if (not isinstance(value, (tuple, list)) or (name == "ch_mult" and not value) or
+        not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+      raise ValueError(f"model.{name}={value!r} must be a tuple of positive integers.")
+  for name in ("ch", "num_res_blocks", "num_groups"):
+    if isinstance(mdl[name], bool) or not isinstance(mdl[name], int) or mdl[name] < 1:
+      raise ValueError(f"model.{name}={mdl[name]!r} must be a positive integer.")
+  if any(mdl.ch * m % mdl.num_groups for m in mdl.ch_mult):
+    raise ValueError(f"model.num_groups={mdl.num_groups} must divide the width of every level "
+                     f"(model.ch={mdl.ch} x ch_mult={tuple(mdl.ch_mult)}).")
+  if not 0.0 <= float(mdl.dropout) < 1.0:
+    raise ValueError(f"model.dropout={mdl.dropout} must lie in [0, 1).")
+  try:
+    create_model(config)  # The compute dtype, and the image size against ch_mult.
+  except ValueError as e:
+    raise ValueError(f"model config (model.*, data.image_size): {e}") from None
+  diffusion._check_choice("diffusion.beta_schedule", diff.beta_schedule,
+                          schedules.SCHEDULE_NAMES)
+  if isinstance(diff.num_timesteps, bool) or int(diff.num_timesteps) < 1:
+    raise ValueError(f"diffusion.num_timesteps={diff.num_timesteps!r} must be a positive integer.")
+  for name in ("beta_start", "beta_end"):
+    if not 0.0 < float(diff[name]) <= 1.0:
+      raise ValueError(f"diffusion.{name}={diff[name]} must lie in (0, 1].")
+  if (diff.beta_schedule in ("linear", "quad", "warmup10", "warmup50") and
+      not float(diff.beta_start) < float(diff.beta_end)):
+    raise ValueError(f"diffusion.beta_end={diff.beta_end} must be > diffusion.beta_start="
+                     f"{diff.beta_start} for the {diff.beta_schedule!r} schedule.")
+  if int(smp.checkpoint_step) < -1:
+    raise ValueError(f"sampling.checkpoint_step={smp.checkpoint_step} must be a step >= 0 or "
+                     "-1 (the latest).")
   diffusion._check_choice("diffusion.model_mean_type", diff.model_mean_type,
                           diffusion.MEAN_TYPES)
   diffusion._check_choice("diffusion.model_var_type", diff.model_var_type, diffusion.VAR_TYPES)
@@ -80,6 +121,15 @@ def validate_config(config: ml_collections.ConfigDict, *, mode: str = "train") -
     raise ValueError(f"training.grad_clip={tr.grad_clip} must be > 0.")
   if not 0.0 <= float(tr.ema_decay) < 1.0:
     raise ValueError(f"training.ema_decay={tr.ema_decay} must lie in [0, 1).")
+  diffusion._check_choice("training.nonfinite", tr.get("nonfinite", "raise"),
+                          ("raise", "skip"))
+  k = tr.get("steps_per_call", 1)
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ValueError(f"training.steps_per_call={k!r} must be a positive integer.")
+  for name in ("log_every_steps", "checkpoint_every_steps", "sample_every_steps"):
+    if int(tr[name]) % k:
+      raise ValueError(f"training.{name}={tr[name]} must be a multiple of "
+                       f"training.steps_per_call={k} (or 0 where 0 disables it).")
   num_devices = jax.device_count()
   if tr.batch_size % num_devices:
     raise ValueError(f"training.batch_size={tr.batch_size} (the global batch) is not divisible "
@@ -188,15 +238,29 @@ def example_noise(step_key: jax.Array, first_index: jnp.ndarray, batch: int, ima
   return t.astype(jnp.int32), noise
 
 
+def example_flips(step_key: jax.Array, first_index: jnp.ndarray, batch: int) -> jnp.ndarray:
+  """Random horizontal flip decisions (p = 1/2) of examples first_index .. +batch-1."""
+  keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first_index + jnp.arange(batch))
+  return jax.vmap(jax.random.bernoulli)(keys)
+
+
 def train_step(state: TrainState, images: jnp.ndarray, *, model: unet_lib.UNet,
                schedule: diffusion.DiffusionSchedule, tx: optax.GradientTransformation,
                lr_fn: optax.Schedule, diffusion_config: ml_collections.ConfigDict,
-               ema_decay: float) -> tuple[TrainState, dict[str, jnp.ndarray]]:
-  """One step of Algorithm 1 on this device's uint8 batch; call under pmap(axis_name=AXIS)."""
+               ema_decay: float, random_flip: bool = False
+               ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
+  """One step of Algorithm 1 on this device's uint8 batch; call under pmap(axis_name=AXIS).
+
+  ``random_flip`` mirrors each example with probability 1/2, on the device, keyed like the
+  noise by (seed, step, global example index).
+  """
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   device = jax.lax.axis_index(AXIS)
+  batch = images.shape[0]
+  if random_flip:
+    images = input_pipeline.flip_on_device(
+        images, example_flips(jax.random.fold_in(step_key, 2), device * batch, batch))
   x_start = input_pipeline.to_model_input(images)
-  batch = x_start.shape[0]
   t, noise = example_noise(jax.random.fold_in(step_key, 0), device * batch, batch,
                            x_start.shape[1:], schedule.num_timesteps)
   dropout_key = jax.random.fold_in(jax.random.fold_in(step_key, 1), device)
@@ -214,21 +278,51 @@ def train_step(state: TrainState, images: jnp.ndarray, *, model: unet_lib.UNet,
   loss = jax.lax.pmean(loss, AXIS)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            ema_params=ema_update(state.ema_params, params, ema_decay))
-  metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=lr_fn(state.step))
+  grad_norm = optax.tree.norm(grads)
+  # A step with a non-finite loss or gradient keeps the old params, optimizer state and EMA
+  # (the selects fuse into the update) and is counted; the loop raises or goes on according
+  # to training.nonfinite. Identical pmean'd values on every device: they all agree.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1, params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      ema_params=keep(ema_update(state.ema_params, params, ema_decay), state.ema_params),
+      nonfinite_steps=state.nonfinite_steps + jnp.where(finite, 0, 1).astype(jnp.int32),
+      last_nonfinite_step=jnp.where(finite, state.last_nonfinite_step, state.step + 1))
+  metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=lr_fn(state.step),
+                 nonfinite_steps=new_state.nonfinite_steps)
   return new_state, metrics
+
+
+def steps_per_call(config: ml_collections.ConfigDict) -> int:
+  """training.steps_per_call (default 1): train steps run by one pmapped call."""
+  return int(config.training.get("steps_per_call", 1))
 
 
 def make_p_train_step(config: ml_collections.ConfigDict, model: unet_lib.UNet,
                       schedule: diffusion.DiffusionSchedule, tx: optax.GradientTransformation,
-                      *, devices: Sequence[jax.Device] | None = None
+                      *, devices: Sequence[jax.Device] | None = None,
+                      num_steps: int | None = None
                       ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
-  """train_step pmapped over ``devices`` (default: all local ones), the state donated."""
+  """train_step pmapped over ``devices`` (default: all local ones), the state donated.
+
+  With ``num_steps`` k > 1 (default: training.steps_per_call) one call runs k steps in a
+  lax.scan over uint8 batches stacked as [devices, k, per_device, H, W, C] and returns the
+  metrics of the last step: the same result as k calls of the one-step version, with one
+  dispatch and one host round trip instead of k.
+  """
   step = functools.partial(train_step, model=model, schedule=schedule, tx=tx,
                            lr_fn=learning_rate_schedule(config.training),
                            diffusion_config=config.diffusion,
-                           ema_decay=float(config.training.ema_decay))
+                           ema_decay=float(config.training.ema_decay),
+                           random_flip=bool(config.data.random_flip))
+  k = steps_per_call(config) if num_steps is None else int(num_steps)
+  if k > 1:
+    def scanned(state: TrainState, images: jnp.ndarray) -> tuple[TrainState, dict]:
+      state, metrics = jax.lax.scan(step, state, images)
+      return state, jax.tree.map(lambda m: m[-1], metrics)
+    return jax.pmap(scanned, axis_name=AXIS, donate_argnums=(0,), devices=devices)
   return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,), devices=devices)
 
 
@@ -282,12 +376,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """Trains to training.num_train_steps, resuming from the latest checkpoint in workdir.
 
   Returns the final (unreplicated) TrainState. Exits early, after saving, on SIGTERM.
+  Everything is validated before the workdir is written to; the workdir is then locked
+  (workdir/train.lock) for the whole run, so a second training process on it is refused.
   """
+  input_pipeline.validate_data_config(config.data)  # The data first: the model must fit it.
   validate_config(config)
-  input_pipeline.validate_data_config(config.data)
-  model = create_model(config)  # Validates the model fields against the image size.
+  model = create_model(config)
   workdir = checkpointing.prepare_workdir(workdir)
+  checkpointing.check_config(config, workdir)  # A refused resume writes nothing, no lock file.
+  with checkpointing.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    return _train_locked(config, workdir, model)
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str,
+                  model: unet_lib.UNet) -> TrainState:
+  """The body of train_and_evaluate, run while this process holds the workdir lock."""
   is_chief = jax.process_index() == 0
+  logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.default_backend())
   checkpointing.check_or_write_config(config, workdir, write=is_chief)
 
   tr = config.training
@@ -310,26 +417,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   writer = train_logging.MetricWriter(workdir, enabled=is_chief)
   if restored is None:
     writer.write_hparams(config, num_params=num_params(state.params))
+  k = steps_per_call(config)
   p_train_step = make_p_train_step(config, model, schedule, tx)
+  p_one_step = make_p_train_step(config, model, schedule, tx, num_steps=1) if k > 1 else None
+
+  def chunk(step: int) -> int:
+    """Steps of the call starting at ``step``: k on multiples of k (so every log, checkpoint
+    and sample step ends a call), single steps to align a resume or finish the run."""
+    return k if step % k == 0 and step + k <= num_steps else 1
+
+  def stacked(it: Any) -> Any:
+    step = start_step
+    while step < num_steps:
+      n = chunk(step)
+      yield next(it) if n == 1 else np.stack([next(it) for _ in range(n)], axis=1)
+      step += n
+
   grid_per_device = int(tr.num_grid_samples) // jax.device_count()
   p_sample = (make_p_sample(config, model, schedule, grid_per_device)
               if tr.sample_every_steps and grid_per_device else None)
-  batches = input_pipeline.prefetch_to_device(input_pipeline.create_train_iterator(
+  batches = input_pipeline.prefetch_to_device(stacked(input_pipeline.create_train_iterator(
       config.data, global_batch_size=int(tr.batch_size), seed=int(tr.seed),
-      start_step=start_step))
+      start_step=start_step, random_flip=False)))  # train_step flips on the device.
   p_state = replicate(state)
   progress = train_logging.Progress(start_step, num_steps, int(tr.batch_size))
+  nonfinite_mode = tr.get("nonfinite", "raise")
+  checked = dict(step=start_step, nonfinite=int(state.nonfinite_steps))
   del state
 
   def unreplicated_state() -> TrainState:
     return jax.device_get(unreplicate(p_state))
 
   def fetch_finite_metrics(p_metrics: dict, done: int) -> dict[str, float]:
+    """The metrics on the host; raises (training.nonfinite='raise') or warns ('skip') if a
+    step since the last check had a non-finite loss or gradients (its update was skipped)."""
     metrics = {k: float(v) for k, v in unreplicate(p_metrics).items()}
-    if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-      raise FloatingPointError(
-          f"Non-finite loss {metrics['loss']} or gradient norm {metrics['grad_norm']} at step "
-          f"{done}; not saving. The last good checkpoint is step {checkpointer.latest_step()}.")
+    total = int(metrics["nonfinite_steps"])
+    new, first_unchecked = total - checked["nonfinite"], checked["step"] + 1
+    checked.update(step=done, nonfinite=total)
+    if new > 0:
+      last = int(unreplicate(p_state.last_nonfinite_step))
+      if nonfinite_mode == "raise":
+        raise FloatingPointError(
+            f"Non-finite loss or gradients at step {last} ({new} such step(s) among steps "
+            f"{first_unchecked}..{done}); nothing after step {checkpointer.latest_step()} was "
+            "saved. Lower training.learning_rate or check the data, or pass "
+            "--config.training.nonfinite=skip to skip such steps.")
+      logging.warning("Skipped the update of %d step(s) with a non-finite loss or gradients "
+                      "among steps %d..%d, the latest at step %d (%d skipped since step 0).", new,
+                      first_unchecked, done, last, total)
     return metrics
 
   def save(done: int, p_metrics: dict) -> None:
@@ -337,9 +473,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     checkpointer.save(done, unreplicated_state())
 
   with _SigtermFlag() as sigterm:
-    for step in range(start_step, num_steps):
-      p_state, p_metrics = p_train_step(p_state, next(batches))
-      done = step + 1
+    done = start_step
+    while done < num_steps:
+      n = chunk(done)
+      p_state, p_metrics = (p_train_step if n == k else p_one_step)(p_state, next(batches))
+      done += n
       if done % tr.log_every_steps == 0 or done == num_steps:
         metrics = fetch_finite_metrics(p_metrics, done)
         metrics.update(progress.update(done))

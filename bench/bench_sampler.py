@@ -1,0 +1,96 @@
+"""Sampler benchmark: images/s of ancestral (Algorithm 2) and DDIM sampling, and the scan
+overhead, i.e. the time per sampler step over the time of one forward pass of the same batch.
+
+  python bench/bench_sampler.py --config=configs/cifar10.py --config.sampling.batch_size=256 \
+      --methods=ancestral,ddim [--config.diffusion.num_timesteps=50] [--out=...]
+
+Uses the pmapped sampler of training and --mode=sample (train.make_p_sample) with freshly
+initialised parameters (speed does not depend on their values). ``config.sampling.batch_size``
+is the global batch; ancestral sampling runs all ``diffusion.num_timesteps`` steps, DDIM
+``sampling.num_steps``. Prints one JSON object per method: median of ``--repeats`` full
+sampler calls after one warm-up call. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app, flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import common  # noqa: E402
+from ddpm_jax import sampling, train  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+flags.DEFINE_list("methods", ["ancestral", "ddim"], "Samplers to time.")
+flags.DEFINE_integer("repeats", 3, "Timed sampler calls; the median is reported.")
+flags.DEFINE_integer("forward_repeats", 10, "Timed forward passes; the median is reported.")
+flags.DEFINE_string("out", "", "Append the JSON lines to this file.")
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  bad = sorted(set(FLAGS.methods) - set(sampling.SAMPLING_METHODS))
+  if bad or FLAGS.repeats < 1 or FLAGS.forward_repeats < 1:
+    raise app.UsageError(f"--methods={FLAGS.methods} (allowed {sampling.SAMPLING_METHODS}), "
+                         f"--repeats={FLAGS.repeats}, --forward_repeats={FLAGS.forward_repeats}.")
+  config = FLAGS.config
+  train.validate_config(config, mode="sample")
+  model = train.create_model(config)
+  schedule = train.create_schedule(config.diffusion)
+  state = train.create_train_state(config, model, train.create_optimizer(config.training))
+  p_params = train.replicate(state.ema_params)
+  devices = jax.local_device_count()
+  global_batch = int(config.sampling.batch_size)
+  if global_batch % devices:
+    raise app.UsageError(f"sampling.batch_size={global_batch} is not divisible by {devices} "
+                         "devices.")
+  per_device = global_batch // devices
+  size, channels = int(config.data.image_size), int(config.data.num_channels)
+
+  # One forward pass of the same per-device batch, pmapped like the sampler.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(devices, per_device, size, size,
+                                                         channels)), jnp.float32)
+  t = jnp.full((devices, per_device), schedule.num_timesteps // 2, jnp.int32)
+  p_forward = jax.pmap(lambda p, x, t: model.apply({"params": p}, x, t, train=False))
+  jax.block_until_ready(p_forward(p_params, x, t))
+  forward_s, _ = common.median_time(lambda: p_forward(p_params, x, t), FLAGS.forward_repeats)
+
+  for method in FLAGS.methods:
+    config.unlock()
+    config.sampling.method = method
+    config.lock()
+    steps = (int(config.diffusion.num_timesteps) if method == "ancestral"
+             else int(config.sampling.num_steps))
+    p_sample = train.make_p_sample(config, model, schedule, per_device)
+    rng = jax.random.key(0)
+    start = time.perf_counter()
+    jax.block_until_ready(p_sample(p_params, rng))
+    first_call_s = time.perf_counter() - start
+    sample_s, times = common.median_time(lambda: p_sample(p_params, rng), FLAGS.repeats)
+    per_step_s = sample_s / steps
+    record = {
+        "bench": "sampler", "method": method,
+        "config": config_flags.get_config_filename(FLAGS["config"]),
+        "global_batch": global_batch, "dtype": str(config.model.dtype), "sampler_steps": steps,
+        "sample_s": sample_s, "images_per_s": global_batch / sample_s,
+        "first_call_s": first_call_s, "per_step_s": per_step_s, "forward_s": forward_s,
+        "scan_overhead": per_step_s / forward_s - 1.0, "timed_calls": FLAGS.repeats,
+    }
+    record.update(common.memory_report())
+    record.update(common.machine())
+    common.emit(record, FLAGS.out)
+
+
+if __name__ == "__main__":
+  app.run(main)
