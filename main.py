@@ -123,15 +123,14 @@ def main(argv: list[str]) -> None:
   multihost = config.multihost if FLAGS.multihost is None else FLAGS.multihost
   if multihost:
     jax.distributed.initialize()
-  from ddpm_jax import evaluate, train  # After distributed initialisation.
+  # After distributed initialisation: the checks need the global device count.
+  from ddpm_jax import config_checks, evaluate, sample, train  # pylint: disable=import-outside-toplevel
+  from ddpm_jax.errors import ConfigError, NonFiniteError  # pylint: disable=import-outside-toplevel
+  modes = dict(train=train.train, sample=sample.run, eval=evaluate.run)
   try:
-    if FLAGS.mode == "train":
-      train.train_and_evaluate(config, FLAGS.workdir)
-    elif FLAGS.mode == "sample":
-      evaluate.run_sample(config, FLAGS.workdir)
-    else:
-      evaluate.run_eval(config, FLAGS.workdir)
-  except (ValueError, FloatingPointError) as e:  # Bad input, or a diverged run.
+    config_checks.check_config(config, FLAGS.mode)
+    modes[FLAGS.mode](config, FLAGS.workdir)
+  except (ConfigError, NonFiniteError) as e:  # Bad input, or a diverged run.
     fail(e)
 
 

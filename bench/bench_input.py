@@ -1,10 +1,10 @@
 """Input-pipeline benchmark: images/s delivered to the devices, without any model.
 
-  python bench/bench_input.py --datasets=cifar10_mock,fashion_mnist_files --batch_size=128
+  python -m bench.bench_input --datasets=cifar10_mock,fashion_mnist_files --batch_size=128
 
-Runs the training iterator (ddpm_jax.input_pipeline.create_train_iterator: epoch
-permutation, gather, random flips) followed by prefetch_to_device, and blocks on every
-device batch. Datasets:
+Runs what training runs (ddpm_jax.input_pipeline.create_train_iterator: epoch permutation
+and gather; the random flips happen later, on the device, inside the train step) followed
+by parallel.prefetch_to_device, and blocks on every device batch. Datasets:
   cifar10_mock         the real tfds code path (tfds.load -> NumPy in memory) of
                        configs/cifar10.py, fed by tfds.testing.mock_data (random 32x32x3
                        images; --mock_examples of them), since tfds cannot download here;
@@ -17,18 +17,14 @@ Prints one JSON object per dataset (median over --repeats runs of --batches batc
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from absl import app, flags
+import jax
 
-from absl import app, flags  # noqa: E402
-import jax  # noqa: E402
-
-import common  # noqa: E402
-from configs import cifar10, fashion_mnist, test_tiny  # noqa: E402
-from ddpm_jax import input_pipeline  # noqa: E402
+from bench import common
+from configs import cifar10, fashion_mnist, test_tiny
+from ddpm_jax import input_pipeline, parallel
 
 DATASETS = ("cifar10_mock", "fashion_mnist_files", "synthetic")
 flags.DEFINE_list("datasets", list(DATASETS[:2]), f"Any of {DATASETS}.")
@@ -37,7 +33,6 @@ flags.DEFINE_integer("batches", 200, "Timed batches per repeat.")
 flags.DEFINE_integer("warmup", 5, "Untimed batches first (loading, first permutation).")
 flags.DEFINE_integer("repeats", 3, "Timed repeats; the median is reported.")
 flags.DEFINE_integer("mock_examples", 10_000, "Examples tfds.testing.mock_data generates.")
-flags.DEFINE_bool("random_flip", True, "data.random_flip.")
 flags.DEFINE_string("out", "", "Append the JSON lines to this file.")
 FLAGS = flags.FLAGS
 
@@ -68,10 +63,9 @@ def main(argv: list[str]) -> None:
                          "--batches and --repeats must be >= 1, --warmup >= 0.")
   for name in FLAGS.datasets:
     data = _data_config(name)
-    data.random_flip = FLAGS.random_flip
     with _source_context(name):
       start = time.perf_counter()
-      batches = input_pipeline.prefetch_to_device(input_pipeline.create_train_iterator(
+      batches = parallel.prefetch_to_device(input_pipeline.create_train_iterator(
           data, global_batch_size=FLAGS.batch_size, seed=0))
       for _ in range(FLAGS.warmup):
         jax.block_until_ready(next(batches))
@@ -86,7 +80,7 @@ def main(argv: list[str]) -> None:
     record = {
         "bench": "input_pipeline", "dataset": name, "global_batch": FLAGS.batch_size,
         "image_shape": [data.image_size, data.image_size, data.num_channels],
-        "random_flip": FLAGS.random_flip, "setup_s": setup_s,
+        "setup_s": setup_s,
         "images_per_s": FLAGS.batches * FLAGS.batch_size / run_s,
         "batches_per_s": FLAGS.batches / run_s, "timed_batches": FLAGS.batches,
     }

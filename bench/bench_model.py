@@ -3,7 +3,7 @@
 Prints one JSON object per batch size (and writes them all to --out if given). Nothing is
 asserted: the numbers are what this machine measured.
 
-  python bench/bench_model.py --batch_sizes=8,32 --model=cifar10 --out=bench/results/cpu.json
+  python -m bench.bench_model --batch_sizes=8,32 --model=cifar10 --out=bench/results/cpu.json
 
 Time: median wall time of `--repeats` calls after one warm-up call (compile excluded),
 each call ended with block_until_ready. FLOPs: XLA's cost analysis of the compiled
@@ -17,50 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
-import statistics
-import sys
-import time
-from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-
-from configs import default as default_config  # noqa: E402
-from ddpm_jax.models import unet as unet_lib  # noqa: E402
+from bench import common
+from configs import default as default_config
+from ddpm_jax.models import unet as unet_lib
 
 MODELS = {
     # name: (image_size, ch_mult, attn_resolutions)
     "cifar10": (32, (1, 2, 2, 2), (16,)),
     "256": (256, (1, 1, 2, 2, 4, 4), (16,)),
 }
-
-
-def _timed(fn: Callable[..., Any], args: tuple, repeats: int) -> list[float]:
-  jax.block_until_ready(fn(*args))  # Warm-up (compile, first transfer).
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return times
-
-
-def _compiled_stats(fn: Callable[..., Any], args: tuple) -> dict[str, float]:
-  compiled = jax.jit(fn).lower(*args).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  mem = compiled.memory_analysis()
-  return {
-      "flops": float(cost["flops"]),
-      "xla_bytes": (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                    + mem.temp_size_in_bytes - mem.alias_size_in_bytes),
-      "xla_temp_bytes": mem.temp_size_in_bytes,
-  }
 
 
 def bench(model_name: str, batch_size: int, dtype: str, remat: bool, repeats: int) -> dict:
@@ -88,12 +58,13 @@ def bench(model_name: str, batch_size: int, dtype: str, remat: bool, repeats: in
 
   fwd_args = (params, x, t)
   step_args = (params, opt_state, x, t, key)
-  fwd_stats = _compiled_stats(forward, fwd_args)
-  step_stats = _compiled_stats(train_step, step_args)
-  fwd_times = _timed(jax.jit(forward), fwd_args, repeats)
-  step_times = _timed(jax.jit(train_step), step_args, repeats)
-  fwd_s, step_s = statistics.median(fwd_times), statistics.median(step_times)
-  return {
+  fwd, step = (jax.jit(f).lower(*a).compile() for f, a in ((forward, fwd_args),
+                                                          (train_step, step_args)))
+  fwd_stats, step_stats = common.compiled_cost(fwd), common.compiled_cost(step)
+  jax.block_until_ready((fwd(*fwd_args), step(*step_args)))  # Warm-up: first transfers.
+  fwd_s, _ = common.median_time(lambda: fwd(*fwd_args), repeats)
+  step_s, _ = common.median_time(lambda: step(*step_args), repeats)
+  record = {
       "model": model_name, "image_size": image_size, "batch_size": batch_size,
       "dtype": dtype, "remat": remat, "repeats": repeats,
       "num_params": unet_lib.count_params(model, image_size=image_size, num_channels=3),
@@ -101,12 +72,12 @@ def bench(model_name: str, batch_size: int, dtype: str, remat: bool, repeats: in
       "train_step_s": step_s, "train_images_per_s": batch_size / step_s,
       "forward_gflop_per_image": fwd_stats["flops"] / batch_size / 1e9,
       "train_step_gflop_per_image": step_stats["flops"] / batch_size / 1e9,
-      "forward_xla_mib": fwd_stats["xla_bytes"] / 2**20,
-      "train_step_xla_mib": step_stats["xla_bytes"] / 2**20,
-      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-      "num_cpus": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__,
+      "forward_xla_mib": fwd_stats.get("xla_mib"),
+      "train_step_xla_mib": step_stats.get("xla_mib"),
   }
+  record.update(common.memory_report())
+  record.update(common.machine())
+  return record
 
 
 def main(argv: list[str] | None = None) -> None:

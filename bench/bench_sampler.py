@@ -1,10 +1,10 @@
 """Sampler benchmark: images/s of ancestral (Algorithm 2) and DDIM sampling, and the scan
 overhead, i.e. the time per sampler step over the time of one forward pass of the same batch.
 
-  python bench/bench_sampler.py --config=configs/cifar10.py --config.sampling.batch_size=256 \
+  python -m bench.bench_sampler --config=configs/cifar10.py --config.sampling.batch_size=256 \
       --methods=ancestral,ddim [--config.diffusion.num_timesteps=50] [--out=...]
 
-Uses the pmapped sampler of training and --mode=sample (train.make_p_sample) with freshly
+Uses the pmapped sampler of training and --mode=sample (generation.make_p_sample) with freshly
 initialised parameters (speed does not depend on their values). ``config.sampling.batch_size``
 is the global batch; ancestral sampling runs all ``diffusion.num_timesteps`` steps, DDIM
 ``sampling.num_steps``. Prints one JSON object per method: median of ``--repeats`` full
@@ -13,20 +13,17 @@ sampler calls after one warm-up call. Nothing is asserted.
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-import common  # noqa: E402
-from ddpm_jax import sampling, train  # noqa: E402
+from bench import common
+from ddpm_jax import (config_checks, factories, generation, parallel, sampling,
+                      train_state)
 
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 flags.DEFINE_list("methods", ["ancestral", "ddim"], "Samplers to time.")
@@ -45,16 +42,14 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"--methods={FLAGS.methods} (allowed {sampling.SAMPLING_METHODS}), "
                          f"--repeats={FLAGS.repeats}, --forward_repeats={FLAGS.forward_repeats}.")
   config = FLAGS.config
-  train.validate_config(config, mode="sample")
-  model = train.create_model(config)
-  schedule = train.create_schedule(config.diffusion)
-  state = train.create_train_state(config, model, train.create_optimizer(config.training))
-  p_params = train.replicate(state.ema_params)
+  config_checks.check_config(config, "sample")
+  model = factories.create_model(config)
+  schedule = factories.create_schedule(config.diffusion)
+  state = train_state.create_train_state(config, model,
+                                         train_state.create_optimizer(config.training))
+  p_params = parallel.replicate(state.ema_params)
   devices = jax.local_device_count()
   global_batch = int(config.sampling.batch_size)
-  if global_batch % devices:
-    raise app.UsageError(f"sampling.batch_size={global_batch} is not divisible by {devices} "
-                         "devices.")
   per_device = global_batch // devices
   size, channels = int(config.data.image_size), int(config.data.num_channels)
 
@@ -72,7 +67,7 @@ def main(argv: list[str]) -> None:
     config.lock()
     steps = (int(config.diffusion.num_timesteps) if method == "ancestral"
              else int(config.sampling.num_steps))
-    p_sample = train.make_p_sample(config, model, schedule, per_device)
+    p_sample = generation.make_p_sample(config, model, schedule, per_device)
     rng = jax.random.key(0)
     start = time.perf_counter()
     jax.block_until_ready(p_sample(p_params, rng))

@@ -1,6 +1,6 @@
 """Train-step benchmark of the real pmapped step (ddpm_jax.train), for any config.
 
-  python bench/bench_train.py --config=configs/cifar10.py --config.training.batch_size=8 \
+  python -m bench.bench_train --config=configs/cifar10.py --config.training.batch_size=8 \
       --steps=20 [--peak_tflops=0.157] [--out=bench/results/train.jsonl]
 
 Any config field is a flag (``--config.model.dtype=bfloat16``, ``--config.model.remat=True``,
@@ -14,19 +14,15 @@ step, not the input pipeline (see bench_input.py). Nothing is asserted.
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from absl import app, flags
+import jax
+import numpy as np
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-import common  # noqa: E402
-from ddpm_jax import input_pipeline, train  # noqa: E402
+from bench import common
+from ddpm_jax import config_checks, factories, parallel, train_state, train_step
 
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 flags.DEFINE_integer("steps", 20, "Timed calls (after warm-up); the median is reported.")
@@ -43,13 +39,13 @@ def main(argv: list[str]) -> None:
   if FLAGS.steps < 1 or FLAGS.warmup < 0:
     raise app.UsageError(f"--steps={FLAGS.steps} must be >= 1 and --warmup={FLAGS.warmup} >= 0.")
   config = FLAGS.config
-  train.validate_config(config)
-  model = train.create_model(config)
-  schedule = train.create_schedule(config.diffusion)
-  tx = train.create_optimizer(config.training)
-  p_state = train.replicate(train.create_train_state(config, model, tx))
-  p_step = train.make_p_train_step(config, model, schedule, tx)
-  steps_per_call = int(config.training.get("steps_per_call", 1))
+  config_checks.check_config(config, "train")
+  model = factories.create_model(config)
+  schedule = factories.create_schedule(config.diffusion)
+  tx = train_state.create_optimizer(config.training)
+  p_state = parallel.replicate(train_state.create_train_state(config, model, tx))
+  p_step = train_step.make_p_train_step(config, model, schedule, tx)
+  steps_per_call = int(config.training.steps_per_call)
 
   global_batch = int(config.training.batch_size)
   devices = jax.local_device_count()
@@ -58,14 +54,14 @@ def main(argv: list[str]) -> None:
   if steps_per_call > 1:  # [devices, k, per_device, ...]: k batches per call.
     shape = shape[:1] + (steps_per_call,) + shape[1:]
   images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-  batch = next(input_pipeline.prefetch_to_device(iter([images]), size=1))
+  batch = next(parallel.prefetch_to_device(iter([images]), size=1))
 
   start = time.perf_counter()
   compiled = p_step.lower(p_state, batch).compile()
   compile_s = time.perf_counter() - start
   cost = common.compiled_cost(compiled)
   if steps_per_call > 1:  # XLA counts a while loop's body once: count one plain step instead.
-    one_step = train.make_p_train_step(config, model, schedule, tx, num_steps=1)
+    one_step = train_step.make_p_train_step(config, model, schedule, tx, num_steps=1)
     flops = common.compiled_cost(one_step.lower(p_state, batch[:, 0]).compile())["flops"]
     cost["flops"] = flops * steps_per_call
 
@@ -85,8 +81,8 @@ def main(argv: list[str]) -> None:
   record = {
       "bench": "train_step", "config": config_flags.get_config_filename(FLAGS["config"]),
       "global_batch": global_batch, "dtype": dtype, "remat": bool(config.model.remat),
-      "attn_impl": str(config.model.get("attn_impl", "jax")), "steps_per_call": steps_per_call,
-      "num_params": train.num_params(train.unreplicate(p_state.params)),
+      "attn_impl": str(config.model.attn_impl), "steps_per_call": steps_per_call,
+      "num_params": train_state.num_params(parallel.unreplicate(p_state.params)),
       "step_s": step_s, "steps_per_s": 1.0 / step_s, "images_per_s": global_batch / step_s,
       "step_s_min": min(times) / steps_per_call, "step_s_max": max(times) / steps_per_call,
       "timed_calls": FLAGS.steps, "compile_s": compile_s,

@@ -10,13 +10,10 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
+import jax
 
 # Dense peak TFLOP/s per device (vendor figures, no sparsity), by (device_kind prefix, dtype).
 # float32 on NVIDIA GPUs is XLA's default-precision matmul, which runs on TF32 tensor cores.

@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.random_flip = True
   data.shuffle_buffer = 50_000  # tfds path only.
 
-  # Model: the U-Net of the official code (DESIGN.md §3).
+  # Model: the U-Net of the official code (paper App. B).
   config.model = model = ml_collections.ConfigDict()
   model.ch = 128
   model.ch_mult = (1, 2, 2, 2)

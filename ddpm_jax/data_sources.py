@@ -1,12 +1,11 @@
-"""Readers of DDPM's image sources: files, tfds datasets and the synthetic source.
+"""Readers of DDPM's image sources, one per `DatasetSpec.reader` (datasets.py).
 
-`input_pipeline` validates the config and turns these sources into batches; this module only
-reads: "fashion_mnist_files" parses Debian's dataset-fashion-mnist idx files (images and
-labels); the small tfds datasets (cifar10, fashion_mnist) are read whole into host memory;
-large ones (celeb_a_hq/256, lsun/*) are opened as tf.data streams of encoded images, LSUN
-center-cropped and resized (§4); "synthetic" needs no files. Images are uint8 0..255, the
-paper's data before the [-1, 1] scaling (Ho et al. 2020, §3.3). Only the tfds readers import
-TensorFlow, lazily.
+"idx_files" parses Debian's dataset-fashion-mnist idx files (images and labels), falling
+back to tfds "fashion_mnist" when they are absent; "tfds" reads small datasets (cifar10,
+fashion_mnist) whole into host memory and opens large ones (celeb_a_hq/256, lsun/*) as
+tf.data streams of encoded images, LSUN centre-cropped and resized; "synthetic" needs no
+files. Images are uint8 0..255, the paper's data before the [-1, 1] scaling (Ho et al.
+2020, §3.3). Only the tfds readers import TensorFlow, lazily.
 """
 
 from __future__ import annotations
@@ -19,13 +18,16 @@ from typing import Callable
 import jax
 import numpy as np
 
+from ddpm_jax import datasets
+from ddpm_jax import rng as rng_lib
+from ddpm_jax.errors import ConfigError
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}
 APT_HINT = "install the Debian package with `apt-get install dataset-fashion-mnist`"
 SYNTHETIC_NUM_EXAMPLES = {"train": 50_000, "test": 10_000}
-_IDX3_MAGIC = 2051
-# Keeps the synthetic images' random stream apart from input_pipeline's (tags 1-3).
-_SYNTH_TAG = 4
+# idx magic numbers: 0x08 (unsigned bytes) << 8 | number of dimensions.
+_IDX_IMAGES, _IDX_LABELS = 2051, 2049
 
 
 def image_shape(data_config) -> tuple[int, int, int]:
@@ -33,9 +35,11 @@ def image_shape(data_config) -> tuple[int, int, int]:
   return (data_config.image_size, data_config.image_size, data_config.num_channels)
 
 
-def fashion_mnist_path(data_dir: str, split: str) -> str:
-  """The idx images file of a split, under data_dir or else FASHION_MNIST_DIR."""
-  return os.path.join(data_dir or FASHION_MNIST_DIR, FASHION_MNIST_FILES[split])
+def fashion_mnist_path(data_dir: str, split: str, kind: str = "images") -> str:
+  """The idx file of a split's images or labels, under data_dir or else FASHION_MNIST_DIR."""
+  name = FASHION_MNIST_FILES[split]
+  return os.path.join(data_dir or FASHION_MNIST_DIR,
+                      name if kind == "images" else name.replace("images-idx3", "labels-idx1"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,31 +49,39 @@ class ArraySource:
   gather: Callable[[np.ndarray], np.ndarray]
 
 
-def read_idx_images(path: str) -> np.ndarray:
-  """Parses a gzip'd idx3-ubyte image file (the MNIST / Fashion-MNIST format).
-
-  Returns:
-    uint8 array [N, rows, cols, 1].
-  Raises:
-    ValueError: the file is not gzip, has the wrong magic number or a size that does not
-      match its header.
-  """
+def _read_idx(path: str, magic: int) -> np.ndarray:
+  """Parses a gzip'd idx file of unsigned bytes with the given magic number (the MNIST /
+  Fashion-MNIST format: a big-endian header of the magic and the dimensions, then data)."""
   try:
     with gzip.open(path, "rb") as f:
       data = f.read()
   except (OSError, EOFError) as e:
-    raise ValueError(f"{path} is not a readable gzip idx file ({e})") from e
-  if len(data) < 16:
-    raise ValueError(f"{path} is corrupt: {len(data)} bytes, shorter than the 16-byte idx header")
-  magic, n, rows, cols = (int(v) for v in np.frombuffer(data[:16], dtype=">u4"))
-  if magic != _IDX3_MAGIC:
-    raise ValueError(f"{path} has magic number {magic}, expected {_IDX3_MAGIC} (idx3 uint8 "
-                     "images); the file is corrupt or not an images file")
-  expected = 16 + n * rows * cols
+    raise ConfigError(f"{path} is not a readable gzip idx file ({e})") from e
+  ndim = magic & 0xFF
+  header = 4 * (1 + ndim)
+  if len(data) < header:
+    raise ConfigError(f"{path} is corrupt: {len(data)} bytes, shorter than the {header}-byte "
+                      "idx header")
+  found, *dims = (int(v) for v in np.frombuffer(data[:header], dtype=">u4"))
+  if found != magic:
+    kind = "images" if magic == _IDX_IMAGES else "labels"
+    raise ConfigError(f"{path} has magic number {found}, expected {magic} (idx uint8 {kind}); "
+                      "the file is corrupt or of another kind")
+  expected = header + int(np.prod(dims))
   if len(data) != expected:
-    raise ValueError(f"{path} is corrupt: its header says {n}x{rows}x{cols} images "
-                     f"({expected} bytes) but it holds {len(data)} bytes")
-  return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, rows, cols, 1)
+    raise ConfigError(f"{path} is corrupt: its header says {'x'.join(map(str, dims))} "
+                      f"({expected} bytes) but it holds {len(data)} bytes")
+  return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_idx_images(path: str) -> np.ndarray:
+  """uint8 images [N, rows, cols, 1] of an idx3-ubyte.gz file; ConfigError if corrupt."""
+  return _read_idx(path, _IDX_IMAGES)[..., None]
+
+
+def read_idx_labels(path: str) -> np.ndarray:
+  """uint8 labels [N] of an idx1-ubyte.gz file; ConfigError if corrupt."""
+  return _read_idx(path, _IDX_LABELS)
 
 
 def _import_tfds():
@@ -83,62 +95,105 @@ def _import_tfds():
   return tf, tfds
 
 
-def _load_tfds_numpy(name: str, split: str, data_dir: str) -> np.ndarray:
-  """Reads a whole (small) tfds split into memory, in the split's stored order."""
+def _read_tfds(name: str, split: str, data_dir: str,
+               labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
+  """A whole (small) tfds split in memory, in its stored order: images (and labels)."""
   _, tfds = _import_tfds()
   ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
-  batches = [b["image"] for b in tfds.as_numpy(ds.batch(4096))]
+  batches = list(tfds.as_numpy(ds.batch(4096)))
   if not batches:
-    raise ValueError(f"tfds split {name}:{split} is empty")
-  return np.concatenate(batches)
+    raise ConfigError(f"tfds split {name}:{split} is empty")
+  images = np.concatenate([b["image"] for b in batches])
+  return images, (np.concatenate([b["label"] for b in batches]) if labels else None)
 
 
-def _load_fashion_mnist_files(data_dir: str, split: str) -> np.ndarray:
+def _read_idx_files(data_dir: str, split: str,
+                    labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
+  """Fashion-MNIST from its idx files; without them and without a data_dir, from tfds."""
   path = fashion_mnist_path(data_dir, split)
   if os.path.isfile(path):
-    return read_idx_images(path)
+    label_path = fashion_mnist_path(data_dir, split, "labels")
+    if labels and not os.path.isfile(label_path):
+      raise ConfigError(f"Fashion-MNIST label file {label_path} not found next to the images; "
+                        f"{APT_HINT}")
+    return read_idx_images(path), (read_idx_labels(label_path) if labels else None)
   message = (f"Fashion-MNIST file {path} not found; {APT_HINT} or set data.data_dir to the "
              "folder of the idx files")
   if data_dir:
-    raise ValueError(message)
+    raise ConfigError(message)
   try:  # Without the Debian files, tfds may still have (or download) fashion_mnist.
-    return _load_tfds_numpy("fashion_mnist", split, "")
+    return _read_tfds("fashion_mnist", split, "", labels)
   except Exception as e:  # pylint: disable=broad-except
     first_line = (str(e).strip().splitlines() or [""])[0]
-    raise ValueError(f"{message}; the tfds 'fashion_mnist' fallback failed too: "
-                     f"{type(e).__name__}: {first_line}") from e
+    raise ConfigError(f"{message}; the tfds 'fashion_mnist' fallback failed too: "
+                      f"{type(e).__name__}: {first_line}") from e
 
 
 def _synthetic_source(split: str, shape: tuple[int, int, int]) -> ArraySource:
   """Fixed random images: example i is drawn from its own generator, so any subset is cheap."""
   split_id = sorted(SYNTHETIC_NUM_EXAMPLES).index(split)
-
   size = int(np.prod(shape))
 
   def gather(indices: np.ndarray) -> np.ndarray:
     out = np.empty((len(indices), size), np.uint8)
     for row, i in enumerate(indices):  # Raw 64-bit draws viewed as bytes: ~10x integers().
-      bits = np.random.default_rng((_SYNTH_TAG, split_id, int(i))).bit_generator
+      bits = rng_lib.host_rng(rng_lib.HostStream.SYNTHETIC, split_id, i).bit_generator
       out[row] = bits.random_raw(-(-size // 8)).view(np.uint8)[:size]
     return out.reshape((len(indices),) + shape)
 
   return ArraySource(SYNTHETIC_NUM_EXAMPLES[split], gather)
 
 
-def array_source(data_config, split: str) -> ArraySource:
-  """Builds the in-memory / random-access source of a split (not for streamed datasets)."""
+def _read_arrays(data_config, split: str, labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
+  """A whole in-memory split (images, labels or None) from the dataset's reader."""
+  spec = datasets.get(data_config.dataset)
   shape = image_shape(data_config)
-  if data_config.dataset == "synthetic":
-    return _synthetic_source(split, shape)
-  if data_config.dataset == "fashion_mnist_files":
-    images = _load_fashion_mnist_files(data_config.data_dir, split)
+  if spec.reader == "synthetic":
+    source = _synthetic_source(split, shape)
+    indices = np.arange(source.num_examples, dtype=np.int64)
+    images, label_array = source.gather(indices), indices % 10
+  elif spec.reader == "idx_files":
+    images, label_array = _read_idx_files(data_config.data_dir, split, labels)
   else:
-    images = _load_tfds_numpy(data_config.dataset, split, data_config.data_dir)
-  if images.dtype != np.uint8 or images.shape[1:] != shape or not len(images):
-    raise ValueError(f"{data_config.dataset}:{split} holds {images.dtype} images of shape "
-                     f"{images.shape}; expected uint8 [N>0, {', '.join(map(str, shape))}]")
+    images, label_array = _read_tfds(spec.tfds_name or spec.name, split, data_config.data_dir,
+                                     labels)
+  if images.dtype != np.uint8 or images.shape[1:] != shape or not len(images) or (
+      labels and label_array.shape != images.shape[:1]):
+    got = f"labels of shape {label_array.shape} and " if labels else ""
+    raise ConfigError(f"{spec.name}:{split} holds {got}{images.dtype} images of shape "
+                      f"{images.shape}; expected uint8 [N>0, {', '.join(map(str, shape))}]"
+                      + (" and labels [N]" if labels else ""))
+  return images, label_array
+
+
+def array_source(data_config, split: str) -> ArraySource:
+  """The random-access source of an in-memory split (not for streamed datasets)."""
+  if datasets.get(data_config.dataset).reader == "synthetic":
+    return _synthetic_source(split, image_shape(data_config))
+  images, _ = _read_arrays(data_config, split, labels=False)
   images.flags.writeable = False
   return ArraySource(len(images), lambda indices: images[indices])
+
+
+def labeled_arrays(data_config, split: str, num_examples: int) -> tuple[np.ndarray, np.ndarray]:
+  """The first ``num_examples`` (-1: all) uint8 images [N, H, W, C] of an in-memory split and
+  their int32 labels [N], in the split's stored order."""
+  spec = datasets.get(data_config.dataset)
+  if spec.reader == "synthetic":  # Generate only what is asked for.
+    source = _synthetic_source(split, image_shape(data_config))
+    count = source.num_examples if num_examples == -1 else num_examples
+    if count > source.num_examples:
+      raise ConfigError(f"num_examples={count} exceeds the {source.num_examples} examples "
+                        f"of {split!r}")
+    indices = np.arange(count, dtype=np.int64)
+    return source.gather(indices), (indices % 10).astype(np.int32)
+  images, labels = _read_arrays(data_config, split, labels=True)
+  if num_examples > len(images):
+    raise ConfigError(f"num_examples={num_examples} exceeds the {len(images)} examples of "
+                      f"{split!r}")
+  if num_examples != -1:
+    images, labels = images[:num_examples], labels[:num_examples]
+  return np.ascontiguousarray(images), labels.astype(np.int32)
 
 
 def center_crop_and_resize(image, size: int):
@@ -177,81 +232,3 @@ def tfds_stream(data_config, split: str, per_process: bool = False):
     return tf.ensure_shape(image, [size, size, channels])
 
   return tf, tfds, ds, decode
-
-
-def read_labeled_arrays(data_config, split: str,
-                        num_examples: int = -1) -> tuple[np.ndarray, np.ndarray]:
-  """Reads the first `num_examples` (-1: all) of an in-memory split with its class labels.
-
-  The reader behind `input_pipeline.load_labeled_arrays`, which validates the config, split
-  and num_examples first (and documents the label sources); call that instead.
-
-  Returns:
-    (uint8 images [N, H, W, C], int32 labels [N]).
-  Raises:
-    ValueError: label files that are corrupt or do not match, or num_examples above N.
-  """
-  dataset = data_config.dataset
-  shape = image_shape(data_config)
-
-  def read_idx_labels(path: str) -> np.ndarray:
-    try:
-      with gzip.open(path, "rb") as f:
-        data = f.read()
-    except (OSError, EOFError) as e:
-      raise ValueError(f"{path} is not a readable gzip idx file ({e})") from e
-    header = np.frombuffer(data[:8], dtype=">u4") if len(data) >= 8 else np.array([0, 0])
-    magic, n = int(header[0]), int(header[1])
-    if magic != 2049 or len(data) != 8 + n:
-      raise ValueError(f"{path} is not an idx1 label file (magic {magic}, expected 2049, "
-                       f"{len(data)} bytes for {n} labels); the file is corrupt")
-    return np.frombuffer(data, dtype=np.uint8, offset=8)
-
-  def load_tfds(name: str, tfds_split: str) -> tuple[np.ndarray, np.ndarray]:
-    _, tfds = _import_tfds()
-    ds = tfds.load(name, split=tfds_split, data_dir=data_config.data_dir or None,
-                   shuffle_files=False)
-    batches = list(tfds.as_numpy(ds.batch(4096)))
-    if not batches:
-      raise ValueError(f"tfds split {name}:{tfds_split} is empty")
-    return (np.concatenate([b["image"] for b in batches]),
-            np.concatenate([b["label"] for b in batches]))
-
-  if dataset == "synthetic":
-    available = SYNTHETIC_NUM_EXAMPLES[split]
-    if num_examples > available:
-      raise ValueError(f"num_examples={num_examples} exceeds the {available} examples of "
-                       f"{split!r}")
-    indices = np.arange(available if num_examples == -1 else num_examples, dtype=np.int64)
-    images, labels = _synthetic_source(split, shape).gather(indices), indices % 10
-  elif dataset == "fashion_mnist_files":
-    directory = data_config.data_dir or FASHION_MNIST_DIR
-    image_path = fashion_mnist_path(data_config.data_dir, split)
-    label_path = os.path.join(directory, FASHION_MNIST_FILES[split].replace("images-idx3",
-                                                                            "labels-idx1"))
-    if os.path.isfile(image_path) or data_config.data_dir:
-      images = _load_fashion_mnist_files(data_config.data_dir, split)
-      if not os.path.isfile(label_path):
-        raise ValueError(f"Fashion-MNIST label file {label_path} not found next to the "
-                         f"images; {APT_HINT}")
-      labels = read_idx_labels(label_path)
-    else:  # Neither the Debian files nor a data_dir: tfds, as for the images.
-      try:
-        images, labels = load_tfds("fashion_mnist", split)
-      except Exception as e:  # pylint: disable=broad-except
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"Fashion-MNIST file {image_path} not found; {APT_HINT}; the tfds "
-                         f"'fashion_mnist' fallback failed too: {type(e).__name__}: "
-                         f"{first_line}") from e
-  else:
-    images, labels = load_tfds(dataset, split)
-  if images.dtype != np.uint8 or images.shape[1:] != shape or labels.shape != images.shape[:1]:
-    raise ValueError(f"{dataset}:{split} holds {images.dtype} images of shape {images.shape} "
-                     f"and labels of shape {labels.shape}; expected uint8 [N, "
-                     f"{', '.join(map(str, shape))}] and [N]")
-  if num_examples > len(images):
-    raise ValueError(f"num_examples={num_examples} exceeds the {len(images)} examples of "
-                     f"{split!r}")
-  if num_examples != -1:
-    images, labels = images[:num_examples], labels[:num_examples]
-  return np.ascontiguousarray(images), labels.astype(np.int32)

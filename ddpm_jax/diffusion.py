@@ -11,13 +11,12 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ddpm_jax.likelihoods import (approx_standard_normal_cdf,  # noqa: F401 (re-export)
                                   discretized_gaussian_log_likelihood, mean_flat, normal_kl)
+from ddpm_jax.schedules import DiffusionSchedule  # noqa: F401 (re-export: the core's pytree)
 
 MEAN_TYPES = ("eps", "xstart", "xprev", "v")
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
@@ -25,78 +24,6 @@ LOSS_TYPES = ("mse", "kl", "hybrid")
 LEARNED_VAR_TYPES = ("learned", "learned_range")
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
-
-
-@flax.struct.dataclass
-class DiffusionSchedule:
-  """Every table of the forward process and its posterior, one entry per timestep.
-
-  Computed in float64 by `from_betas` and stored as float32 arrays of shape [T]. Names
-  follow the paper and the official code; abar_t = alphas_cumprod[t].
-  """
-  betas: jnp.ndarray
-  alphas_cumprod: jnp.ndarray
-  alphas_cumprod_prev: jnp.ndarray
-  sqrt_alphas_cumprod: jnp.ndarray
-  sqrt_one_minus_alphas_cumprod: jnp.ndarray
-  log_one_minus_alphas_cumprod: jnp.ndarray
-  sqrt_recip_alphas_cumprod: jnp.ndarray
-  sqrt_recipm1_alphas_cumprod: jnp.ndarray
-  posterior_variance: jnp.ndarray
-  posterior_log_variance_clipped: jnp.ndarray
-  posterior_mean_coef1: jnp.ndarray
-  posterior_mean_coef2: jnp.ndarray
-  # 'fixedlarge' model variance: beta_t, with log-variance log(beta~_1) at t=0.
-  fixedlarge_log_variance: jnp.ndarray
-  log_betas: jnp.ndarray
-
-  @property
-  def num_timesteps(self) -> int:
-    return self.betas.shape[0]
-
-  @classmethod
-  def from_betas(cls, betas: np.ndarray) -> "DiffusionSchedule":
-    """Derives every table from betas (paper Eq. 4, 6, 7), in float64, stored as float32.
-
-    Args:
-      betas: shape [T], T >= 1, each in (0, 1]. A beta of exactly 1 (the last step of the
-        `jsd` schedule) is allowed, as in the official code.
-    """
-    betas = np.asarray(betas, dtype=np.float64)
-    if betas.ndim != 1 or betas.shape[0] < 1:
-      raise ValueError(f"betas must be a 1-D array with T >= 1 entries, got shape {betas.shape}")
-    if not np.all((betas > 0.0) & (betas <= 1.0)):
-      bad = betas[~((betas > 0.0) & (betas <= 1.0))][0]
-      raise ValueError(f"betas must lie in (0, 1], found {bad!r}")
-    alphas = 1.0 - betas
-    alphas_cumprod = np.cumprod(alphas)
-    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
-    with np.errstate(divide="ignore"):
-      # Eq. 7: beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t); beta~_1 = 0.
-      posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-      # log(0) at t=0 is replaced by log(beta~ at the paper's t=2); with T=1 there is no
-      # such entry and beta_1 stands in.
-      first = posterior_variance[1] if betas.shape[0] > 1 else betas[0]
-      posterior_log_variance_clipped = np.log(np.append(first, posterior_variance[1:]))
-      fixedlarge_log_variance = np.log(np.append(first, betas[1:]))
-      tables = dict(
-          betas=betas,
-          alphas_cumprod=alphas_cumprod,
-          alphas_cumprod_prev=alphas_cumprod_prev,
-          sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
-          sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
-          log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
-          sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
-          sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
-          posterior_variance=posterior_variance,
-          posterior_log_variance_clipped=posterior_log_variance_clipped,
-          # Eq. 7: mu~_t = coef1 x_0 + coef2 x_t.
-          posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-          posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
-          fixedlarge_log_variance=fixedlarge_log_variance,
-          log_betas=np.log(betas),
-      )
-    return cls(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in tables.items()})
 
 
 def _check_choice(kind: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -206,6 +133,40 @@ def v_target(schedule: DiffusionSchedule, x_start: jnp.ndarray, t: jnp.ndarray,
           - _extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * x_start)
 
 
+def predict_xstart(schedule: DiffusionSchedule, mean_output: jnp.ndarray, x_t: jnp.ndarray,
+                   t: jnp.ndarray, *, model_mean_type: str) -> jnp.ndarray:
+  """The x_0 implied by the network's mean output for each parameterisation (unclipped).
+
+  eps: Eq. 4 inverted (cf. Eq. 15); xstart: the output itself; xprev: Eq. 7 inverted; v:
+  Salimans & Ho (2022). The one dispatch on model_mean_type used by the posterior, the
+  losses and DDIM.
+  """
+  _check_choice("model_mean_type", model_mean_type, MEAN_TYPES)
+  if model_mean_type == "eps":
+    return predict_xstart_from_eps(schedule, x_t, t, mean_output)
+  if model_mean_type == "xstart":
+    return mean_output
+  if model_mean_type == "xprev":
+    return predict_xstart_from_xprev(schedule, x_t, t, mean_output)
+  return predict_xstart_from_v(schedule, x_t, t, mean_output)
+
+
+def mean_target(schedule: DiffusionSchedule, x_start: jnp.ndarray, x_t: jnp.ndarray,
+                t: jnp.ndarray, noise: jnp.ndarray, *, model_mean_type: str) -> jnp.ndarray:
+  """What the network's mean output should be at (x_t, t): the target of L_simple (Eq. 14).
+
+  The mirror of `predict_xstart`: eps, x_0, the posterior mean mu~_t (Eq. 7) or v.
+  """
+  _check_choice("model_mean_type", model_mean_type, MEAN_TYPES)
+  if model_mean_type == "eps":
+    return noise
+  if model_mean_type == "xstart":
+    return x_start
+  if model_mean_type == "xprev":
+    return q_posterior_mean_variance(schedule, x_start, x_t, t)[0]
+  return v_target(schedule, x_start, t, noise)
+
+
 def split_model_output(model_output: jnp.ndarray, x_t: jnp.ndarray, *,
                        model_var_type: str) -> tuple[jnp.ndarray, jnp.ndarray | None]:
   """Splits the network output into its mean part and (for learned variances) variance part.
@@ -271,17 +232,11 @@ def p_mean_variance(schedule: DiffusionSchedule, model_output: jnp.ndarray, x_t:
   def process_xstart(x: jnp.ndarray) -> jnp.ndarray:
     return jnp.clip(x, -1.0, 1.0) if clip_denoised else x
 
-  if model_mean_type == "xprev":
-    pred_xstart = process_xstart(predict_xstart_from_xprev(schedule, x_t, t, mean_out))
+  pred_xstart = process_xstart(predict_xstart(schedule, mean_out, x_t, t,
+                                              model_mean_type=model_mean_type))
+  if model_mean_type == "xprev":  # The network outputs the mean itself.
     mean = mean_out
   else:
-    if model_mean_type == "eps":
-      pred_xstart = predict_xstart_from_eps(schedule, x_t, t, mean_out)
-    elif model_mean_type == "xstart":
-      pred_xstart = mean_out
-    else:  # v
-      pred_xstart = predict_xstart_from_v(schedule, x_t, t, mean_out)
-    pred_xstart = process_xstart(pred_xstart)
     mean, _, _ = q_posterior_mean_variance(schedule, pred_xstart, x_t, t)
   return dict(mean=mean, variance=variance, log_variance=log_variance, pred_xstart=pred_xstart)
 
@@ -348,14 +303,7 @@ def training_losses(schedule: DiffusionSchedule, model_fn: ModelFn, x_start: jnp
   if loss_type == "kl":
     return vb_term(model_output)
 
-  if model_mean_type == "eps":
-    target = noise
-  elif model_mean_type == "xstart":
-    target = x_start
-  elif model_mean_type == "xprev":
-    target = q_posterior_mean_variance(schedule, x_start, x_t, t)[0]
-  else:
-    target = v_target(schedule, x_start, t, noise)
+  target = mean_target(schedule, x_start, x_t, t, noise, model_mean_type=model_mean_type)
   mse = mean_flat(jnp.square(target - mean_out))
   if loss_type == "mse":
     return mse

@@ -184,7 +184,6 @@ def ddim_sample(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: j
   deterministic: DDIM's latent space).
   """
   shape = _check_shape(shape)
-  diffusion._check_choice("model_mean_type", model_mean_type, diffusion.MEAN_TYPES)
   if not 0.0 <= float(eta):
     raise ValueError(f"DDIM eta={eta} must be >= 0.")
   steps = ddim_timesteps(schedule.num_timesteps, int(num_steps))
@@ -201,14 +200,8 @@ def ddim_sample(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: j
     t = jnp.full((shape[0],), t_, jnp.int32)
     mean_out, _ = diffusion.split_model_output(model_fn(x_t, t), x_t,
                                                model_var_type=model_var_type)
-    if model_mean_type == "eps":
-      pred_xstart = diffusion.predict_xstart_from_eps(schedule, x_t, t, mean_out)
-    elif model_mean_type == "xstart":
-      pred_xstart = mean_out
-    elif model_mean_type == "v":
-      pred_xstart = diffusion.predict_xstart_from_v(schedule, x_t, t, mean_out)
-    else:  # xprev
-      pred_xstart = diffusion.predict_xstart_from_xprev(schedule, x_t, t, mean_out)
+    pred_xstart = diffusion.predict_xstart(schedule, mean_out, x_t, t,
+                                           model_mean_type=model_mean_type)
     if clip_denoised:
       pred_xstart = jnp.clip(pred_xstart, -1.0, 1.0)
     eps = diffusion.predict_eps_from_xstart(schedule, x_t, t, pred_xstart)

@@ -1,14 +1,17 @@
-"""Variance (beta) schedules of the forward process, computed in float64 NumPy.
+"""Variance (beta) schedules of the forward process and the tables derived from them.
 
 The paper (Ho et al. 2020, §4) uses T=1000 betas increasing linearly from 1e-4 to 0.02;
 the official code also ships quad, const, jsd, warmup10 and warmup50, reproduced here with
-the same semantics. `cosine` is the schedule of Nichol & Dhariwal (2021, Eq. 17).
+the same semantics. `cosine` is the schedule of Nichol & Dhariwal (2021, Eq. 17). Betas and
+every table of `DiffusionSchedule` are computed in float64 NumPy and stored as float32.
 """
 
 from __future__ import annotations
 
 import math
 
+import flax.struct
+import jax.numpy as jnp
 import numpy as np
 
 SCHEDULE_NAMES = ("linear", "quad", "const", "jsd", "warmup10", "warmup50", "cosine")
@@ -73,3 +76,75 @@ def get_beta_schedule(name: str, num_timesteps: int, *, beta_start: float = 1e-4
     betas = _cosine_betas(num_timesteps)
   assert betas.shape == (num_timesteps,) and betas.dtype == np.float64
   return betas
+
+
+@flax.struct.dataclass
+class DiffusionSchedule:
+  """Every table of the forward process and its posterior, one entry per timestep.
+
+  Computed in float64 by `from_betas` and stored as float32 arrays of shape [T]. Names
+  follow the paper and the official code; abar_t = alphas_cumprod[t].
+  """
+  betas: jnp.ndarray
+  alphas_cumprod: jnp.ndarray
+  alphas_cumprod_prev: jnp.ndarray
+  sqrt_alphas_cumprod: jnp.ndarray
+  sqrt_one_minus_alphas_cumprod: jnp.ndarray
+  log_one_minus_alphas_cumprod: jnp.ndarray
+  sqrt_recip_alphas_cumprod: jnp.ndarray
+  sqrt_recipm1_alphas_cumprod: jnp.ndarray
+  posterior_variance: jnp.ndarray
+  posterior_log_variance_clipped: jnp.ndarray
+  posterior_mean_coef1: jnp.ndarray
+  posterior_mean_coef2: jnp.ndarray
+  # 'fixedlarge' model variance: beta_t, with log-variance log(beta~_1) at t=0.
+  fixedlarge_log_variance: jnp.ndarray
+  log_betas: jnp.ndarray
+
+  @property
+  def num_timesteps(self) -> int:
+    return self.betas.shape[0]
+
+  @classmethod
+  def from_betas(cls, betas: np.ndarray) -> "DiffusionSchedule":
+    """Derives every table from betas (paper Eq. 4, 6, 7), in float64, stored as float32.
+
+    Args:
+      betas: shape [T], T >= 1, each in (0, 1]. A beta of exactly 1 (the last step of the
+        `jsd` schedule) is allowed, as in the official code.
+    """
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.ndim != 1 or betas.shape[0] < 1:
+      raise ValueError(f"betas must be a 1-D array with T >= 1 entries, got shape {betas.shape}")
+    if not np.all((betas > 0.0) & (betas <= 1.0)):
+      bad = betas[~((betas > 0.0) & (betas <= 1.0))][0]
+      raise ValueError(f"betas must lie in (0, 1], found {bad!r}")
+    alphas = 1.0 - betas
+    alphas_cumprod = np.cumprod(alphas)
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+    with np.errstate(divide="ignore"):
+      # Eq. 7: beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t); beta~_1 = 0.
+      posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+      # log(0) at t=0 is replaced by log(beta~ at the paper's t=2); with T=1 there is no
+      # such entry and beta_1 stands in.
+      first = posterior_variance[1] if betas.shape[0] > 1 else betas[0]
+      posterior_log_variance_clipped = np.log(np.append(first, posterior_variance[1:]))
+      fixedlarge_log_variance = np.log(np.append(first, betas[1:]))
+      tables = dict(
+          betas=betas,
+          alphas_cumprod=alphas_cumprod,
+          alphas_cumprod_prev=alphas_cumprod_prev,
+          sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
+          sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
+          log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
+          sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
+          sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
+          posterior_variance=posterior_variance,
+          posterior_log_variance_clipped=posterior_log_variance_clipped,
+          # Eq. 7: mu~_t = coef1 x_0 + coef2 x_t.
+          posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+          posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+          fixedlarge_log_variance=fixedlarge_log_variance,
+          log_betas=np.log(betas),
+      )
+    return cls(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in tables.items()})

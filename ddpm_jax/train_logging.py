@@ -10,6 +10,7 @@ import time
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 TENSORBOARD_DIR = "tensorboard"
 SAMPLES_DIR = "samples"
@@ -64,18 +65,19 @@ class Progress:
             f"ETA {datetime.timedelta(seconds=int(eta))}")
 
 
-class MetricWriter:
-  """TensorBoard event files under workdir/tensorboard and PNG grids under workdir/samples.
-
-  Disabled (every call a no-op) on processes other than 0.
+class TrainLogger:
+  """The console progress line, TensorBoard event files under workdir/tensorboard and PNG
+  sample grids under workdir/samples. Files are written only where ``enabled`` (process 0);
+  the console line is logged on every process.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
-    self.enabled = enabled
+  def __init__(self, workdir: str, start_step: int, num_steps: int, global_batch: int, *,
+               enabled: bool = True):
     self.samples_dir = os.path.join(workdir, SAMPLES_DIR)
+    self.progress = Progress(start_step, num_steps, global_batch)
     self._writer = None
     if enabled:
-      from tensorboardX import SummaryWriter
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       os.makedirs(self.samples_dir, exist_ok=True)
       self._writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
 
@@ -85,9 +87,12 @@ class MetricWriter:
       self._writer.add_text("config", f"```\n{text}\n```", 0)
       self._writer.add_scalar("num_params", num_params, 0)
 
-  def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+  def log(self, step: int, metrics: dict[str, float]) -> None:
+    """Adds steps/s and images/s since the last call; logs the line and the scalars."""
+    metrics = dict(metrics, **self.progress.update(step))
+    logging.info("%s", self.progress.line(step, metrics))
     if self._writer is not None:
-      for name, value in scalars.items():
+      for name, value in metrics.items():
         self._writer.add_scalar(f"train/{name}", value, step)
       self._writer.flush()
 

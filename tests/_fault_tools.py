@@ -2,7 +2,8 @@
 line, workdir snapshots and checkpoint corruption.
 
 `python main.py ARGS` spends ~2.5 s of CPU importing jax, flax and orbax before it even
-parses ARGS. The server (this file run as a script) pays that once; every request then
+parses ARGS. The server (`python -m tests._fault_tools`, from the repository root) pays
+that once; every request then
 forks a child that sets ``sys.argv = ["main.py", *ARGS]`` and calls ``main.run()``, the
 code `python main.py ARGS` runs after its imports (absl flag parsing, validation, training,
 exit status). The children are real processes: their own PID, signal handlers, JAX backend
@@ -88,7 +89,7 @@ class MainServer:
     self._prefix: dict[int, str] = {}
     self._reaped: dict[int, bool] = {}
     self._proc = subprocess.Popen(  # pylint: disable=consider-using-with
-        [sys.executable, os.path.abspath(__file__)], cwd=REPO, stdin=subprocess.PIPE,
+        [sys.executable, "-m", "tests._fault_tools"], cwd=REPO, stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     self._request(None)  # Waits for the imports.
 
@@ -102,11 +103,13 @@ class MainServer:
     return json.loads(line)
 
   def start(self, args: list[str], *, env: dict[str, str] | None = None,
-            name: str | None = None) -> int:
-    """Starts `main.py *args` in a fresh process; returns its PID."""
+            name: str | None = None, prelude: str = "") -> int:
+    """Starts `main.py *args` in a fresh process; returns its PID. ``prelude`` is Python
+    code the child runs first (e.g. to plant a fault in a module)."""
     self._count += 1
     prefix = os.path.join(self.log_dir, name or f"run{self._count}")
-    reply = self._request(dict(op="start", args=list(args), prefix=prefix, env=env or {}))
+    reply = self._request(dict(op="start", args=list(args), prefix=prefix, env=env or {},
+                               prelude=prelude))
     self._prefix[reply["pid"]] = prefix
     return reply["pid"]
 
@@ -158,7 +161,7 @@ class MainServer:
       self._proc.wait(timeout=30)
 
 
-def _child(args: list[str], prefix: str, env: dict[str, str]) -> None:
+def _child(args: list[str], prefix: str, env: dict[str, str], prelude: str) -> None:
   """In the forked process: redirect stdio, run main.py's command line, exit like it."""
   import atexit  # pylint: disable=import-outside-toplevel
   import traceback  # pylint: disable=import-outside-toplevel
@@ -172,6 +175,7 @@ def _child(args: list[str], prefix: str, env: dict[str, str]) -> None:
     if env.get("JAX_LOG_COMPILES"):
       jax.config.update("jax_log_compiles", True)
     import main  # pylint: disable=import-outside-toplevel
+    exec(prelude, {})  # pylint: disable=exec-used  (test-only fault injection)
     sys.argv = [MAIN, *args]
     main.run()
     code = 0
@@ -192,9 +196,8 @@ def _child(args: list[str], prefix: str, env: dict[str, str]) -> None:
 
 def _serve() -> None:
   """The server loop: JSON requests on stdin, one JSON reply line each on stdout."""
-  sys.path.insert(0, REPO)
   import main  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  from ddpm_jax import evaluate, train  # noqa: F401  pylint: disable=import-outside-toplevel
+  from ddpm_jax import evaluate, sample, train  # noqa: F401  pylint: disable=import-outside-toplevel
   reply = lambda obj: (sys.stdout.write(json.dumps(obj) + "\n"), sys.stdout.flush())
   started: dict[int, float] = {}
   reply(dict(ready=True))
@@ -207,7 +210,7 @@ def _serve() -> None:
       sys.stderr.flush()
       pid = os.fork()
       if pid == 0:
-        _child(request["args"], request["prefix"], request["env"])
+        _child(request["args"], request["prefix"], request["env"], request.get("prelude", ""))
       started[pid] = time.monotonic()
       reply(dict(pid=pid))
     elif request["op"] == "wait":

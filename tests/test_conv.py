@@ -8,7 +8,7 @@ import pytest
 from jax import lax
 
 from configs import test_tiny
-from ddpm_jax import train
+from ddpm_jax import factories
 from ddpm_jax.models import conv as conv_lib
 from ddpm_jax.models import unet as unet_lib
 
@@ -83,4 +83,4 @@ def test_unknown_conv_wgrad_is_refused():
   config = test_tiny.get_config()
   config.model.conv_wgrad = "cudnn"
   with pytest.raises(ValueError, match="conv_wgrad='cudnn'; allowed"):
-    train.create_model(config)
+    factories.create_model(config)

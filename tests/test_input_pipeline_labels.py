@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from configs import default as default_config
+from ddpm_jax import data_sources as ds
 from ddpm_jax import input_pipeline as ip
 
-_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+_FASHION_MNIST = ds.FASHION_MNIST_DIR
 _LABEL_FILES = {"train": "train-labels-idx1-ubyte.gz", "test": "t10k-labels-idx1-ubyte.gz"}
 NUM = {"train": 30, "test": 21}
 
@@ -42,7 +43,7 @@ def fake_files(tmp_path_factory):
   for split, n in NUM.items():
     images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, n).astype(np.uint8)
-    _write(folder / ip.FASHION_MNIST_FILES[split], [2051, n, 28, 28], images)
+    _write(folder / ds.FASHION_MNIST_FILES[split], [2051, n, 28, 28], images)
     _write(folder / _LABEL_FILES[split], [2049, n], labels)
     contents[split] = (images[..., None], labels)
   return str(folder), contents
@@ -70,13 +71,13 @@ def test_images_in_eval_iterator_order(fake_files):
 
 
 @pytest.mark.parametrize("case, match", [
-    ("magic", "magic 2051, expected 2049"), ("count", "corrupt"),
+    ("magic", "magic number 2051, expected 2049"), ("count", "corrupt"),
     ("mismatch", r"labels of shape \(29,\)"), ("absent", "label file .* not found")])
 def test_bad_label_files(fake_files, tmp_path, case, match):
   folder, contents = fake_files
   for split in NUM:
-    os.symlink(os.path.join(folder, ip.FASHION_MNIST_FILES[split]),
-               tmp_path / ip.FASHION_MNIST_FILES[split])
+    os.symlink(os.path.join(folder, ds.FASHION_MNIST_FILES[split]),
+               tmp_path / ds.FASHION_MNIST_FILES[split])
   labels = contents["train"][1]
   path = tmp_path / _LABEL_FILES["train"]
   if case == "magic":
@@ -115,7 +116,7 @@ def test_synthetic_labels_are_index_mod_10():
   batch, _ = next(ip.create_eval_iterator(config, global_batch_size=16, split="test"))
   np.testing.assert_array_equal(images[:16], batch.reshape(16, 8, 8, 3))
   _, all_labels = ip.load_labeled_arrays(config, "test")
-  assert all_labels.shape == (ip.SYNTHETIC_NUM_EXAMPLES["test"],)
+  assert all_labels.shape == (ds.SYNTHETIC_NUM_EXAMPLES["test"],)
   with pytest.raises(ValueError, match="exceeds the 10000 examples"):
     ip.load_labeled_arrays(config, "test", num_examples=10_001)
 

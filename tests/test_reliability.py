@@ -1,13 +1,13 @@
-"""Fault injection (issue #7): kill -9, SIGTERM, a second process, corrupt checkpoints, NaNs
-and bad input lose nothing and leave nothing silently wrong (checkpointing.py, train.py,
-main.py).
+"""Fault injection: kill -9, SIGTERM, a second process, corrupt checkpoints, NaNs and bad
+input lose nothing and leave nothing silently wrong (checkpointing.py, workdir.py, train.py,
+main.py); a genuine bug keeps its traceback.
 
 main.py runs in processes forked from tests/_fault_tools.py's server, which imported it
 once (see there); the bad-input test checks two cases against a plain `python main.py`.
 Every run is configs/test_tiny.py at batch 16 with the same learning rate, so all share
 the compiled train step: conftest.py's persistent compile cache reaches the forked
-processes through the environment. Item 8 (same seed, same bits) is the chaos test's last
-assertion: a run in other processes ends bit-identical to the in-process reference.
+processes through the environment. Determinism (same seed, same bits) is the chaos test's
+last assertion: a run in other processes ends bit-identical to the in-process reference.
 """
 
 import logging
@@ -25,10 +25,13 @@ import jax
 import numpy as np
 import pytest
 
-from configs import test_tiny
 from ddpm_jax import checkpointing
 from ddpm_jax import train
+from ddpm_jax import workdir as workdir_lib
+from ddpm_jax.errors import ConfigError, NonFiniteError
+from ddpm_jax.train_state import TrainState
 from tests import _fault_tools as ft
+from tests.conftest import tiny_config
 
 REF_STEPS = 24
 REF_FLAGS = (f"--config.training.num_train_steps={REF_STEPS}",
@@ -40,15 +43,8 @@ STEP_LINE = re.compile(r"step (\d+)/\d+ loss ([0-9.]+)")
 
 def _config(**overrides):
   """configs/test_tiny.py with REF_FLAGS applied, then ``overrides`` ("group.field": value)."""
-  config = test_tiny.get_config()
-  for flag in REF_FLAGS:
-    dotted, value = flag[len("--config."):].split("=")
-    group, field = dotted.split(".")
-    config[group][field] = int(value)
-  for dotted, value in overrides.items():
-    group, field = dotted.split(".")
-    config[group][field] = value
-  return config
+  ref = dict(flag[len("--config."):].split("=") for flag in REF_FLAGS)
+  return tiny_config(**{**{k: int(v) for k, v in ref.items()}, **overrides})
 
 
 def _args(workdir, *flags):
@@ -95,7 +91,7 @@ def reference(tmp_path_factory):
   absl_logger.addHandler(lines)
   absl_logger.setLevel(logging.INFO)
   try:
-    state = train.train_and_evaluate(_config(), str(workdir))
+    state = train.train(_config(), str(workdir))
   finally:
     absl_logger.removeHandler(lines)
     absl_logger.setLevel(level)
@@ -143,7 +139,7 @@ def _end_life(server, pid: int, how: str, ckpt_dir: str, before: list[int], work
     time.sleep(rng.uniform(0.1, 3.0))
     os.kill(pid, signal.SIGKILL)
     return
-  if how == "lock":  # Issue item 5: refused with one line naming the workdir and the PID.
+  if how == "lock":  # Refused with one line naming the workdir and the PID.
     _wait_for(lambda: "JAX process" in server.stderr_so_far(pid), pid, server, "the lock")
     second = server.run(_args(workdir, *CHAOS_FLAGS), name="second_process", timeout=60)
     assert second.rc == 2 and second.stderr.count("\n") == 1, second.stderr
@@ -159,7 +155,8 @@ def _end_life(server, pid: int, how: str, ckpt_dir: str, before: list[int], work
 
 
 def test_kill9_sigterm_lock_and_a_bit_flip_lose_nothing(server, reference, tmp_path):
-  """Issue items 1, 2 and 5, and 3 and 8 end to end. One run of REF_STEPS steps is killed
+  """Kill -9, SIGTERM, the lock, a corrupt checkpoint and determinism, end to end. One run of
+  REF_STEPS steps is killed
   5 times (once mid-save, at kill times drawn from a seeded rng), meets a second
   process and is preempted by SIGTERM; then a bit flips in its newest checkpoint. The last
   restart falls back past that one, and the run ends bit-identical to the uninterrupted
@@ -182,7 +179,7 @@ def test_kill9_sigterm_lock_and_a_bit_flip_lose_nothing(server, reference, tmp_p
     resumed = re.search(r"Resumed from the checkpoint at step (\d+)", result.stderr)
     if resumed:  # Never a partial checkpoint: the newest finalised one.
       assert int(resumed.group(1)) == max(before), where
-    if how == "lock":  # Issue item 2: SIGTERM saves the step it is at and exits 0, promptly.
+    if how == "lock":  # SIGTERM saves the step it is at and exits 0, promptly.
       assert result.rc == 0 and time.monotonic() - sent < 30, where
       assert max(steps) == max(_losses(result.stderr)) > max(before), where
       assert set(tmps) <= set(tmps_before), where  # Its save completed.
@@ -236,7 +233,7 @@ def corrupted(reference, tmp_path, request):
 @pytest.mark.parametrize("corrupted", ["flip", "truncate", "remove_data", "remove_fingerprint"],
                          indirect=True)
 def test_corrupt_latest_falls_back_and_is_moved_aside(corrupted, reference, caplog):
-  """Issue item 3: restore warns naming the bad step, restores the newest intact one and
+  """Restore warns naming the bad step, restores the newest intact one and
   moves the bad one (byte for byte) to checkpoints_corrupt/, never deleting it."""
   ref_dir, ref_state, _ = reference
   bad = corrupted / checkpointing.CHECKPOINT_DIR / str(REF_STEPS)
@@ -256,11 +253,11 @@ def test_sample_eval_restore_skips_corrupt_without_moving(corrupted, reference, 
   """restore_params (sample / eval) falls back too, read-only; an explicit bad step fails."""
   ref_dir, ref_state, _ = reference
   before = ft.snapshot(str(corrupted))
-  checkpointer = checkpointing.Checkpointer(str(corrupted), keep=1_000_000)
+  checkpointer = checkpointing.Checkpointer(str(corrupted), read_only=True)
   with caplog.at_level(logging.WARNING):
     params, step = checkpointer.restore_params(-1)
   assert step == KEPT[1] and f"Checkpoint step {REF_STEPS}" in caplog.text
-  with pytest.raises(ValueError, match=f"Checkpoint .*{REF_STEPS} is corrupt or unreadable"):
+  with pytest.raises(ConfigError, match=f"Checkpoint .*{REF_STEPS} is corrupt or unreadable"):
     checkpointer.restore_params(REF_STEPS)
   checkpointer.close()
   assert ft.snapshot(str(corrupted)) == before
@@ -273,7 +270,7 @@ def test_all_checkpoints_corrupt_is_an_error_and_moves_nothing(reference, tmp_pa
   for step in ft.step_dirs(str(workdir / checkpointing.CHECKPOINT_DIR))[0]:
     _corrupt(str(workdir / checkpointing.CHECKPOINT_DIR / str(step)), "flip")
   before = ft.snapshot(str(workdir))
-  with pytest.raises(ValueError, match="No intact checkpoint.*Nothing was moved"):
+  with pytest.raises(ConfigError, match="No intact checkpoint.*Nothing was moved"):
     _restore(workdir, reference[1])
   assert ft.snapshot(str(workdir)) == before
 
@@ -283,7 +280,7 @@ def blown_up(reference, tmp_path_factory):
   """A workdir whose checkpoint (step REF_STEPS) holds weights that blew up: x1e30, still
   finite, so the next step's loss and gradients overflow to inf / NaN."""
   workdir = tmp_path_factory.mktemp("blown_up")
-  shutil.copy(reference[0] / checkpointing.CONFIG_FILE, workdir)
+  shutil.copy(reference[0] / workdir_lib.CONFIG_FILE, workdir)
   state = reference[1]
   huge = state.replace(params=jax.tree.map(lambda p: p * np.float32(1e30), state.params))
   checkpointer = checkpointing.Checkpointer(str(workdir), keep=3)
@@ -297,7 +294,7 @@ def _nan_config(mode: str):
                     "training.checkpoint_every_steps": 1000, "training.nonfinite": mode})
 
 
-def _checkpoints(workdir, target) -> dict[int, train.TrainState]:
+def _checkpoints(workdir, target) -> dict[int, TrainState]:
   steps = ft.step_dirs(str(workdir / checkpointing.CHECKPOINT_DIR))[0]
   return {s: _restore(workdir, target, s) for s in steps}
 
@@ -308,12 +305,12 @@ def _all_finite(tree) -> bool:
 
 
 def test_nonfinite_raise_names_the_step_and_saves_no_nan(blown_up, tmp_path):
-  """Issue item 4, default switch: stop with an error naming the step; nothing saved."""
+  """The default switch: stop with an error naming the step; nothing saved."""
   workdir = tmp_path / "wd"
   shutil.copytree(blown_up[0], workdir)
-  with pytest.raises(FloatingPointError, match=rf"Non-finite loss or gradients at step "
+  with pytest.raises(NonFiniteError, match=rf"Non-finite loss or gradients at step "
                      rf"{REF_STEPS + 1} .*nothing after step {REF_STEPS} was saved.*nonfinite=skip"):
-    train.train_and_evaluate(_nan_config("raise"), str(workdir))
+    train.train(_nan_config("raise"), str(workdir))
   assert list(_checkpoints(workdir, blown_up[1])) == [REF_STEPS]
 
 
@@ -323,7 +320,7 @@ def test_nonfinite_skip_counts_and_keeps_the_state(blown_up, tmp_path, caplog):
   workdir = tmp_path / "wd"
   shutil.copytree(blown_up[0], workdir)
   with caplog.at_level(logging.WARNING):
-    state = train.train_and_evaluate(_nan_config("skip"), str(workdir))
+    state = train.train(_nan_config("skip"), str(workdir))
   assert (int(state.step), int(state.nonfinite_steps), int(state.last_nonfinite_step)) == (
       REF_STEPS + 3, 3, REF_STEPS + 3)
   assert "Skipped the update of 1 step(s)" in caplog.text
@@ -339,14 +336,14 @@ def test_nonfinite_skip_counts_and_keeps_the_state(blown_up, tmp_path, caplog):
 def test_a_nonfinite_state_is_never_written(tmp_path):
   checkpointer = checkpointing.Checkpointer(str(tmp_path), keep=3)
   state = {"params": {"w": np.array([1.0, np.inf], np.float32)}, "step": np.int32(7)}
-  with pytest.raises(FloatingPointError, match="step 7 holds non-finite values in params/w"):
+  with pytest.raises(NonFiniteError, match="step 7 holds non-finite values in params/w"):
     checkpointer.save(7, state)
   checkpointer.close()
   assert ft.step_dirs(str(tmp_path / checkpointing.CHECKPOINT_DIR)) == ([], [])
 
 
 def test_one_device_gives_the_eight_device_loss_trajectory(server, reference, tmp_path):
-  """Issue item 7: the same run in a process with 1 CPU device, at the same global batch,
+  """The same run in a process with 1 CPU device, at the same global batch,
   has the loss trajectory and the final state of the 8-device run up to float rounding."""
   workdir = tmp_path / "wd"
   result = server.run(_args(workdir, *REF_FLAGS, *NO_PERIODIC_SAVES),
@@ -398,9 +395,9 @@ BAD_INPUT = [  # (what, main.py arguments, the one stderr line must match)
      r"Image size 9 must be a positive multiple of .* 2 for ch_mult=\(1, 2\)"),
     ("bad dtype", [*D, "--config.model.dtype=float64"],
      r"model config .*compute dtype 'float64'; allowed: \['bfloat16', 'float32'\]"),
-    ("bad groups", [*D, "--config.model.num_groups=5"], r"model.num_groups=5 must divide"),
+    ("bad groups", [*D, "--config.model.num_groups=5"], r"model config .*num_groups=5"),
     ("bad beta schedule", [*D, "--config.diffusion.beta_schedule=cubic"],
-     r"diffusion.beta_schedule 'cubic'; allowed: linear"),
+     r"diffusion.beta_schedule='cubic' is unknown; allowed: linear"),
     ("beta_end <= beta_start", [*D, "--config.diffusion.beta_end=0.0001"],
      r"diffusion.beta_end=0.0001 must be > diffusion.beta_start=0.0001"),
     ("zero timesteps", [*D, "--config.diffusion.num_timesteps=0"],
@@ -411,15 +408,15 @@ BAD_INPUT = [  # (what, main.py arguments, the one stderr line must match)
     ("keep 0 checkpoints", [*D, "--config.training.keep_checkpoints=0"],
      r"training.keep_checkpoints=0 must be a positive integer"),
     ("bad nonfinite switch", [*D, "--config.training.nonfinite=ignore"],
-     r"training.nonfinite 'ignore'; allowed: raise, skip"),
+     r"training.nonfinite='ignore' is unknown; allowed: raise, skip"),
     ("frozen field changed", [*D, "--config.model.ch=32"],
      r"Config incompatible with the run in .*model.ch: 16 -> 32"),
     ("sample: no such step", [*D, "--mode=sample", "--config.sampling.checkpoint_step=999"],
      rf"No checkpoint at step 999 .*available: \[{KEPT[0]}, {KEPT[1]}, {KEPT[2]}\]"),
     ("sample: step -5", [*D, "--mode=sample", "--config.sampling.checkpoint_step=-5"],
-     r"sampling.checkpoint_step=-5 must be a step >= 0 or -1"),
+     r"sampling.checkpoint_step=-5 must be an integer >= 0 \(or -1\)"),
     ("sample: method", [*D, "--mode=sample", "--config.sampling.method=euler"],
-     r"sampling.method 'euler'; allowed: ancestral, ddim"),
+     r"sampling.method='euler' is unknown; allowed: ancestral, ddim"),
     ("sample: ddim steps", [*D, "--mode=sample", "--config.sampling.method=ddim",
                             "--config.sampling.num_steps=5000"],
      r"DDIM num_steps=5000 must lie in \[1, T=100\]"),
@@ -428,13 +425,13 @@ BAD_INPUT = [  # (what, main.py arguments, the one stderr line must match)
     ("eval: empty workdir", ["--config={tiny}", "--workdir={empty}", "--mode=eval"],
      r"No checkpoint in .*train first"),
     ("eval: batch vs devices", [*D, "--mode=eval", "--config.eval.batch_size=12"],
-     r"eval.batch_size=12 is not divisible by the 8 devices"),
+     r"eval.batch_size=12 \(a global batch\) is not divisible by the 8 devices"),
     ("extra argument", [*D, "extra"], r"unexpected arguments \['extra'\]"),
 ]
 
 
 def test_bad_input_table(server, reference, tmp_path):
-  """Issue item 6: each bad input exits 2 with one 'error:' line naming the problem, no
+  """Each bad input exits 2 with one 'error:' line naming the problem, no
   traceback, before anything is compiled (JAX_LOG_COMPILES would add lines), within
   seconds, and every workdir is left byte for byte as it was."""
   paths = dict(run=tmp_path / "run", empty=tmp_path / "empty", file=tmp_path / "file")
@@ -462,3 +459,18 @@ def test_bad_input_table(server, reference, tmp_path):
     assert re.search(pattern, lines[0]), where
     assert result.seconds < 30, where
   assert {k: ft.snapshot(str(v)) for k, v in paths.items()} == before
+
+
+def test_a_genuine_bug_keeps_its_traceback(server, tmp_path):
+  """Only bad input (ConfigError) and a diverged run (NonFiniteError) become one line: a
+  ValueError raised inside the model function is a bug and surfaces with its traceback."""
+  plant = ("import ddpm_jax.diffusion as d\n"
+           "def broken(*args, **kwargs):\n"
+           "  raise ValueError('planted bug in the model function')\n"
+           "d.training_losses = broken\n")
+  result = server.run(_args(tmp_path / "wd", *REF_FLAGS), prelude=plant, name="planted",
+                      timeout=120)
+  assert result.rc == 1, result.stderr[-3000:]
+  assert "Traceback (most recent call last)" in result.stderr
+  assert "ValueError: planted bug in the model function" in result.stderr
+  assert "error: planted" not in result.stderr

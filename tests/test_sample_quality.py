@@ -15,7 +15,11 @@ import numpy as np
 import pytest
 
 from configs import default as default_config
+from ddpm_jax import config_checks
+from ddpm_jax import data_sources
+from ddpm_jax import datasets
 from ddpm_jax import input_pipeline as ip
+from ddpm_jax.errors import ConfigError
 from ddpm_jax.evaluation import fid, inception, sample_quality as sq
 
 NUM = {"train": 100, "test": 60}
@@ -43,8 +47,8 @@ def data_dir(tmp_path_factory):
   folder = tmp_path_factory.mktemp("quadrants")
   for seed, (split, num) in enumerate(NUM.items()):
     images, labels = _quadrant_images(num, seed)
-    _write(folder / ip.FASHION_MNIST_FILES[split], [2051, num, 28, 28], images)
-    label_file = ip.FASHION_MNIST_FILES[split].replace("images-idx3", "labels-idx1")
+    _write(folder / data_sources.FASHION_MNIST_FILES[split], [2051, num, 28, 28], images)
+    label_file = data_sources.FASHION_MNIST_FILES[split].replace("images-idx3", "labels-idx1")
     _write(folder / label_file, [2049, num], labels)
   return str(folder)
 
@@ -73,18 +77,21 @@ def train_images(setup):
 # ---------------------------------------------------------------------- config checks
 
 
+def _check(config):
+  """The eval-group checks of the entry (config_checks), with FID on."""
+  config_checks.check_eval(config, datasets.get(config.data.dataset))
+
+
 def test_missing_inception_weights_message(data_dir):
   for path in ("", "/nonexistent/inception_fid.npz"):
     config = _config(data_dir, feature_network="inception", inception_weights=path)
-    with pytest.raises(ValueError) as info:
-      sq.check_feature_network(config)
+    with pytest.raises(ConfigError) as info:
+      _check(config)
     message = str(info.value)
     assert "\n" not in message and f"eval.inception_weights={path!r}" in message
     assert "github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" in message
     assert ("python scripts/convert_inception_weights.py --input=pt_inception-2015-12-05-"
             "6726825d.pth --output=") in message
-    with pytest.raises(ValueError, match="pytorch-fid"):  # Also before any work.
-      sq.evaluate_samples(np.zeros((4, 28, 28, 1), np.uint8), config, cache_dir="/nonexistent")
 
 
 @pytest.mark.parametrize("change, match", [
@@ -102,8 +109,8 @@ def test_bad_config(data_dir, change, match):
   config = _config(data_dir)
   config.data.update(change.get("data", {}))
   config.eval.update(change.get("eval", {}))
-  with pytest.raises(ValueError, match=match):
-    sq.check_feature_network(config)
+  with pytest.raises(ConfigError, match=match):
+    _check(config)
 
 
 @pytest.mark.parametrize("samples, match", [
@@ -121,7 +128,7 @@ def test_inception_extractor_from_weights_file(data_dir, tmp_path):
   path = str(tmp_path / "inception_fid.npz")
   np.savez(path, **flat)
   config = _config(data_dir, feature_network="inception", inception_weights=path)
-  sq.check_feature_network(config)
+  _check(config)
   extractor = sq.get_feature_extractor(config, cache_dir=str(tmp_path))
   assert extractor.name == inception.FEATURES_NAME and extractor.feature_dim == 2048
   assert "1008" in extractor.logits_name and extractor.image_hw is None

@@ -1,6 +1,6 @@
 """FID / IS of generated samples against a dataset split: the glue for --mode=eval.
 
-The paper's protocol (Ho et al. 2020, App. B; DESIGN.md §3): samples quantized to uint8,
+The paper's protocol (Ho et al. 2020, App. B): samples quantized to uint8,
 features of the Inception 2015-12-05 network (pool3, 2048-d) for FID against the statistics
 of the TRAINING set, its 1008 logits for the Inception Score, the Frechet distance in float64
 with scipy.linalg.sqrtm as TTUR. `config.eval.feature_network` picks the network:
@@ -30,11 +30,9 @@ import numpy as np
 from absl import logging
 
 from ddpm_jax import input_pipeline
+from ddpm_jax.errors import ConfigError
 from ddpm_jax.evaluation import classifier, fid, inception
 
-FEATURE_NETWORKS = ("inception", "classifier")
-# In-memory datasets that come with class labels (input_pipeline.load_labeled_arrays).
-LABELED_DATASETS = ("cifar10", "fashion_mnist", "fashion_mnist_files", "synthetic")
 IS_SPLITS = 10  # As the OpenAI Inception Score code.
 _STATS_VERSION = 1  # Bump when the way reference statistics are computed changes.
 _LOG_EVERY_S = 30.0
@@ -45,54 +43,10 @@ def _tag(text: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
 
-def _positive_int(value: Any, name: str) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name}={value!r} must be a positive integer")
-  return int(value)
-
-
-def check_feature_network(config) -> None:
-  """Validates the FID / IS settings cheaply, before any data is read or network built.
-
-  Raises:
-    ValueError (one line): an unknown eval.feature_network, a bad eval.batch_size or
-      eval.fid_reference_split, a missing Inception weights file (saying where to get the
-      pytorch-fid weights and the exact conversion command), or the classifier network
-      asked for a dataset that is not in memory with labels.
-  """
-  network = config.eval.feature_network
-  if network not in FEATURE_NETWORKS:
-    raise ValueError(f"eval.feature_network={network!r} is unknown; allowed: "
-                     f"{', '.join(FEATURE_NETWORKS)}")
-  _positive_int(config.eval.batch_size, "eval.batch_size")
-  input_pipeline.validate_data_config(config.data)
-  input_pipeline._check_split(  # pylint: disable=protected-access
-      config.data.dataset, config.eval.fid_reference_split, "eval.fid_reference_split")
-  if network == "inception":
-    path = config.eval.inception_weights
-    if not path or not os.path.isfile(path):
-      raise ValueError(inception.missing_weights_message(path))
-  elif config.data.dataset not in LABELED_DATASETS:
-    raise ValueError(f"eval.feature_network='classifier' needs an in-memory dataset with "
-                     f"labels ({', '.join(LABELED_DATASETS)}), not "
-                     f"data.dataset={config.data.dataset!r}; use the inception network")
-  else:
-    classifier_recipe(config)
-
-
 def classifier_recipe(config) -> dict[str, Any]:
-  """classifier.DEFAULT_RECIPE, overridden by optional config.eval.classifier_<key> fields."""
-  recipe = {key: config.eval.get(f"classifier_{key}", default)
-            for key, default in classifier.DEFAULT_RECIPE.items()}
-  for key in ("steps", "batch_size", "width", "feature_dim"):
-    _positive_int(recipe[key], f"eval.classifier_{key}")
-  seed = recipe["seed"]
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-    raise ValueError(f"eval.classifier_seed={seed!r} must be an integer >= 0")
-  rate = recipe["learning_rate"]
-  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
-    raise ValueError(f"eval.classifier_learning_rate={rate!r} must be a number > 0")
-  return recipe
+  """classifier.DEFAULT_RECIPE, overridden by the config.eval.classifier_<key> fields."""
+  return {key: config.eval.get(f"classifier_{key}", default)
+          for key, default in classifier.DEFAULT_RECIPE.items()}
 
 
 def get_feature_extractor(config, *, cache_dir: str) -> fid.FeatureExtractor:
@@ -102,7 +56,6 @@ def get_feature_extractor(config, *, cache_dir: str) -> fid.FeatureExtractor:
   classifier of this dataset and recipe under `cache_dir`, trained (once) on
   data.train_split and tested on data.eval_split when absent.
   """
-  check_feature_network(config)
   if config.eval.feature_network == "inception":
     variables = inception.load_inception_params(config.eval.inception_weights)
     return inception.inception_feature_extractor(variables)
@@ -164,7 +117,6 @@ def _merge_across_processes(running: fid.RunningStatistics) -> fid.RunningStatis
 def _reference(config, extractor: fid.FeatureExtractor,
                cache_dir: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
   """(mu, sigma, meta) of the reference split's features, from the cache or computed."""
-  check_feature_network(config)
   data, split = config.data, config.eval.fid_reference_split
   key = dict(version=_STATS_VERSION, dataset=data.dataset, split=split,
              image_shape=[data.image_size, data.image_size, data.num_channels],
@@ -174,11 +126,11 @@ def _reference(config, extractor: fid.FeatureExtractor,
   if os.path.exists(path):
     mu, sigma, meta = fid.load_stats(path)
     if {name: meta.get(name) for name in key} != key:
-      raise ValueError(f"reference statistics {path!r} were computed for "
+      raise ConfigError(f"reference statistics {path!r} were computed for "
                        f"{ {name: meta.get(name) for name in key} }, not {key}; delete it")
     return mu, sigma, meta
   devices = jax.process_count() * jax.local_device_count()
-  global_batch = -(-_positive_int(config.eval.batch_size, "eval.batch_size") // devices) * devices
+  global_batch = -(-int(config.eval.batch_size) // devices) * devices
   logging.info("Computing FID reference statistics of %s:%s with %s (cached at %s).",
                data.dataset, split, extractor.name, path)
   running = fid.RunningStatistics(extractor.feature_dim)
@@ -215,7 +167,6 @@ def evaluate_samples(samples_uint8: np.ndarray, config, *, cache_dir: str) -> di
   reference_split, num_samples, num_reference, classifier_test_accuracy (classifier only,
   else None).
   """
-  check_feature_network(config)
   data = config.data
   shape = (data.image_size, data.image_size, data.num_channels)
   dtype = getattr(samples_uint8, "dtype", None)

@@ -1,0 +1,72 @@
+"""One train step (ddpm_jax/train_step.py, train_state.py): the EMA update is exact, the
+warm-up schedule is the official one, and device-side flips equal flipping the input."""
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from ddpm_jax import factories
+from ddpm_jax import input_pipeline
+from ddpm_jax import parallel
+from ddpm_jax import rng as rng_lib
+from ddpm_jax import train_state
+from ddpm_jax import train_step
+
+
+@pytest.fixture(scope="module")
+def initial(make_config):
+  config = make_config()
+  model = factories.create_model(config)
+  tx = train_state.create_optimizer(config.training)
+  schedule = factories.create_schedule(config.diffusion)
+  # On the host: the train step donates its input, which may alias device-0 buffers.
+  state = jax.device_get(train_state.create_train_state(config, model, tx))
+  return config, model, tx, schedule, state
+
+
+def _batch(config) -> np.ndarray:
+  return next(input_pipeline.create_train_iterator(
+      config.data, global_batch_size=config.training.batch_size, seed=0))
+
+
+def test_ema_update_is_exact(initial):
+  config, model, tx, schedule, state0 = initial
+  p_step = train_step.make_p_train_step(config, model, schedule, tx)
+  state1, metrics = p_step(parallel.replicate(state0), _batch(config))
+  state1 = jax.device_get(parallel.unreplicate(state1))
+  d = config.training.ema_decay
+  expected = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state0.ema_params, state1.params)
+  chex.assert_trees_all_close(state1.ema_params, expected, atol=1e-7, rtol=1e-6)
+  assert int(state1.step) == 1
+  moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), state0.params, state1.params)
+  assert any(jax.tree.leaves(moved))
+  assert float(metrics["learning_rate"][0]) == pytest.approx(1e-3)
+
+
+def test_warmup_schedule(make_config):
+  lr_fn = train_state.learning_rate_schedule(make_config(**{"training.warmup_steps": 10}).training)
+  np.testing.assert_allclose([float(lr_fn(s)) for s in (0, 5, 10, 50)],
+                             [0.0, 5e-4, 1e-3, 1e-3], rtol=1e-6)
+
+
+def test_device_flip_equals_flipping_the_input(initial, make_config):
+  config, model, tx, schedule, state = initial
+  devices = jax.devices()[:1]
+  images = _batch(config).reshape((1, 16, 8, 8, 3))
+  key = rng_lib.step_key(state.rng, 0)
+  flips = np.asarray(train_step.example_flips(rng_lib.stream(key, rng_lib.StepStream.FLIP),
+                                              0, 16))
+  assert 0 < flips.sum() < 16  # Both kinds occur in this batch.
+  flipped = images.copy()
+  flipped[0, flips] = flipped[0, flips, :, ::-1]
+  results = []
+  for random_flip, batch in ((True, images), (False, flipped)):
+    step = train_step.make_p_train_step(make_config(**{"data.random_flip": random_flip}), model,
+                                        schedule, tx, devices=devices, num_steps=1)
+    new_state, metrics = step(parallel.replicate(state, devices), batch)
+    results.append((jax.device_get(parallel.unreplicate(new_state)),
+                    parallel.unreplicate(metrics)["loss"]))
+  (on_device, loss_device), (on_host, loss_host) = results
+  np.testing.assert_array_equal(loss_device, loss_host)
+  chex.assert_trees_all_equal(on_device.params, on_host.params)
