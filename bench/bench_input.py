@@ -8,7 +8,7 @@ by parallel.prefetch_to_device, and blocks on every device batch. Datasets:
   cifar10_mock         the real tfds code path (tfds.load -> NumPy in memory) of
                        configs/cifar10.py, fed by tfds.testing.mock_data (random 32x32x3
                        images; --mock_examples of them), since tfds cannot download here;
-  fashion_mnist_files  the Debian files of configs/fashion_mnist.py (28x28x1 -> 32x32x1);
+  fashion_mnist_files  the Debian files of configs/fashion_mnist.py (28x28x1);
   synthetic            the generated images of configs/test_tiny.py, at 32x32x3.
 Prints one JSON object per dataset (median over --repeats runs of --batches batches after
 --warmup batches). Nothing is asserted.

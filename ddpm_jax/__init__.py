@@ -5,4 +5,4 @@ Ho, Jain and Abbeel, "Denoising Diffusion Probabilistic Models", NeurIPS 2020
 functions of (schedule, arrays, rng); the network lives in ``models``.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -10,13 +10,18 @@ files. Images are uint8 0..255, the paper's data before the [-1, 1] scaling (Ho 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import os
-from typing import Callable
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
+from absl import logging as absl_logging
 
 from ddpm_jax import datasets
 from ddpm_jax import rng as rng_lib
@@ -26,6 +31,9 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}
 APT_HINT = "install the Debian package with `apt-get install dataset-fashion-mnist`"
 SYNTHETIC_NUM_EXAMPLES = {"train": 50_000, "test": 10_000}
+OFFLINE_QUICK_START = ("python main.py --config=configs/fashion_mnist.py "
+                       "--workdir=workdirs/fashion_mnist")
+_PROBE_TIMEOUT_S = 5.0
 # idx magic numbers: 0x08 (unsigned bytes) << 8 | number of dimensions.
 _IDX_IMAGES, _IDX_LABELS = 2051, 2049
 
@@ -86,6 +94,7 @@ def read_idx_labels(path: str) -> np.ndarray:
 
 def _import_tfds():
   """Imports TensorFlow and tfds lazily; keeps TF off the accelerators JAX uses."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ INFO / WARNING lines.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
@@ -93,6 +102,98 @@ def _import_tfds():
   except RuntimeError:  # TF already initialised its devices.
     pass
   return tf, tfds
+
+
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+  """tfds logs a WARNING for every empty dataset folder it looks at; a check says it once."""
+  level = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(level)
+
+
+def _unreachable(url: str) -> str | None:
+  """Why an HTTP(S) server cannot be reached at ``url`` (None: it answered, any status).
+
+  A HEAD request through the environment's proxies, timing out after _PROBE_TIMEOUT_S:
+  offline, tfds' own download retries for minutes before it gives up."""
+  try:
+    urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),  # noqa: S310
+                           timeout=_PROBE_TIMEOUT_S).close()
+  except urllib.error.HTTPError:
+    return None
+  except (urllib.error.URLError, OSError, ValueError) as e:
+    return " ".join(str(getattr(e, "reason", e)).split())
+  return None
+
+
+def _tfds_problem(name: str, data_dir: str) -> tuple[Any, str | None]:
+  """(builder, why the dataset can be neither read nor downloaded here, or None).
+
+  Needs tensorflow_datasets only: TensorFlow itself is not imported by this check."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  with _quiet_absl():
+    builder = tfds.builder(name, data_dir=data_dir or None)
+    prepared = builder.is_prepared()
+  if prepared:
+    return builder, None
+  where = (f"data.data_dir={data_dir!r}" if data_dir else
+           f"tfds' default data_dir {os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')}")
+  build = (f"run `tfds build {name} --data_dir=DIR` on a machine with internet, copy DIR here "
+           "and pass --config.data.data_dir=DIR")
+  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+    return builder, (f"tfds dataset {name!r} is not prepared in {where} and needs a manual "
+                     f"download: {build.replace('tfds build', 'tfds build --manual_dir=...')} "
+                     f"(see the tfds catalog page of {name})")
+  urls = list(getattr(builder, "url_infos", None) or {})
+  why = _unreachable(urls[0]) if urls else None
+  if why is None:
+    return builder, None
+  return builder, (f"tfds dataset {name!r} is not prepared in {where} and its download site "
+                   f"{urllib.parse.urlparse(urls[0]).netloc} cannot be reached ({why}): "
+                   f"{build}; or, offline, start with Fashion-MNIST: {OFFLINE_QUICK_START}")
+
+
+def prepare(data_config, splits: Sequence[str]) -> None:
+  """Makes sure the data of ``splits`` can be read, before any compute or workdir write.
+
+  Files must exist; a tfds dataset must be prepared in data_dir or downloadable, and is
+  downloaded and prepared now if it is not yet (with the network down, this fails within
+  seconds rather than after tfds' minutes of retries). ConfigError naming the dataset, the
+  folder and what to do otherwise.
+  """
+  spec = datasets.get(data_config.dataset)
+  if spec.reader == "synthetic":
+    return
+  name, data_dir = spec.tfds_name or spec.name, data_config.data_dir
+  if spec.reader == "idx_files":
+    missing = [fashion_mnist_path(data_dir, s) for s in splits
+               if not os.path.isfile(fashion_mnist_path(data_dir, s))]
+    if not missing:
+      return
+    if data_dir:
+      raise ConfigError(f"Fashion-MNIST file {missing[0]} not found; {APT_HINT} or set "
+                        "data.data_dir to the folder of the idx files")
+    data_dir = ""  # Without the Debian files, tfds' fashion_mnist is the fallback.
+  builder, problem = _tfds_problem(name, data_dir)
+  if problem is not None:
+    prefix = (f"Fashion-MNIST files not found under {FASHION_MNIST_DIR} ({APT_HINT}) and "
+              if spec.reader == "idx_files" else "")
+    raise ConfigError(prefix + problem)
+  with _quiet_absl():
+    prepared = builder.is_prepared()
+  if prepared:
+    return
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # pylint: disable=broad-except  (any download or build failure)
+    first_line = (str(e).strip().splitlines() or [""])[0][:300]
+    raise ConfigError(f"tfds could not download and prepare {name!r} into "
+                      f"{data_dir or 'its default data_dir'}: {type(e).__name__}: {first_line}"
+                      ) from e
 
 
 def _read_tfds(name: str, split: str, data_dir: str,

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from ddpm_jax import data_sources
 from ddpm_jax import generation
 from ddpm_jax import sample
 from ddpm_jax import workdir as workdir_lib
@@ -28,6 +29,7 @@ EVAL_DIR = "eval"
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """bits/dim and rate-distortion, then FID / IS when eval.fid_num_samples > 0."""
   fid_n = int(config.eval.fid_num_samples)
+  data_sources.prepare(config.data, _splits_read(config))  # Data before compute.
   params, step = sample.restore_ema_params(config, workdir)
   files = ("bpd.json", "rate_distortion.csv", "rate_distortion.png") + (
       ("fid.json",) if fid_n else ())
@@ -52,6 +54,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if fid_n:
     result["fid"] = _fid(config, workdir, params, step, fid_n, out)
   return result
+
+
+def _splits_read(config: ml_collections.ConfigDict) -> list[str]:
+  """The splits --mode=eval reads: bits/dim on eval_split; FID against fid_reference_split,
+  the classifier feature network trained on train_split."""
+  splits = [config.data.eval_split]
+  if config.eval.fid_num_samples:
+    splits.append(config.eval.fid_reference_split)
+    if config.eval.feature_network == "classifier":
+      splits.append(config.data.train_split)
+  return splits
 
 
 def _samples_for_fid(config: ml_collections.ConfigDict, workdir: str, params: Any, step: int,

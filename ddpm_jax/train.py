@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from ddpm_jax import checkpointing
+from ddpm_jax import data_sources
 from ddpm_jax import factories
 from ddpm_jax import generation
 from ddpm_jax import input_pipeline
@@ -123,9 +124,11 @@ def _batches(config: ml_collections.ConfigDict, start: int, plan: StepPlan) -> I
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains, resuming if the workdir holds a checkpoint; returns the final TrainState.
 
-  Exits early, after saving, on SIGTERM. Nothing is written before the workdir is known to
-  be compatible; the workdir is then locked (workdir/train.lock) for the whole run.
+  Exits early, after saving, on SIGTERM. Nothing is compiled or written before the data
+  are known to be readable and the workdir compatible; the workdir is then locked
+  (workdir/train.lock) for the whole run.
   """
+  data_sources.prepare(config.data, [config.data.train_split])  # Data before compute.
   model = factories.create_model(config)
   workdir = workdir_lib.prepare(workdir)
   workdir_lib.check_resumable(config, workdir)  # A refused resume writes nothing, no lock.
@@ -161,7 +164,8 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, model: unet_lib.UNet,
   p_steps = {n: train_step_lib.make_p_train_step(config, model, schedule, tx, num_steps=n)
              for n in {plan.steps_per_call, 1}}
   logger = train_logging.TrainLogger(workdir, start, plan.num_steps, int(tr.batch_size),
-                                     enabled=jax.process_index() == 0)
+                                     enabled=jax.process_index() == 0,
+                                     backend=jax.default_backend())
   if start == 0:
     logger.write_hparams(config, num_params=train_state_lib.num_params(state.params))
   guard = NonFiniteGuard(str(tr.nonfinite), start, int(state.nonfinite_steps), checkpointer)

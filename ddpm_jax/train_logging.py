@@ -65,6 +65,22 @@ class Progress:
             f"ETA {datetime.timedelta(seconds=int(eta))}")
 
 
+CPU_WARNING_HOURS = 12.0
+
+
+def cpu_projection_warning(remaining_steps: int, steps_per_sec: float) -> str | None:
+  """The warning for a run on the CPU backend that would take more than CPU_WARNING_HOURS:
+  the projected time (remaining steps x measured step time) and how to get an accelerator."""
+  seconds = remaining_steps / max(steps_per_sec, 1e-9)
+  if seconds < CPU_WARNING_HOURS * 3600:
+    return None
+  return (f"Training on the CPU backend: {remaining_steps:,} more steps at "
+          f"{1 / max(steps_per_sec, 1e-9):.2f} s/step (measured since the start, compilation "
+          f"included) would take {datetime.timedelta(seconds=int(seconds))}. This config is "
+          "meant for an accelerator: install `jax[cuda12]` (GPU) or `jax[tpu]` (TPU VM), or "
+          "shorten it with --config.training.num_train_steps.")
+
+
 class TrainLogger:
   """The console progress line, TensorBoard event files under workdir/tensorboard and PNG
   sample grids under workdir/samples. Files are written only where ``enabled`` (process 0);
@@ -72,9 +88,10 @@ class TrainLogger:
   """
 
   def __init__(self, workdir: str, start_step: int, num_steps: int, global_batch: int, *,
-               enabled: bool = True):
+               enabled: bool = True, backend: str = ""):
     self.samples_dir = os.path.join(workdir, SAMPLES_DIR)
     self.progress = Progress(start_step, num_steps, global_batch)
+    self._check_backend = backend == "cpu"
     self._writer = None
     if enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
@@ -91,6 +108,11 @@ class TrainLogger:
     """Adds steps/s and images/s since the last call; logs the line and the scalars."""
     metrics = dict(metrics, **self.progress.update(step))
     logging.info("%s", self.progress.line(step, metrics))
+    if self._check_backend:  # Once, at the first log step.
+      self._check_backend = False
+      warning = cpu_projection_warning(self.progress.num_steps - step, metrics["steps_per_sec"])
+      if warning:
+        logging.warning("%s", warning)
     if self._writer is not None:
       for name, value in metrics.items():
         self._writer.add_scalar(f"train/{name}", value, step)

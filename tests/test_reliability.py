@@ -474,3 +474,32 @@ def test_a_genuine_bug_keeps_its_traceback(server, tmp_path):
   assert "Traceback (most recent call last)" in result.stderr
   assert "ValueError: planted bug in the model function" in result.stderr
   assert "error: planted" not in result.stderr
+
+
+def test_cifar10_offline_stops_before_compute_with_one_line(server, tmp_path):
+  """The main job on a fresh machine without the prepared dataset and without a network
+  (every proxy points at a closed port) stops within seconds, before compiling or writing:
+  exit 2, one line naming the dataset, the data_dir and what to do, and the workdir exactly
+  as it was, whether it did not exist or held a file."""
+  offline = {k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTP_PROXY",
+                                                 "HTTPS_PROXY")}
+  offline.update(no_proxy="", NO_PROXY="", JAX_LOG_COMPILES="1")
+  data_dir = tmp_path / "tfds"
+  data_dir.mkdir()
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  (existing / "notes.txt").write_text("keep me")
+  cifar = os.path.join("configs", "cifar10.py")
+  for workdir in (tmp_path / "absent", existing):
+    before = ft.snapshot(str(workdir)), ft.snapshot(str(data_dir))
+    result = server.run([f"--config={cifar}", f"--workdir={workdir}",
+                         f"--config.data.data_dir={data_dir}"], env=offline, timeout=60)
+    assert result.rc == 2, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and result.stdout == "", result.stderr[-3000:]
+    assert re.fullmatch(
+        rf"error: tfds dataset 'cifar10' is not prepared in data.data_dir='{data_dir}' and its "
+        r"download site www.cs.toronto.edu cannot be reached \(.+\): run `tfds build cifar10 "
+        r"--data_dir=DIR` on a machine with internet, .*configs/fashion_mnist.py.*", lines[0])
+    assert result.seconds < 30, result.seconds
+    assert (ft.snapshot(str(workdir)), ft.snapshot(str(data_dir))) == before
