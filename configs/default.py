@@ -52,6 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
   training.learning_rate = 2e-4
   training.warmup_steps = 5000
   training.grad_clip = 1.0
+  # "global": clip the device-averaged gradient at grad_clip (one device's semantics).
+  # "per_device": clip each device's gradient, then average, as the official TPU code
+  # (CrossShardOptimizer + clip_by_global_norm(grad_clip / replicas) of loss / replicas).
+  training.clip_mode = "global"
   training.adam_b1 = 0.9
   training.adam_b2 = 0.999
   training.adam_eps = 1e-8
@@ -73,11 +77,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Sampling (--mode=sample, and the grids written during training).
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.method = "ancestral"  # "ancestral" (Algorithm 2) or "ddim".
+  sampling.clip_denoised = True  # Ancestral: clip the x_0 estimate to [-1, 1] (official code).
   sampling.num_steps = 1000  # DDIM steps; ancestral always runs all T steps.
-  sampling.eta = 0.0
+  sampling.eta = 0.0  # DDIM: 0 deterministic, 1 the ancestral sampler's noise.
+  sampling.ddim_skip = "uniform"  # DDIM timesteps: "uniform" or "quad" (DDIM's CIFAR-10 grid).
+  sampling.ddim_clip_denoised = False  # DDIM: False as its reference code; True clips x_0.
   sampling.num_samples = 50_000
   sampling.batch_size = 256  # GLOBAL batch per sampler call.
-  sampling.clip_denoised = True
   sampling.checkpoint_step = -1  # -1: the latest checkpoint.
   sampling.seed = 0
   sampling.tag = ""  # Written to samples/step_<k>_<tag>/ when set (e.g. "ancestral").

@@ -23,6 +23,7 @@ from ddpm_jax import diffusion
 from ddpm_jax import factories
 from ddpm_jax import sampling
 from ddpm_jax import schedules
+from ddpm_jax import train_state
 from ddpm_jax.errors import ConfigError
 
 MODES = ("train", "sample", "eval")
@@ -142,6 +143,10 @@ def check_diffusion(diff: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"diffusion.beta_end={diff.beta_end} must be > diffusion.beta_start="
                       f"{diff.beta_start} for the {diff.beta_schedule!r} schedule.")
   choice("diffusion.model_mean_type", diff.model_mean_type, diffusion.MEAN_TYPES)
+  if diff.beta_schedule == "jsd" and diff.model_mean_type == "eps":
+    raise ConfigError("diffusion.beta_schedule='jsd' ends with beta_T = 1 (abar_T = 0), where "
+                      "x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) divides by zero: use "
+                      "model_mean_type 'xstart', 'xprev' or 'v' with it, or another schedule.")
   choice("diffusion.model_var_type", diff.model_var_type, diffusion.VAR_TYPES)
   choice("diffusion.loss_type", diff.loss_type, diffusion.LOSS_TYPES)
   if diff.loss_type == "mse" and diff.model_var_type in diffusion.LEARNED_VAR_TYPES:
@@ -154,6 +159,7 @@ def check_sampler(config: ml_collections.ConfigDict) -> None:
   smp = config.sampling
   choice("sampling.method", smp.method, sampling.SAMPLING_METHODS)
   if smp.method == "ddim":
+    choice("sampling.ddim_skip", smp.ddim_skip, sampling.DDIM_SKIPS)
     _library_rule("sampling.num_steps", lambda: sampling.ddim_timesteps(
         int(config.diffusion.num_timesteps), integer("sampling.num_steps", smp.num_steps)))
   number("sampling.eta", smp.eta, 0.0, float("inf"))
@@ -179,6 +185,7 @@ def check_training(tr: ml_collections.ConfigDict) -> None:
     number(f"training.{name}", tr[name], 0.0, 1.0, high_open=True)
   number("training.adam_eps", tr.adam_eps, 0.0, float("inf"), low_open=True)
   choice("training.nonfinite", tr.nonfinite, NONFINITE_MODES)
+  choice("training.clip_mode", tr.clip_mode, train_state.CLIP_MODES)
   k = tr.steps_per_call
   for name in ("log_every_steps", "checkpoint_every_steps", "sample_every_steps"):
     if tr[name] % k:

@@ -29,15 +29,16 @@ def make_p_sample(config: ml_collections.ConfigDict, model: unet_lib.UNet,
                   ) -> Callable[[Any, jax.Array], jnp.ndarray]:
   """pmapped (params, rng) -> uint8 samples [devices, per_device, H, W, C] (config.sampling)."""
   size, channels = int(config.data.image_size), int(config.data.num_channels)
-  smp, diff = config.sampling, config.diffusion
+  diff = config.diffusion
+
+  options = sampler_options(config)
 
   def sample_fn(params: Any, rng: jax.Array) -> jnp.ndarray:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(parallel.AXIS))
     x = sampling.generate(schedule, factories.model_fn(model, params), rng,
-                          (per_device, size, size, channels), method=smp.method,
+                          (per_device, size, size, channels),
                           model_mean_type=diff.model_mean_type,
-                          model_var_type=diff.model_var_type, num_steps=int(smp.num_steps),
-                          eta=float(smp.eta), clip_denoised=bool(smp.clip_denoised))
+                          model_var_type=diff.model_var_type, **options)
     return sampling.to_uint8(x)
 
   return jax.pmap(sample_fn, axis_name=parallel.AXIS, in_axes=(0, None))
@@ -62,12 +63,17 @@ def generate_samples(config: ml_collections.ConfigDict, params: Any, num_samples
   return np.concatenate(out)[:num_samples]
 
 
-def sampler_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What produced a sample set (stored with the samples and in fid.json); only the fields
-  the configured method uses."""
+def sampler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The keyword arguments of `sampling.generate` that config.sampling sets for its method
+  (only those the method uses)."""
   smp = config.sampling
-  settings = dict(method=str(smp.method), num_steps=int(smp.num_steps), eta=float(smp.eta),
-                  clip_denoised=bool(smp.clip_denoised), seed=int(smp.seed))
-  if settings["method"] == "ancestral":
-    del settings["num_steps"], settings["eta"]  # Not used by the ancestral sampler.
-  return settings
+  if smp.method == "ancestral":
+    return dict(method="ancestral", clip_denoised=bool(smp.clip_denoised))
+  return dict(method="ddim", num_steps=int(smp.num_steps), eta=float(smp.eta),
+              ddim_skip=str(smp.ddim_skip), clip_denoised=bool(smp.ddim_clip_denoised))
+
+
+def sampler_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What produced a sample set, stored with the samples and in fid.json: the sampler's
+  options and the seed."""
+  return dict(sampler_options(config), seed=int(config.sampling.seed))

@@ -162,31 +162,48 @@ def interpolate(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: j
                 start_t=t)
 
 
-def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-  """The evenly strided sub-sequence 0, k, 2k, ... (k = T // S) of DDIM (Song et al. 2021)."""
+DDIM_SKIPS = ("uniform", "quad")
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int, skip: str = "uniform") -> np.ndarray:
+  """The S = ``num_steps`` timesteps DDIM visits (Song et al. 2021, App. D.2), ascending.
+
+  "uniform": 0, k, 2k, ..., (S-1) k with k = T // S: exactly S steps (the reference code's
+  range(0, T, k) has one more when k does not divide T, e.g. T=1000, S=3). "quad": the
+  quadratic grid int(linspace(0, sqrt(0.8 T), S)^2) of the reference code's CIFAR-10 runs
+  (FID 4.16 at S=100); for large S its first entries repeat (those steps leave x unchanged
+  when eta=0 but still evaluate the network), as in the reference code.
+  """
   if not 1 <= num_steps <= num_timesteps:
     raise ValueError(f"DDIM num_steps={num_steps} must lie in [1, T={num_timesteps}].")
-  return np.arange(num_steps, dtype=np.int32) * (num_timesteps // num_steps)
+  if skip == "uniform":
+    return np.arange(num_steps, dtype=np.int32) * (num_timesteps // num_steps)
+  if skip == "quad":
+    return (np.linspace(0, np.sqrt(num_timesteps * 0.8), num_steps) ** 2).astype(np.int32)
+  raise ValueError(f"unknown DDIM skip {skip!r}; allowed: {', '.join(DDIM_SKIPS)}")
 
 
 def ddim_sample(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.Array,
                 shape: tuple[int, ...], *, num_steps: int, eta: float = 0.0,
                 model_mean_type: str, model_var_type: str = "fixedlarge",
-                clip_denoised: bool = True, x_init: jnp.ndarray | None = None) -> jnp.ndarray:
-  """DDIM sampling (Song, Meng, Ermon 2021, Eq. 12) over ``num_steps`` strided timesteps.
+                clip_denoised: bool = True, skip: str = "uniform",
+                x_init: jnp.ndarray | None = None) -> jnp.ndarray:
+  """DDIM sampling (Song, Meng, Ermon 2021, Eq. 12) over the ``num_steps`` timesteps of
+  ``ddim_timesteps(T, num_steps, skip)``.
 
   x_{s} = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z with
   sigma = eta sqrt((1-abar_s)/(1-abar_t)) sqrt(1 - abar_t/abar_s); eta=0 is deterministic,
   and eta=1 with num_steps=T is ancestral sampling with the 'fixedsmall' variance. Any
-  mean type is converted to (x0_hat, eps_hat); with ``clip_denoised`` x0_hat is clipped to
-  [-1, 1] and eps_hat recomputed from it. A learned variance output is ignored.
-  ``x_init`` replaces the x_T drawn from ``rng`` (with eta=0 the map x_T -> x_0 is
-  deterministic: DDIM's latent space).
+  mean type is converted to (x0_hat, eps_hat). Without ``clip_denoised`` an eps model's
+  output is used as it is, as in the DDIM reference code; with it x0_hat is clipped to
+  [-1, 1] and eps_hat recomputed from it (improved-diffusion's variant). A learned variance
+  output is ignored. ``x_init`` replaces the x_T drawn from ``rng`` (with eta=0 the map
+  x_T -> x_0 is deterministic: DDIM's latent space).
   """
   shape = _check_shape(shape)
   if not 0.0 <= float(eta):
     raise ValueError(f"DDIM eta={eta} must be >= 0.")
-  steps = ddim_timesteps(schedule.num_timesteps, int(num_steps))
+  steps = ddim_timesteps(schedule.num_timesteps, int(num_steps), skip)
   prev_steps = np.concatenate([[-1], steps[:-1]]).astype(np.int32)
   init_key, step_key = _noise_keys(rng)
   if x_init is None:
@@ -204,7 +221,10 @@ def ddim_sample(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: j
                                            model_mean_type=model_mean_type)
     if clip_denoised:
       pred_xstart = jnp.clip(pred_xstart, -1.0, 1.0)
-    eps = diffusion.predict_eps_from_xstart(schedule, x_t, t, pred_xstart)
+    if model_mean_type == "eps" and not clip_denoised:
+      eps = mean_out
+    else:
+      eps = diffusion.predict_eps_from_xstart(schedule, x_t, t, pred_xstart)
     abar_t = abar[t_]
     abar_s = jnp.where(s_ >= 0, abar[jnp.maximum(s_, 0)], 1.0)
     sigma = eta * jnp.sqrt((1 - abar_s) / (1 - abar_t)) * jnp.sqrt(1 - abar_t / abar_s)
@@ -220,15 +240,17 @@ def ddim_sample(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: j
 
 def generate(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.Array,
              shape: tuple[int, ...], *, method: str, model_mean_type: str, model_var_type: str,
-             num_steps: int, eta: float, clip_denoised: bool) -> jnp.ndarray:
-  """Dispatches on ``method`` ('ancestral' | 'ddim'), the config's sampling.method."""
+             clip_denoised: bool = True, num_steps: int = 0, eta: float = 0.0,
+             ddim_skip: str = "uniform") -> jnp.ndarray:
+  """Dispatches on ``method`` (one of SAMPLING_METHODS, the config's sampling.method); the
+  keyword arguments a method does not use are ignored."""
   if method == "ancestral":
     return sample(schedule, model_fn, rng, shape, model_mean_type=model_mean_type,
                   model_var_type=model_var_type, clip_denoised=clip_denoised)
   if method == "ddim":
     return ddim_sample(schedule, model_fn, rng, shape, num_steps=num_steps, eta=eta,
                        model_mean_type=model_mean_type, model_var_type=model_var_type,
-                       clip_denoised=clip_denoised)
+                       clip_denoised=clip_denoised, skip=ddim_skip)
   raise ValueError(f"Unknown sampling method {method!r}; allowed: {SAMPLING_METHODS}.")
 
 

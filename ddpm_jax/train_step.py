@@ -43,15 +43,31 @@ def example_flips(flip_key: jax.Array, first_index: jnp.ndarray, batch: int) -> 
   return jax.vmap(jax.random.bernoulli)(rng_lib.example_keys(flip_key, first_index, batch))
 
 
+def combine_gradients(grads: Any, *, clip_mode: str, grad_clip: float) -> tuple[Any, jnp.ndarray]:
+  """The cross-device gradient the optimizer applies, and the norm of the plain mean.
+
+  "global": the mean over devices (the optimizer clips it at grad_clip, one device's
+  semantics); "per_device": each device's gradient clipped at grad_clip, then averaged, as
+  the official TPU code (each replica clips the gradient of loss / replicas at
+  grad_clip / replicas before the cross-replica sum). Call under pmap(axis_name=AXIS).
+  """
+  mean = jax.lax.pmean(grads, AXIS)
+  if clip_mode == "global":
+    return mean, optax.tree.norm(mean)
+  clipped, _ = optax.clip_by_global_norm(grad_clip).update(grads, optax.EmptyState())
+  return jax.lax.pmean(clipped, AXIS), optax.tree.norm(mean)
+
+
 def train_step(state: TrainState, images: jnp.ndarray, *, model: unet_lib.UNet,
                schedule: diffusion.DiffusionSchedule, tx: optax.GradientTransformation,
                lr_fn: optax.Schedule, diffusion_config: ml_collections.ConfigDict,
-               ema_decay: float, random_flip: bool = False
-               ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
+               ema_decay: float, random_flip: bool = False, clip_mode: str = "global",
+               grad_clip: float = 1.0) -> tuple[TrainState, dict[str, jnp.ndarray]]:
   """One step of Algorithm 1 on this device's uint8 batch; call under pmap(axis_name=AXIS).
 
   ``random_flip`` mirrors each example with probability 1/2 (the paper's augmentation,
-  App. B), keyed like the noise by (seed, step, global example index).
+  App. B), keyed like the noise by (seed, step, global example index). ``clip_mode`` and
+  ``grad_clip``: see `combine_gradients`.
   """
   key = rng_lib.step_key(state.rng, state.step)
   device = jax.lax.axis_index(AXIS)
@@ -72,11 +88,10 @@ def train_step(state: TrainState, images: jnp.ndarray, *, model: unet_lib.UNet,
     return jnp.mean(losses)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  grads = jax.lax.pmean(grads, AXIS)
+  grads, grad_norm = combine_gradients(grads, clip_mode=clip_mode, grad_clip=grad_clip)
   loss = jax.lax.pmean(loss, AXIS)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  grad_norm = optax.tree.norm(grads)
   # A step with a non-finite loss or gradient keeps the old params, optimizer state and EMA
   # (the selects fuse into the update) and is counted; the loop raises or goes on according
   # to training.nonfinite. Identical pmean'd values on every device: they all agree.
@@ -109,7 +124,9 @@ def make_p_train_step(config: ml_collections.ConfigDict, model: unet_lib.UNet,
                            lr_fn=learning_rate_schedule(config.training),
                            diffusion_config=config.diffusion,
                            ema_decay=float(config.training.ema_decay),
-                           random_flip=bool(config.data.random_flip))
+                           random_flip=bool(config.data.random_flip),
+                           clip_mode=str(config.training.clip_mode),
+                           grad_clip=float(config.training.grad_clip))
   k = int(config.training.steps_per_call) if num_steps is None else int(num_steps)
   if k > 1:
     def scanned(state: TrainState, images: jnp.ndarray) -> tuple[TrainState, dict]:

@@ -43,6 +43,10 @@ from ddpm_jax.errors import ConfigError
     ("eval", {"eval.fid_reference_split": "valid"}, "eval.fid_reference_split='valid'"),
     ("eval", {"eval.classifier_learning_rate": 0.0}, "classifier_learning_rate=0.0 must be > 0"),
     ("bogus", {}, r"--mode='bogus' is unknown"),
+    ("train", {"diffusion.beta_schedule": "jsd"}, r"'jsd' ends with beta_T = 1 .*divides by zero"),
+    ("train", {"training.clip_mode": "local"}, r"training.clip_mode='local' is unknown"),
+    ("sample", {"sampling.method": "ddim", "sampling.ddim_skip": "cubic"},
+     r"sampling.ddim_skip='cubic' is unknown; allowed: uniform, quad"),
 ])
 def test_bad_field_is_one_config_error(make_config, mode, overrides, match):
   with pytest.raises(ConfigError, match=match) as info:

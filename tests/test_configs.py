@@ -60,3 +60,11 @@ def test_cifar10_recipe():
           tr.num_train_steps) == (128, 2e-4, 5000, 1.0, 0.9999, 800_000)
   assert (config.model.dropout, config.diffusion.loss_type, config.diffusion.model_var_type,
           config.diffusion.num_timesteps) == (0.1, "mse", "fixedlarge", 1000)
+
+
+@pytest.mark.parametrize("name", ["celebahq256", "lsun_church", "lsun_bedroom", "lsun_cat"])
+def test_256_configs_sample_with_the_posterior_variance(name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  assert config.diffusion.model_var_type == "fixedsmall"
+  assert importlib.import_module("configs.cifar10").get_config().diffusion.model_var_type == (
+      "fixedlarge")

@@ -116,6 +116,42 @@ def test_ddim_full_eta1_matches_ancestral_fixedsmall_in_distribution():
   np.testing.assert_allclose(same, anc, atol=1e-4)
 
 
+def test_ddim_timestep_grids():
+  np.testing.assert_array_equal(sampling.ddim_timesteps(1000, 4), [0, 250, 500, 750])
+  # Exactly S steps even where T // S does not divide T (range(0, 1000, 333) has 4).
+  np.testing.assert_array_equal(sampling.ddim_timesteps(1000, 3), [0, 333, 666])
+  quad = sampling.ddim_timesteps(1000, 10, "quad")
+  expected = [int(v) for v in np.linspace(0, np.sqrt(800.0), 10) ** 2]  # DDIM's CIFAR grid.
+  np.testing.assert_array_equal(quad, expected)
+  assert quad[-1] == 800 and np.all(np.diff(quad) > 0)
+  dense = sampling.ddim_timesteps(1000, 100, "quad")
+  assert len(dense) == 100 and np.all(np.diff(dense) >= 0) and dense[0] == dense[1] == 0
+
+
+def test_ddim_without_clipping_uses_the_predicted_eps():
+  """The reference DDIM step: x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s) eps_theta with
+  x0_hat from eps_theta, unclipped; with clipping x0_hat is clipped and eps recomputed."""
+  eps_value = 0.9
+  fn = lambda x_t, t: jnp.full_like(x_t, eps_value)
+  x_T = jnp.full(SHAPE, 3.0)
+  kw = dict(num_steps=1, eta=0.0, model_mean_type="eps", x_init=x_T)
+  # One step from t=0 to "s=-1" (abar_s = 1): x_0 = x0_hat.
+  abar = float(SCHED.alphas_cumprod[0])
+  x0_hat = (3.0 - np.sqrt(1 - abar) * eps_value) / np.sqrt(abar)
+  got = sampling.ddim_sample(SCHED, fn, jax.random.key(0), SHAPE, clip_denoised=False, **kw)
+  np.testing.assert_allclose(got, x0_hat, rtol=1e-5)
+  assert x0_hat > 1.0  # Outside the data range: clipping would change it.
+  clipped = sampling.ddim_sample(SCHED, fn, jax.random.key(0), SHAPE, clip_denoised=True, **kw)
+  np.testing.assert_allclose(clipped, 1.0, rtol=1e-6)
+  two = dict(kw, num_steps=2)  # From t=50 to t=0 the predicted eps itself is carried.
+  abar_t, abar_s = (float(SCHED.alphas_cumprod[i]) for i in (50, 0))
+  x0_t = (3.0 - np.sqrt(1 - abar_t) * eps_value) / np.sqrt(abar_t)
+  x_s = np.sqrt(abar_s) * x0_t + np.sqrt(1 - abar_s) * eps_value
+  expected = (x_s - np.sqrt(1 - abar_s) * eps_value) / np.sqrt(abar_s)
+  got2 = sampling.ddim_sample(SCHED, fn, jax.random.key(0), SHAPE, clip_denoised=False, **two)
+  np.testing.assert_allclose(got2, expected, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", sampling.SAMPLING_METHODS)
 def test_one_scan_not_unrolled(method):
   fn = gaussian_eps_fn(0.0, 1.0)
