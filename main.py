@@ -33,8 +33,16 @@ config_flags.DEFINE_config_file("config", None, "Config file (a get_config() mod
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.DEFINE_enum("mode", "train", MODES, "What to run.")
-flags.DEFINE_bool("multihost", None, "Call jax.distributed.initialize() first (Cloud TPU pod "
-                  "slices); defaults to config.multihost.")
+flags.DEFINE_bool("multihost", None, "Call jax.distributed.initialize() first, with the "
+                  "cluster auto-detected (Cloud TPU pod slices, Slurm, Open MPI); defaults to "
+                  "config.multihost. Implied by any of the four flags below.")
+flags.DEFINE_string("coordinator_address", None, "jax.distributed.initialize's "
+                    "coordinator_address, host:port of process 0, e.g. 10.0.0.1:1234.")
+flags.DEFINE_integer("num_processes", None, "jax.distributed.initialize's num_processes.")
+flags.DEFINE_integer("process_id", None, "jax.distributed.initialize's process_id (0 .. "
+                     "num_processes - 1).")
+flags.DEFINE_list("local_device_ids", None, "jax.distributed.initialize's local_device_ids: "
+                  "the accelerators this process uses, e.g. 0,1.")
 flags.DEFINE_string("compile_cache", "~/.cache/ddpm_jax/xla", "JAX persistent compilation "
                     "cache directory (\"\" disables it): restarts and resumes skip compiling.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -105,9 +113,32 @@ def parse_flags(argv: list[str]) -> list[str]:
   workdir = os.path.expanduser(FLAGS.workdir)
   if not workdir.strip():
     fail("--workdir is empty; give a directory for checkpoints and logs.")
+  if "://" in workdir:
+    fail(f"--workdir={FLAGS.workdir!r}: object-store URLs are not supported; give a local "
+         "folder, or on a pod one shared by every host at the same path (NFS, Filestore, a "
+         "gcsfuse mount).")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     fail(f"--workdir={FLAGS.workdir!r} exists and is not a directory.")
   return rest
+
+
+def distributed_args() -> dict[str, Any]:
+  """jax.distributed.initialize's arguments given on the command line (none: auto-detect)."""
+  args = dict(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+              process_id=FLAGS.process_id)
+  if FLAGS.local_device_ids is not None:
+    try:
+      args["local_device_ids"] = [int(i) for i in FLAGS.local_device_ids]
+    except ValueError:
+      fail(f"--local_device_ids={','.join(FLAGS.local_device_ids)}: give device numbers, "
+           "e.g. 0,1.")
+  args = {k: v for k, v in args.items() if v is not None}
+  if args and (FLAGS.num_processes is None) != (FLAGS.process_id is None):
+    fail("--num_processes and --process_id go together (with --coordinator_address).")
+  if FLAGS.num_processes is not None and not 0 <= FLAGS.process_id < FLAGS.num_processes:
+    fail(f"--process_id={FLAGS.process_id} must lie in [0, --num_processes="
+         f"{FLAGS.num_processes}).")
+  return args
 
 
 def main(argv: list[str]) -> None:
@@ -116,13 +147,20 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietOrbax())
   # JAX probes every platform at its first use and logs each one missing (INFO "Unable to
   # initialize backend 'tpu'"); a bad-input error must stay the only line on stderr.
-  logging_std.getLogger("jax._src.xla_bridge").setLevel(logging_std.WARNING)
+  for name in ("jax._src.xla_bridge", "jax._src.distributed"):  # INFO chatter at start-up.
+    logging_std.getLogger(name).setLevel(logging_std.WARNING)
   if FLAGS.compile_cache and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compile_cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  distributed = distributed_args()
   multihost = config.multihost if FLAGS.multihost is None else FLAGS.multihost
-  if multihost:
-    jax.distributed.initialize()
+  if multihost or distributed:
+    jax.distributed.initialize(**distributed)
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+      # CPU cache keys differ between processes and only process 0 writes entries, so with
+      # a warm cache process 0 would skip compilations the others still do, and the CPU
+      # collectives (gloo) give up on a peer that is 30 s late.
+      jax.config.update("jax_enable_compilation_cache", False)
   # After distributed initialisation: the checks need the global device count.
   from ddpm_jax import config_checks, evaluate, sample, train  # pylint: disable=import-outside-toplevel
   from ddpm_jax.errors import ConfigError, NonFiniteError  # pylint: disable=import-outside-toplevel

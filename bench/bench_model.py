@@ -24,6 +24,7 @@ import optax
 
 from bench import common
 from configs import default as default_config
+from ddpm_jax import utilization
 from ddpm_jax.models import unet as unet_lib
 
 MODELS = {
@@ -60,7 +61,7 @@ def bench(model_name: str, batch_size: int, dtype: str, remat: bool, repeats: in
   step_args = (params, opt_state, x, t, key)
   fwd, step = (jax.jit(f).lower(*a).compile() for f, a in ((forward, fwd_args),
                                                           (train_step, step_args)))
-  fwd_stats, step_stats = common.compiled_cost(fwd), common.compiled_cost(step)
+  fwd_stats, step_stats = utilization.compiled_cost(fwd), utilization.compiled_cost(step)
   jax.block_until_ready((fwd(*fwd_args), step(*step_args)))  # Warm-up: first transfers.
   fwd_s, _ = common.median_time(lambda: fwd(*fwd_args), repeats)
   step_s, _ = common.median_time(lambda: step(*step_args), repeats)

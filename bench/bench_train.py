@@ -22,7 +22,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from bench import common
-from ddpm_jax import config_checks, factories, parallel, train_state, train_step
+from ddpm_jax import config_checks, factories, parallel, train_state, train_step, utilization
 
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 flags.DEFINE_integer("steps", 20, "Timed calls (after warm-up); the median is reported.")
@@ -59,10 +59,10 @@ def main(argv: list[str]) -> None:
   start = time.perf_counter()
   compiled = p_step.lower(p_state, batch).compile()
   compile_s = time.perf_counter() - start
-  cost = common.compiled_cost(compiled)
+  cost = utilization.compiled_cost(compiled)
   if steps_per_call > 1:  # XLA counts a while loop's body once: count one plain step instead.
     one_step = train_step.make_p_train_step(config, model, schedule, tx, num_steps=1)
-    flops = common.compiled_cost(one_step.lower(p_state, batch[:, 0]).compile())["flops"]
+    flops = utilization.compiled_cost(one_step.lower(p_state, batch[:, 0]).compile())["flops"]
     cost["flops"] = flops * steps_per_call
 
   def call():
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> None:
   flops_per_step = cost["flops"] * devices / steps_per_call  # pmap's cost is per device.
   tflops = flops_per_step / step_s / 1e12
   dtype = str(config.model.dtype)
-  peak = common.peak_tflops(jax.local_devices()[0], dtype, FLAGS.peak_tflops)
+  peak = utilization.peak_tflops(jax.local_devices()[0], dtype, FLAGS.peak_tflops)
   record = {
       "bench": "train_step", "config": config_flags.get_config_filename(FLAGS["config"]),
       "global_batch": global_batch, "dtype": dtype, "remat": bool(config.model.remat),

@@ -1,4 +1,6 @@
-"""Shared pieces of the bench/ scripts: timing, machine description, peak FLOP/s, JSON output.
+"""Shared pieces of the bench/ scripts: timing, machine description, JSON output, and for
+the ddpm_jax-vs-PyTorch scripts the model layouts as config flags (each side reads the same
+flags, so both build the same network) and running one side in a child process.
 
 Benchmarks measure and print; they never assert on time.
 """
@@ -10,32 +12,12 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
 import jax
-
-# Dense peak TFLOP/s per device (vendor figures, no sparsity), by (device_kind prefix, dtype).
-# float32 on NVIDIA GPUs is XLA's default-precision matmul, which runs on TF32 tensor cores.
-KNOWN_PEAK_TFLOPS = {
-    ("NVIDIA H100", "bfloat16"): 989.0, ("NVIDIA H100", "float32"): 494.0,
-    ("NVIDIA H200", "bfloat16"): 989.0, ("NVIDIA H200", "float32"): 494.0,
-    ("NVIDIA A100", "bfloat16"): 312.0, ("NVIDIA A100", "float32"): 156.0,
-    ("TPU v3", "bfloat16"): 61.5, ("TPU v3", "float32"): 61.5,  # Per core (2 per chip).
-    ("TPU v4", "bfloat16"): 275.0, ("TPU v4", "float32"): 275.0,
-    ("TPU v5 lite", "bfloat16"): 197.0, ("TPU v5 lite", "float32"): 197.0,
-    ("TPU v5p", "bfloat16"): 459.0, ("TPU v5p", "float32"): 459.0,
-}
-
-
-def peak_tflops(device: jax.Device, dtype: str, override: float) -> float | None:
-  """Per-device peak: ``override`` if positive, else the table above (None if unknown)."""
-  if override > 0:
-    return override
-  for (prefix, table_dtype), value in KNOWN_PEAK_TFLOPS.items():
-    if device.device_kind.startswith(prefix) and table_dtype == dtype:
-      return value
-  return None
 
 
 def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
@@ -46,19 +28,6 @@ def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
   return statistics.median(times), times
-
-
-def compiled_cost(compiled: Any) -> dict[str, float]:
-  """XLA's FLOP count and memory footprint of one compiled program (one device's share)."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  out = {"flops": float(cost.get("flops", float("nan")))}
-  mem = compiled.memory_analysis()
-  if mem is not None:
-    out["xla_mib"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                      + mem.temp_size_in_bytes - mem.alias_size_in_bytes) / 2**20
-    out["xla_temp_mib"] = mem.temp_size_in_bytes / 2**20
-  return out
 
 
 def memory_report() -> dict[str, Any]:
@@ -90,3 +59,54 @@ def emit(record: dict[str, Any], out_path: str = "") -> None:
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "a") as f:
       f.write(line + "\n")
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCH_REFERENCE = ["-m", "bench.torch_reference"]  # Run from REPO_ROOT.
+MODELS = ("cifar10", "fashion_mnist")
+
+
+def layout_flags(model: str, num_groups: int = 8) -> list[str]:
+  """Config flags of a layout. cifar10: the paper's 35.7M model (configs/cifar10.py as is).
+  fashion_mnist: ch 32, ch_mult 1,2,2, one res block per level, attention only in the
+  middle, dropout 0, GroupNorm with ``num_groups`` groups."""
+  if model == "cifar10":
+    return [f"--config={os.path.join(REPO_ROOT, 'configs', 'cifar10.py')}"]
+  if model == "fashion_mnist":
+    return [f"--config={os.path.join(REPO_ROOT, 'configs', 'fashion_mnist.py')}",
+            "--config.model.ch=32",
+            "--config.model.ch_mult=(1,2,2)", "--config.model.num_res_blocks=1",
+            "--config.model.attn_resolutions=()", f"--config.model.num_groups={num_groups}",
+            "--config.model.dropout=0.0"]
+  raise ValueError(f"model={model!r}; allowed: {MODELS}")
+
+
+def load_avg() -> list[float]:
+  return [round(x, 2) for x in os.getloadavg()]
+
+
+def run_json_child(argv: list[str], *, env: dict[str, str] | None = None,
+                   timeout_s: float | None = None) -> tuple[dict[str, Any], float]:
+  """Runs ``python argv...`` in the repository root; returns (its last stdout JSON line, wall
+  seconds). Its stderr streams through to ours. Raises RuntimeError if it fails."""
+  cmd = [sys.executable] + argv
+  start = time.perf_counter()
+  proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
+                        env={**os.environ, **(env or {})}, timeout=timeout_s, check=False)
+  wall = time.perf_counter() - start
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+  if proc.returncode != 0 or not lines:
+    raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}; stdout tail: "
+                       f"{proc.stdout[-2000:]}")
+  return json.loads(lines[-1]), wall
+
+
+def run_child(argv: list[str], *, timeout_s: float | None = None) -> float:
+  """Runs ``python argv...`` in the repository root, all its output sent to our stderr (our
+  stdout holds only JSON lines); returns its wall seconds. Raises RuntimeError if it fails."""
+  cmd = [sys.executable] + argv
+  start = time.perf_counter()
+  proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=sys.stderr, timeout=timeout_s, check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}")
+  return time.perf_counter() - start

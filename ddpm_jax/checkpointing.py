@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from ddpm_jax import hosts
 from ddpm_jax.errors import ConfigError, NonFiniteError
 from ddpm_jax.workdir import CHECKPOINT_DIR
 
@@ -66,7 +67,10 @@ class Checkpointer:
   of checkpoints kept.
   """
 
-  def __init__(self, workdir: str, *, keep: int | None = None, read_only: bool = False):
+  def __init__(self, workdir: str, *, keep: int | None = None, keep_every: int = 0,
+               read_only: bool = False):
+    """``keep``: the newest checkpoints kept; ``keep_every`` > 0 also keeps every step that
+    is a multiple of it, permanently (the checkpoints a minimum-FID sweep scores)."""
     if read_only == (keep is not None):
       raise ValueError("Checkpointer needs either keep=k (training) or read_only=True")
     self.workdir = workdir
@@ -77,8 +81,13 @@ class Checkpointer:
     # refuses. (Orbax's own read_only option would log a warning on every open.) Not
     # lightweight_initialize: it gives existing steps a naive datetime.min, which Orbax's own
     # bookkeeping then fails to compare with aware datetimes when a pod saves on preemption.
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                           enable_async_checkpointing=False)
+    policies = [ocp.checkpoint_managers.LatestN(keep)] if keep else []
+    if keep_every:
+      policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
+    options = ocp.CheckpointManagerOptions(
+        create=not read_only, enable_async_checkpointing=False,
+        preservation_policy=(ocp.checkpoint_managers.AnyPreservationPolicy(policies)
+                             if policies else None))
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=(STATE_ITEM, FINGERPRINT_ITEM))
 
@@ -134,16 +143,17 @@ class Checkpointer:
     os.rename(os.path.join(self.directory, str(step)), target)
     return target
 
-  def _restore_with_fallback(self, step: int | None,
-                             abstract: Any | None) -> tuple[Any, int] | None:
-    """(state dict, step): ``step`` exactly, or the newest intact one when ``step`` is None."""
+  def _find_intact(self, step: int | None, abstract: Any | None
+                   ) -> tuple[Any, int, list[tuple[int, str, str]]] | None:
+    """(state dict, its step, the failures of newer steps): ``step`` exactly, or the newest
+    intact one when ``step`` is None; None when there is no checkpoint at all."""
     available = self.all_steps()
     if step is not None:
       if step not in available:
         raise ConfigError(f"No checkpoint at step {step} in {self.directory!r}; "
                           f"available: {available}.")
       try:
-        return self._restore_verified(step, abstract), step
+        return self._restore_verified(step, abstract), step, []
       except Exception as e:  # pylint: disable=broad-except
         raise ConfigError(f"Checkpoint {os.path.join(self.directory, str(step))} is corrupt or "
                           f"unreadable ({_one_line(e)}); choose another step of {available}."
@@ -151,29 +161,43 @@ class Checkpointer:
     failures = []
     for candidate in sorted(available, reverse=True):
       try:
-        state_dict = self._restore_verified(candidate, abstract)
+        return self._restore_verified(candidate, abstract), candidate, failures
       except Exception as e:  # pylint: disable=broad-except  (any failure: try the next)
         path = os.path.join(self.directory, str(candidate))
         failures.append((candidate, path, _one_line(e)))
         logging.warning("Checkpoint step %d (%s) is corrupt or unreadable: %s; trying the "
                         "previous one.", candidate, path, _one_line(e))
-        continue
-      move_bad = not self.read_only
-      for bad_step, path, _ in failures:
-        if move_bad and jax.process_index() == 0:
-          logging.warning("Moved the corrupt checkpoint of step %d from %s to %s (kept for "
-                          "inspection; delete it yourself).", bad_step, path,
-                          self._move_aside(bad_step))
-      if failures and move_bad:
-        self._manager.reload()
-      if failures:
-        logging.warning("Restored step %d instead of the corrupt step(s) %s.", candidate,
-                        [s for s, _, _ in failures])
-      return state_dict, candidate
     if failures:
       raise ConfigError(f"No intact checkpoint in {self.directory!r}: " + "; ".join(
           f"step {s}: {why}" for s, _, why in failures) + ". Nothing was moved or deleted.")
     return None
+
+  def _restore_with_fallback(self, step: int | None,
+                             abstract: Any | None) -> tuple[Any, int] | None:
+    """`_find_intact` on every host, which must all find the same step; then (unless
+    read-only) process 0 moves the corrupt newer steps aside while the others wait, so no
+    host reads a folder that is being moved."""
+    found = hosts.agree(lambda: self._find_intact(step, abstract))
+    chosen = hosts.gather(np.array([-1 if found is None else found[1]], np.int32))
+    if len(set(chosen.tolist())) > 1:
+      raise ConfigError(f"The hosts found different intact checkpoints in {self.directory!r} "
+                        f"({chosen.tolist()} by process); is the workdir shared?")
+    if found is None:
+      return None
+    state_dict, step, failures = found
+    if failures and not self.read_only:
+      hosts.barrier("checkpoints_restored")
+      if hosts.is_chief():
+        for bad_step, path, _ in failures:
+          logging.warning("Moved the corrupt checkpoint of step %d from %s to %s (kept for "
+                          "inspection; delete it yourself).", bad_step, path,
+                          self._move_aside(bad_step))
+      hosts.barrier("corrupt_checkpoints_moved")
+      self._manager.reload()
+    if failures:
+      logging.warning("Restored step %d instead of the corrupt step(s) %s.", step,
+                      [s for s, _, _ in failures])
+    return state_dict, step
 
   def restore(self, target: T, step: int | None = None) -> T | None:
     """Restores ``step`` (default: the newest intact one) into the structure of ``target``

@@ -21,6 +21,7 @@ from ddpm_jax import data_sources
 from ddpm_jax import datasets
 from ddpm_jax import diffusion
 from ddpm_jax import factories
+from ddpm_jax import langevin
 from ddpm_jax import sampling
 from ddpm_jax import schedules
 from ddpm_jax import train_state
@@ -157,11 +158,26 @@ def check_diffusion(diff: ml_collections.ConfigDict) -> None:
 def check_sampler(config: ml_collections.ConfigDict) -> None:
   """config.sampling's sampler (also used by training grids and FID samples)."""
   smp = config.sampling
-  choice("sampling.method", smp.method, sampling.SAMPLING_METHODS)
-  if smp.method == "ddim":
+  method = choice("sampling.method", smp.method, sampling.SAMPLING_METHODS)
+  if method == "pc":
+    choice("sampling.predictor", smp.predictor, langevin.PREDICTORS)
+    integer("sampling.corrector_steps", smp.corrector_steps, 0)
+    number("sampling.snr", smp.snr, 0.0, float("inf"), low_open=True)
+  if method == "annealed_langevin":
+    integer("sampling.langevin_steps", smp.langevin_steps)
+    number("sampling.langevin_step_size", smp.langevin_step_size, 0.0, float("inf"),
+           low_open=True)
+  if method in ("ddim", "annealed_langevin") or (method == "pc" and smp.predictor == "ddim"):
+    # DDIM's step grid, also the noise-level ladder of the score-based samplers.
     choice("sampling.ddim_skip", smp.ddim_skip, sampling.DDIM_SKIPS)
-    _library_rule("sampling.num_steps", lambda: sampling.ddim_timesteps(
-        int(config.diffusion.num_timesteps), integer("sampling.num_steps", smp.num_steps)))
+    num_timesteps = int(config.diffusion.num_timesteps)
+    ladder = _library_rule("sampling.num_steps", lambda: sampling.ddim_timesteps(
+        num_timesteps, integer("sampling.num_steps", smp.num_steps), smp.ddim_skip))
+    if (method == "annealed_langevin" and config.diffusion.beta_schedule == "jsd"
+        and ladder.max() == num_timesteps - 1):
+      raise ConfigError(f"sampling.method='annealed_langevin' with sampling.num_steps="
+                        f"{smp.num_steps} reaches t=T-1, where the 'jsd' schedule has abar = 0 "
+                        "(an infinite NCSN sigma); use fewer num_steps or another schedule.")
   number("sampling.eta", smp.eta, 0.0, float("inf"))
   integer("sampling.seed", smp.seed, 0)
 
@@ -176,14 +192,19 @@ def check_training(tr: ml_collections.ConfigDict) -> None:
   for name in ("num_train_steps", "batch_size", "log_every_steps", "checkpoint_every_steps",
                "keep_checkpoints", "steps_per_call"):
     integer(f"training.{name}", tr[name])
-  for name in ("sample_every_steps", "warmup_steps", "num_grid_samples", "seed"):
+  for name in ("sample_every_steps", "warmup_steps", "num_grid_samples", "seed",
+               "keep_every_steps", "profile_start_step", "profile_num_steps"):
     integer(f"training.{name}", tr[name], 0)
+  if tr.keep_every_steps % tr.checkpoint_every_steps:
+    raise ConfigError(f"training.keep_every_steps={tr.keep_every_steps} must be a multiple of "
+                      f"training.checkpoint_every_steps={tr.checkpoint_every_steps} (or 0).")
   number("training.learning_rate", tr.learning_rate, 0.0, float("inf"), low_open=True)
   number("training.grad_clip", tr.grad_clip, 0.0, float("inf"), low_open=True)
   number("training.ema_decay", tr.ema_decay, 0.0, 1.0, high_open=True)
   for name in ("adam_b1", "adam_b2"):
     number(f"training.{name}", tr[name], 0.0, 1.0, high_open=True)
   number("training.adam_eps", tr.adam_eps, 0.0, float("inf"), low_open=True)
+  number("training.peak_tflops", tr.peak_tflops, 0.0, float("inf"))
   choice("training.nonfinite", tr.nonfinite, NONFINITE_MODES)
   choice("training.clip_mode", tr.clip_mode, train_state.CLIP_MODES)
   k = tr.steps_per_call
@@ -212,7 +233,15 @@ def check_eval(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec) ->
   integer("eval.num_examples", ev.num_examples, extra=(-1,))
   integer("eval.seed", ev.seed, 0)
   if integer("eval.fid_num_samples", ev.fid_num_samples, 0) == 0:
+    if ev.checkpoint_steps:
+      raise ConfigError(f"eval.checkpoint_steps={ev.checkpoint_steps!r} scores FID at each "
+                        "checkpoint: set eval.fid_num_samples > 0.")
     return
+  spec_steps = str(ev.checkpoint_steps)
+  if spec_steps not in ("", "all") and not all(
+      s.strip().isdigit() for s in spec_steps.split(",")):
+    raise ConfigError(f"eval.checkpoint_steps={spec_steps!r} must be '', 'all' or "
+                      "comma-separated steps, e.g. '100000,200000'.")
   if ev.fid_num_samples < 2:
     raise ConfigError(f"eval.fid_num_samples={ev.fid_num_samples} must be 0 (no FID) or >= 2.")
   divides_devices("sampling.batch_size", integer("sampling.batch_size", config.sampling.batch_size))
@@ -220,6 +249,7 @@ def check_eval(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec) ->
   network = choice("eval.feature_network", ev.feature_network, FEATURE_NETWORKS)
   if network == "inception":
     from ddpm_jax.evaluation import inception  # pylint: disable=import-outside-toplevel
+    choice("eval.inception_preprocess", ev.inception_preprocess, inception.PREPROCESSINGS)
     if not ev.inception_weights or not os.path.isfile(ev.inception_weights):
       raise ConfigError(inception.missing_weights_message(ev.inception_weights))
     return
@@ -244,8 +274,6 @@ def check_config(config: ml_collections.ConfigDict, mode: str) -> None:
   if mode == "train":
     check_training(config.training)
     return
-  if jax.process_count() > 1:
-    raise ConfigError(f"--mode={mode} runs on one host; got {jax.process_count()} processes.")
   check_restore(config)
   if mode == "sample":
     check_sampling_run(config.sampling)

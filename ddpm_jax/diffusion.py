@@ -187,6 +187,33 @@ def split_model_output(model_output: jnp.ndarray, x_t: jnp.ndarray, *,
   return model_output, None
 
 
+def score(schedule: DiffusionSchedule, model_output: jnp.ndarray, x_t: jnp.ndarray,
+          t: jnp.ndarray, *, model_mean_type: str,
+          model_var_type: str = "fixedlarge") -> jnp.ndarray:
+  """The score grad_x log q(x_t) that the network output implies (Song et al. 2021, §4.3).
+
+  eps: s = -eps_theta / sqrt(1 - abar_t), since x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
+  makes eps_theta a scaled score (Ho et al. 2020 §3.2; Vincent 2011). Every other mean type
+  goes through its x_0 estimate and Tweedie's formula, E[x_0 | x_t] = (x_t + (1 - abar_t)
+  s) / sqrt(abar_t): s = (sqrt(abar_t) x0_theta - x_t) / (1 - abar_t), which for xstart is
+  the output itself, for v is s = -x_t - sqrt(abar_t / (1 - abar_t)) v, and for xprev uses
+  Eq. 7 inverted (defined at every t: coef1_t > 0). This form equals -predict_eps_from_xstart
+  / sqrt(1 - abar_t) and stays finite where abar_t = 0 (the jsd schedule's last step).
+
+  A learned-variance output [mean | variance] (2C channels) is split by ``model_var_type``
+  and its variance part ignored: the score of the marginal q(x_t) does not involve the
+  reverse-process variance. The x_0 estimate is not clipped.
+  """
+  _check_choice("model_mean_type", model_mean_type, MEAN_TYPES)
+  _check_t(t, x_t)
+  mean_out, _ = split_model_output(model_output, x_t, model_var_type=model_var_type)
+  if model_mean_type == "eps":  # Exact for the paper's parameterisation, no round trip.
+    return -mean_out / _extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
+  pred_xstart = predict_xstart(schedule, mean_out, x_t, t, model_mean_type=model_mean_type)
+  return ((_extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim) * pred_xstart - x_t)
+          / _extract(jnp.square(schedule.sqrt_one_minus_alphas_cumprod), t, x_t.ndim))
+
+
 def _model_log_variance(schedule: DiffusionSchedule, var_values: jnp.ndarray | None,
                         x_t: jnp.ndarray, t: jnp.ndarray, model_var_type: str) -> jnp.ndarray:
   """log Sigma_theta(x_t, t) for each variance type (paper §3.2; Nichol & Dhariwal Eq. 15)."""

@@ -18,6 +18,7 @@ from absl import logging
 
 from ddpm_jax import diffusion
 from ddpm_jax import factories
+from ddpm_jax import hosts
 from ddpm_jax import parallel
 from ddpm_jax import rng as rng_lib
 from ddpm_jax import sampling
@@ -46,7 +47,8 @@ def make_p_sample(config: ml_collections.ConfigDict, model: unet_lib.UNet,
 
 def generate_samples(config: ml_collections.ConfigDict, params: Any, num_samples: int, *,
                      seed: int) -> np.ndarray:
-  """num_samples uint8 images [N, H, W, C] on all devices, batches of sampling.batch_size."""
+  """num_samples uint8 images [N, H, W, C] made on all devices of all processes, in global
+  batches of sampling.batch_size, returned on every process."""
   batch = int(config.sampling.batch_size)
   model, schedule = factories.create_model(config), factories.create_schedule(config.diffusion)
   p_sample = make_p_sample(config, model, schedule, batch // jax.device_count())
@@ -55,7 +57,8 @@ def generate_samples(config: ml_collections.ConfigDict, params: Any, num_samples
   out, start = [], time.perf_counter()
   for i in range(num_batches):
     images = np.asarray(p_sample(p_params, rng_lib.batch_key(seed, i)))
-    out.append(images.reshape((-1,) + images.shape[2:]))
+    # Every process's devices in global device order: the batch of one process with all.
+    out.append(hosts.gather(images.reshape((-1,) + images.shape[2:])))
     done = min((i + 1) * batch, num_samples)
     rate = done / (time.perf_counter() - start)
     logging.info("sampled %d/%d images, %.2f images/s, ETA %.0f s", done, num_samples, rate,
@@ -65,12 +68,22 @@ def generate_samples(config: ml_collections.ConfigDict, params: Any, num_samples
 
 def sampler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The keyword arguments of `sampling.generate` that config.sampling sets for its method
-  (only those the method uses)."""
+  (only those the method uses): the one map from the config to a sampler."""
   smp = config.sampling
+  ancestral = dict(clip_denoised=bool(smp.clip_denoised))
+  ddim = dict(num_steps=int(smp.num_steps), eta=float(smp.eta), ddim_skip=str(smp.ddim_skip),
+              clip_denoised=bool(smp.ddim_clip_denoised))
   if smp.method == "ancestral":
-    return dict(method="ancestral", clip_denoised=bool(smp.clip_denoised))
-  return dict(method="ddim", num_steps=int(smp.num_steps), eta=float(smp.eta),
-              ddim_skip=str(smp.ddim_skip), clip_denoised=bool(smp.ddim_clip_denoised))
+    return dict(method="ancestral", **ancestral)
+  if smp.method == "ddim":
+    return dict(method="ddim", **ddim)
+  if smp.method == "pc":  # The predictor's own options, then the corrector's.
+    return dict(method="pc", predictor=str(smp.predictor),
+                **(ancestral if smp.predictor == "ancestral" else ddim),
+                corrector_steps=int(smp.corrector_steps), snr=float(smp.snr))
+  return dict(method="annealed_langevin", num_steps=int(smp.num_steps),
+              ddim_skip=str(smp.ddim_skip), langevin_steps=int(smp.langevin_steps),
+              langevin_step_size=float(smp.langevin_step_size))
 
 
 def sampler_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from absl import logging
 
 from ddpm_jax import checkpointing
 from ddpm_jax import generation
+from ddpm_jax import hosts
 from ddpm_jax import train_logging
 from ddpm_jax import workdir as workdir_lib
 
@@ -22,13 +23,25 @@ SAMPLES_FILE = "samples.npz"
 GRID_FILE = "grid.png"
 
 
-def restore_ema_params(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, int]:
-  """EMA parameters of sampling.checkpoint_step (-1: latest intact); nothing is written."""
+def restore_ema_params(config: ml_collections.ConfigDict, workdir: str,
+                       step: int | None = None) -> tuple[Any, int]:
+  """EMA parameters of ``step`` (default sampling.checkpoint_step; -1: the latest intact
+  one) and that step; nothing is written."""
   workdir = workdir_lib.resolve(workdir)
   workdir_lib.check_or_write_config(config, workdir, write=False)
   checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
   try:
-    return checkpointer.restore_params(int(config.sampling.checkpoint_step))
+    return checkpointer.restore_params(
+        int(config.sampling.checkpoint_step) if step is None else step)
+  finally:
+    checkpointer.close()
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of the workdir's checkpoints (read-only)."""
+  checkpointer = checkpointing.Checkpointer(workdir_lib.resolve(workdir), read_only=True)
+  try:
+    return checkpointer.all_steps()
   finally:
     checkpointer.close()
 
@@ -44,16 +57,19 @@ def _set_name(step: int, tag: str) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes sampling.num_samples samples and their grid; returns the npz path."""
+  """Writes sampling.num_samples samples and their grid (made on every process, written by
+  process 0); returns the npz path."""
   smp = config.sampling
   params, step = restore_ema_params(config, workdir)
   out = workdir_lib.output_dir(workdir, train_logging.SAMPLES_DIR, _set_name(step, smp.tag),
                                (SAMPLES_FILE, GRID_FILE))
   samples = generation.generate_samples(config, params, int(smp.num_samples),
                                         seed=int(smp.seed))
-  os.makedirs(out, exist_ok=True)
   path = os.path.join(out, SAMPLES_FILE)
-  np.savez(path, samples=samples, **generation.sampler_settings(config))
-  train_logging.save_png(os.path.join(out, GRID_FILE), train_logging.image_grid(samples[:64]))
-  logging.info("Wrote %d samples of step %d to %s", len(samples), step, path)
+  if hosts.is_chief():
+    os.makedirs(out, exist_ok=True)
+    np.savez(path, samples=samples, **generation.sampler_settings(config))
+    train_logging.save_png(os.path.join(out, GRID_FILE), train_logging.image_grid(samples[:64]))
+    logging.info("Wrote %d samples of step %d to %s", len(samples), step, path)
+  hosts.barrier("samples_written")
   return path

@@ -1,6 +1,9 @@
-"""Samplers as single lax.scan loops: ancestral (paper Algorithm 2) and DDIM.
+"""Samplers as single lax.scan loops: ancestral (paper Algorithm 2) and DDIM, and
+`generate`, the dispatch on the config's sampling.method. Their single steps live in
+reverse_steps.py and the score-based samplers (predictor-corrector, annealed Langevin) in
+langevin.py; the public names of both are importable from here too.
 
-Both are pure functions of (schedule, model_fn, rng, shape): jit, pmap and vmap compose
+All are pure functions of (schedule, model_fn, rng, shape): jit, pmap and vmap compose
 over them; x_T comes from ``split(rng)[0]`` and the noise of step t from
 ``fold_in(split(rng)[1], t)``, so the same rng gives
 the same samples however the loop is compiled. ``model_fn(x_t, t) -> model_output`` is any
@@ -16,37 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import diffusion
+from ddpm_jax.langevin import (LANGEVIN_STREAM, PREDICTORS,  # noqa: F401 (public here too)
+                               annealed_langevin_sample, langevin_corrector_step, pc_sample)
+from ddpm_jax.reverse_steps import (DDIM_SKIPS, check_shape, ddim_pairs,  # noqa: F401
+                                    ddim_step, ddim_timesteps, noise_keys, p_sample)
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
-SAMPLING_METHODS = ("ancestral", "ddim")
-
-
-def _check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-  shape = tuple(int(s) for s in shape)
-  if len(shape) < 2 or any(s <= 0 for s in shape):
-    raise ValueError(f"Sample shape {shape} must be [B, ...] with positive sizes.")
-  return shape
-
-
-def _noise_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(key of x_T, base key of the per-step noise)."""
-  init_key, step_key = jax.random.split(rng)
-  return init_key, step_key
-
-
-def p_sample(schedule: diffusion.DiffusionSchedule, model_output: jnp.ndarray,
-             x_t: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray, *, model_mean_type: str,
-             model_var_type: str, clip_denoised: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """One step of Algorithm 2: x_{t-1} = mu_theta(x_t, t) + sigma_t z, no noise at t=0.
-
-  Returns (x_{t-1}, pred_xstart).
-  """
-  out = diffusion.p_mean_variance(schedule, model_output, x_t, t,
-                                  model_mean_type=model_mean_type,
-                                  model_var_type=model_var_type, clip_denoised=clip_denoised)
-  nonzero = (t != 0).astype(x_t.dtype).reshape((-1,) + (1,) * (x_t.ndim - 1))
-  x_prev = out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise
-  return x_prev, out["pred_xstart"]
+SAMPLING_METHODS = ("ancestral", "ddim", "pc", "annealed_langevin")
 
 
 def _trajectory_slots(num_timesteps: int, start_t: int,
@@ -84,12 +63,12 @@ def sample(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.Ar
 
   Returns x_0 [*shape] (and the trajectory dict).
   """
-  shape = _check_shape(shape)
+  shape = check_shape(shape)
   num_timesteps = schedule.num_timesteps
   start_t = num_timesteps - 1 if start_t is None else int(start_t)
   if not 0 <= start_t < num_timesteps:
     raise ValueError(f"start_t={start_t} must lie in [0, T={num_timesteps}).")
-  init_key, step_key = _noise_keys(rng)
+  init_key, step_key = noise_keys(rng)
   if x_init is None:
     x_init = jax.random.normal(init_key, shape, jnp.float32)
   elif tuple(x_init.shape) != shape:
@@ -162,27 +141,6 @@ def interpolate(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: j
                 start_t=t)
 
 
-DDIM_SKIPS = ("uniform", "quad")
-
-
-def ddim_timesteps(num_timesteps: int, num_steps: int, skip: str = "uniform") -> np.ndarray:
-  """The S = ``num_steps`` timesteps DDIM visits (Song et al. 2021, App. D.2), ascending.
-
-  "uniform": 0, k, 2k, ..., (S-1) k with k = T // S: exactly S steps (the reference code's
-  range(0, T, k) has one more when k does not divide T, e.g. T=1000, S=3). "quad": the
-  quadratic grid int(linspace(0, sqrt(0.8 T), S)^2) of the reference code's CIFAR-10 runs
-  (FID 4.16 at S=100); for large S its first entries repeat (those steps leave x unchanged
-  when eta=0 but still evaluate the network), as in the reference code.
-  """
-  if not 1 <= num_steps <= num_timesteps:
-    raise ValueError(f"DDIM num_steps={num_steps} must lie in [1, T={num_timesteps}].")
-  if skip == "uniform":
-    return np.arange(num_steps, dtype=np.int32) * (num_timesteps // num_steps)
-  if skip == "quad":
-    return (np.linspace(0, np.sqrt(num_timesteps * 0.8), num_steps) ** 2).astype(np.int32)
-  raise ValueError(f"unknown DDIM skip {skip!r}; allowed: {', '.join(DDIM_SKIPS)}")
-
-
 def ddim_sample(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.Array,
                 shape: tuple[int, ...], *, num_steps: int, eta: float = 0.0,
                 model_mean_type: str, model_var_type: str = "fixedlarge",
@@ -200,50 +158,43 @@ def ddim_sample(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: j
   output is ignored. ``x_init`` replaces the x_T drawn from ``rng`` (with eta=0 the map
   x_T -> x_0 is deterministic: DDIM's latent space).
   """
-  shape = _check_shape(shape)
+  shape = check_shape(shape)
   if not 0.0 <= float(eta):
     raise ValueError(f"DDIM eta={eta} must be >= 0.")
-  steps = ddim_timesteps(schedule.num_timesteps, int(num_steps), skip)
-  prev_steps = np.concatenate([[-1], steps[:-1]]).astype(np.int32)
-  init_key, step_key = _noise_keys(rng)
+  steps, prev_steps = ddim_pairs(schedule.num_timesteps, int(num_steps), skip)
+  init_key, step_key = noise_keys(rng)
   if x_init is None:
     x_init = jax.random.normal(init_key, shape, jnp.float32)
   elif tuple(x_init.shape) != shape:
     raise ValueError(f"x_init shape {tuple(x_init.shape)} != sample shape {shape}.")
-  abar = schedule.alphas_cumprod
 
   def step(x_t: jnp.ndarray, ts: tuple[jnp.ndarray, jnp.ndarray]):
     t_, s_ = ts
-    t = jnp.full((shape[0],), t_, jnp.int32)
-    mean_out, _ = diffusion.split_model_output(model_fn(x_t, t), x_t,
-                                               model_var_type=model_var_type)
-    pred_xstart = diffusion.predict_xstart(schedule, mean_out, x_t, t,
-                                           model_mean_type=model_mean_type)
-    if clip_denoised:
-      pred_xstart = jnp.clip(pred_xstart, -1.0, 1.0)
-    if model_mean_type == "eps" and not clip_denoised:
-      eps = mean_out
-    else:
-      eps = diffusion.predict_eps_from_xstart(schedule, x_t, t, pred_xstart)
-    abar_t = abar[t_]
-    abar_s = jnp.where(s_ >= 0, abar[jnp.maximum(s_, 0)], 1.0)
-    sigma = eta * jnp.sqrt((1 - abar_s) / (1 - abar_t)) * jnp.sqrt(1 - abar_t / abar_s)
+    t, s = jnp.full((shape[0],), t_, jnp.int32), jnp.full((shape[0],), s_, jnp.int32)
     noise = jax.random.normal(jax.random.fold_in(step_key, t_), shape, jnp.float32)
-    x_s = (jnp.sqrt(abar_s) * pred_xstart
-           + jnp.sqrt(jnp.maximum(1 - abar_s - sigma**2, 0.0)) * eps + sigma * noise)
+    x_s, _ = ddim_step(schedule, model_fn(x_t, t), x_t, t, s, noise, eta=eta,
+                       model_mean_type=model_mean_type, model_var_type=model_var_type,
+                       clip_denoised=clip_denoised)
     return x_s, None
 
-  x_0, _ = jax.lax.scan(step, x_init.astype(jnp.float32),
-                        (jnp.asarray(steps[::-1]), jnp.asarray(prev_steps[::-1])))
+  x_0, _ = jax.lax.scan(step, x_init.astype(jnp.float32), (steps, prev_steps))
   return x_0
 
 
 def generate(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.Array,
              shape: tuple[int, ...], *, method: str, model_mean_type: str, model_var_type: str,
              clip_denoised: bool = True, num_steps: int = 0, eta: float = 0.0,
-             ddim_skip: str = "uniform") -> jnp.ndarray:
+             ddim_skip: str = "uniform", predictor: str = "ancestral",
+             corrector_steps: int = 1, snr: float = 0.16, langevin_steps: int = 2,
+             langevin_step_size: float = 2e-5) -> jnp.ndarray:
   """Dispatches on ``method`` (one of SAMPLING_METHODS, the config's sampling.method); the
-  keyword arguments a method does not use are ignored."""
+  keyword arguments a method does not use are ignored.
+
+  "pc" is `langevin.pc_sample` (``predictor``, ``corrector_steps``, ``snr``; the DDIM
+  predictor also takes num_steps, eta and ddim_skip) and "annealed_langevin" is
+  `langevin.annealed_langevin_sample` (num_steps levels of ddim_skip's grid,
+  ``langevin_steps`` each, NCSN's step size ``langevin_step_size``).
+  """
   if method == "ancestral":
     return sample(schedule, model_fn, rng, shape, model_mean_type=model_mean_type,
                   model_var_type=model_var_type, clip_denoised=clip_denoised)
@@ -251,6 +202,16 @@ def generate(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.
     return ddim_sample(schedule, model_fn, rng, shape, num_steps=num_steps, eta=eta,
                        model_mean_type=model_mean_type, model_var_type=model_var_type,
                        clip_denoised=clip_denoised, skip=ddim_skip)
+  if method == "pc":
+    return pc_sample(schedule, model_fn, rng, shape, model_mean_type=model_mean_type,
+                              model_var_type=model_var_type, predictor=predictor,
+                              corrector_steps=corrector_steps, snr=snr, num_steps=num_steps,
+                              eta=eta, skip=ddim_skip, clip_denoised=clip_denoised)
+  if method == "annealed_langevin":
+    return annealed_langevin_sample(
+        schedule, model_fn, rng, shape, num_steps=num_steps, langevin_steps=langevin_steps,
+        langevin_step_size=langevin_step_size, model_mean_type=model_mean_type,
+        model_var_type=model_var_type, skip=ddim_skip)
   raise ValueError(f"Unknown sampling method {method!r}; allowed: {SAMPLING_METHODS}.")
 
 

@@ -10,6 +10,7 @@ named object below: the step plan, the non-finite guard and the sample grids.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Iterator
 
 import jax
@@ -21,16 +22,20 @@ from ddpm_jax import checkpointing
 from ddpm_jax import data_sources
 from ddpm_jax import factories
 from ddpm_jax import generation
+from ddpm_jax import hosts
 from ddpm_jax import input_pipeline
 from ddpm_jax import parallel
 from ddpm_jax import rng as rng_lib
 from ddpm_jax import train_logging
 from ddpm_jax import train_state as train_state_lib
 from ddpm_jax import train_step as train_step_lib
+from ddpm_jax import utilization
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.errors import NonFiniteError
 from ddpm_jax.models import unet as unet_lib
 from ddpm_jax.train_state import TrainState
+
+PROFILE_DIR = "profile"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +112,53 @@ class SampleGrids:
 
   def write(self, step: int, p_ema_params: Any, logger: train_logging.TrainLogger) -> None:
     images = np.asarray(self._p_sample(p_ema_params, rng_lib.batch_key(self.seed, step)))
-    logger.write_images(step, images.reshape((-1,) + images.shape[2:]))
+    logger.write_images(step, hosts.gather(images.reshape((-1,) + images.shape[2:])))
+
+
+class TrainSteps:
+  """The pmapped train step of each call size (1 or training.steps_per_call steps), and
+  XLA's FLOP count of one step on one device, from the lowered program of the first call
+  (for the TFLOP/s and MFU scalars; XLA counts a scan's body once, so the k-step program
+  counts one step). The pmapped functions compile on their first call, as usual."""
+
+  def __init__(self, config: ml_collections.ConfigDict, model: unet_lib.UNet, schedule: Any,
+               tx: Any, sizes: set[int]):
+    self._fns = {n: train_step_lib.make_p_train_step(config, model, schedule, tx, num_steps=n)
+                 for n in sizes}
+    self.flops_per_device_step: float | None = None
+    self._counted = False
+
+  def __call__(self, n: int, p_state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+    if not self._counted:
+      cost = self._fns[n].lower(p_state, batch).cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      self.flops_per_device_step = float(cost.get("flops", 0.0)) or None
+      self._counted = True
+    return self._fns[n](p_state, batch)
+
+
+class ProfilerWindow:
+  """A jax.profiler trace of the steps after ``start`` (training.profile_start_step) for
+  ``num`` steps (training.profile_num_steps; 0: off), written to workdir/profile for
+  TensorBoard's profile plugin. The trace ends after the device finished those steps."""
+
+  def __init__(self, workdir: str, start: int, num: int):
+    self.logdir = os.path.join(workdir, PROFILE_DIR)
+    self.start, self.stop, self.active = start, start + num, False
+    self.enabled = num > 0
+
+  def after_step(self, step: int, p_state: TrainState) -> None:
+    if not self.enabled:
+      return
+    if not self.active and self.start <= step < self.stop:
+      jax.block_until_ready(p_state.step)  # Steps before the window stay out of it.
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+      logging.info("Profiling steps %d..%d into %s.", step + 1, self.stop, self.logdir)
+    elif self.active and step >= self.stop:
+      jax.block_until_ready(p_state.step)
+      jax.profiler.stop_trace()
+      self.active, self.enabled = False, False
 
 
 def _batches(config: ml_collections.ConfigDict, start: int, plan: StepPlan) -> Iterator[Any]:
@@ -128,18 +179,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   are known to be readable and the workdir compatible; the workdir is then locked
   (workdir/train.lock) for the whole run.
   """
-  data_sources.prepare(config.data, [config.data.train_split])  # Data before compute.
+  hosts.agree(lambda: data_sources.prepare(config.data, [config.data.train_split]))
   model = factories.create_model(config)
   workdir = workdir_lib.prepare(workdir)
   workdir_lib.check_resumable(config, workdir)  # A refused resume writes nothing, no lock.
-  is_chief = jax.process_index() == 0
-  with workdir_lib.WorkdirLock(workdir, enabled=is_chief):
+  with workdir_lib.WorkdirLock(workdir):
     logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.default_backend())
-    workdir_lib.check_or_write_config(config, workdir, write=is_chief)
+    workdir_lib.check_or_write_config(config, workdir)
     tx = train_state_lib.create_optimizer(config.training)
-    checkpointer = checkpointing.Checkpointer(workdir, keep=int(config.training.keep_checkpoints))
+    checkpointer = checkpointing.Checkpointer(
+        workdir, keep=int(config.training.keep_checkpoints),
+        keep_every=int(config.training.keep_every_steps))
     try:
       state = checkpointer.restore(train_state_lib.create_train_state(config, model, tx,
                                                                       abstract=True))
@@ -161,11 +213,12 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, model: unet_lib.UNet,
   tr, start = config.training, int(state.step)
   plan = StepPlan.from_config(tr)
   schedule = factories.create_schedule(config.diffusion)
-  p_steps = {n: train_step_lib.make_p_train_step(config, model, schedule, tx, num_steps=n)
-             for n in {plan.steps_per_call, 1}}
-  logger = train_logging.TrainLogger(workdir, start, plan.num_steps, int(tr.batch_size),
-                                     enabled=jax.process_index() == 0,
-                                     backend=jax.default_backend())
+  steps = TrainSteps(config, model, schedule, tx, {plan.steps_per_call, 1})
+  logger = train_logging.TrainLogger(
+      workdir, start, plan.num_steps, int(tr.batch_size), enabled=hosts.is_chief(),
+      backend=jax.default_backend(), peak_tflops=utilization.peak_tflops(
+          jax.local_devices()[0], str(config.model.dtype), float(tr.peak_tflops)))
+  profiler = ProfilerWindow(workdir, int(tr.profile_start_step), int(tr.profile_num_steps))
   if start == 0:
     logger.write_hparams(config, num_params=train_state_lib.num_params(state.params))
   guard = NonFiniteGuard(str(tr.nonfinite), start, int(state.nonfinite_steps), checkpointer)
@@ -177,10 +230,11 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, model: unet_lib.UNet,
   with workdir_lib.SigtermFlag() as sigterm:
     while step < plan.num_steps:
       n = plan.chunk(step)
-      p_state, p_metrics = p_steps[n](p_state, next(batches))
+      p_state, p_metrics = steps(n, p_state, next(batches))
       step += n
+      profiler.after_step(step, p_state)
       if plan.due(step, plan.log_every):
-        logger.log(step, guard.fetch(p_metrics, p_state, step))
+        logger.log(step, guard.fetch(p_metrics, p_state, step), steps.flops_per_device_step)
       preempted = sigterm.received or checkpointer.reached_preemption(step)
       if preempted or plan.due(step, plan.checkpoint_every):
         guard.fetch(p_metrics, p_state, step)  # Never checkpoint a state made from inf/NaN.

@@ -12,6 +12,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from ddpm_jax import utilization
+
 TENSORBOARD_DIR = "tensorboard"
 SAMPLES_DIR = "samples"
 
@@ -88,10 +90,11 @@ class TrainLogger:
   """
 
   def __init__(self, workdir: str, start_step: int, num_steps: int, global_batch: int, *,
-               enabled: bool = True, backend: str = ""):
+               enabled: bool = True, backend: str = "", peak_tflops: float | None = None):
     self.samples_dir = os.path.join(workdir, SAMPLES_DIR)
     self.progress = Progress(start_step, num_steps, global_batch)
     self._check_backend = backend == "cpu"
+    self._peak = peak_tflops
     self._writer = None
     if enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
@@ -104,9 +107,14 @@ class TrainLogger:
       self._writer.add_text("config", f"```\n{text}\n```", 0)
       self._writer.add_scalar("num_params", num_params, 0)
 
-  def log(self, step: int, metrics: dict[str, float]) -> None:
-    """Adds steps/s and images/s since the last call; logs the line and the scalars."""
+  def log(self, step: int, metrics: dict[str, float],
+          flops_per_device_step: float | None = None) -> None:
+    """Adds steps/s and images/s since the last call (and, given XLA's FLOPs of a step,
+    TFLOP/s per device and MFU); logs the line and writes the scalars."""
     metrics = dict(metrics, **self.progress.update(step))
+    if flops_per_device_step:
+      metrics.update(utilization.rates(flops_per_device_step, metrics["steps_per_sec"],
+                                       self._peak))
     logging.info("%s", self.progress.line(step, metrics))
     if self._check_backend:  # Once, at the first log step.
       self._check_backend = False

@@ -84,6 +84,17 @@ def create_train_state(config: ml_collections.ConfigDict, model: unet_lib.UNet,
   return jax.eval_shape(init, init_key) if abstract else jax.jit(init)(init_key)
 
 
+def ema_decay_schedule(training_config: ml_collections.ConfigDict) -> optax.Schedule:
+  """The EMA decay of the update after ``count`` steps: training.ema_decay throughout (the
+  official code's tf.train.ExponentialMovingAverage), or with training.ema_warmup
+  min(ema_decay, (1 + count) / (10 + count)), the warm-up of Improved DDPM and diffusers'
+  EMAModel, which stops a short run's average from holding on to the random init."""
+  decay = float(training_config.ema_decay)
+  if not training_config.ema_warmup:
+    return optax.constant_schedule(decay)
+  return lambda count: jnp.minimum(decay, (1.0 + count) / (10.0 + count))
+
+
 def ema_update(ema_params: Any, params: Any, decay: float) -> Any:
   """ema <- decay * ema + (1 - decay) * params (tf.train.ExponentialMovingAverage)."""
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)

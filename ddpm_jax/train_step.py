@@ -23,7 +23,8 @@ from ddpm_jax import factories
 from ddpm_jax import input_pipeline
 from ddpm_jax import rng as rng_lib
 from ddpm_jax.parallel import AXIS
-from ddpm_jax.train_state import TrainState, ema_update, learning_rate_schedule
+from ddpm_jax.train_state import (TrainState, ema_decay_schedule, ema_update,
+                                  learning_rate_schedule)
 from ddpm_jax.models import unet as unet_lib
 
 
@@ -61,7 +62,7 @@ def combine_gradients(grads: Any, *, clip_mode: str, grad_clip: float) -> tuple[
 def train_step(state: TrainState, images: jnp.ndarray, *, model: unet_lib.UNet,
                schedule: diffusion.DiffusionSchedule, tx: optax.GradientTransformation,
                lr_fn: optax.Schedule, diffusion_config: ml_collections.ConfigDict,
-               ema_decay: float, random_flip: bool = False, clip_mode: str = "global",
+               ema_decay: optax.Schedule, random_flip: bool = False, clip_mode: str = "global",
                grad_clip: float = 1.0) -> tuple[TrainState, dict[str, jnp.ndarray]]:
   """One step of Algorithm 1 on this device's uint8 batch; call under pmap(axis_name=AXIS).
 
@@ -100,7 +101,8 @@ def train_step(state: TrainState, images: jnp.ndarray, *, model: unet_lib.UNet,
   new_state = state.replace(
       step=state.step + 1, params=keep(params, state.params),
       opt_state=keep(opt_state, state.opt_state),
-      ema_params=keep(ema_update(state.ema_params, params, ema_decay), state.ema_params),
+      ema_params=keep(ema_update(state.ema_params, params, ema_decay(state.step)),
+                      state.ema_params),
       nonfinite_steps=state.nonfinite_steps + jnp.where(finite, 0, 1).astype(jnp.int32),
       last_nonfinite_step=jnp.where(finite, state.last_nonfinite_step, state.step + 1))
   metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=lr_fn(state.step),
@@ -123,7 +125,7 @@ def make_p_train_step(config: ml_collections.ConfigDict, model: unet_lib.UNet,
   step = functools.partial(train_step, model=model, schedule=schedule, tx=tx,
                            lr_fn=learning_rate_schedule(config.training),
                            diffusion_config=config.diffusion,
-                           ema_decay=float(config.training.ema_decay),
+                           ema_decay=ema_decay_schedule(config.training),
                            random_flip=bool(config.data.random_flip),
                            clip_mode=str(config.training.clip_mode),
                            grad_clip=float(config.training.grad_clip))

@@ -23,12 +23,15 @@ import json
 import os
 import signal
 import tempfile
+import uuid
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
+from ddpm_jax import hosts
 from ddpm_jax.errors import ConfigError
 
 CONFIG_FILE = "config.json"
@@ -51,9 +54,7 @@ def resolve(workdir: str) -> str:
   return os.path.abspath(os.path.expanduser(workdir))
 
 
-def prepare(workdir: str) -> str:
-  """Creates the workdir if needed and checks it is a writable directory; returns its path."""
-  workdir = resolve(workdir)
+def _make_writable_dir(workdir: str) -> None:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"workdir {workdir!r} exists and is not a directory.")
   try:
@@ -62,6 +63,36 @@ def prepare(workdir: str) -> str:
       pass
   except OSError as e:
     raise ConfigError(f"workdir {workdir!r} is not writable: {e.strerror or e}.") from e
+
+
+def prepare(workdir: str) -> str:
+  """Creates the workdir if needed and checks it is a writable directory; returns its path.
+
+  On several hosts it must also be ONE folder that every host sees (shared storage):
+  process 0 writes a marker file and every host must find it, else a ConfigError on all.
+  """
+  workdir = resolve(workdir)
+  hosts.agree(lambda: _make_writable_dir(workdir))
+  if hosts.multi():
+    marker = os.path.join(workdir, ".hosts_" + hosts.broadcast(
+        np.frombuffer(uuid.uuid4().bytes, np.uint8).copy()).tobytes().hex())
+    if hosts.is_chief():
+      open(marker, "w").close()  # pylint: disable=consider-using-with
+    hosts.barrier("workdir_marker_written")
+
+    def check_marker() -> None:
+      if not os.path.exists(marker):
+        raise ConfigError(
+            f"workdir {workdir!r} is not shared: process {jax.process_index()} does not see "
+            "the file process 0 wrote there. Every host of a pod must see the same folder "
+            "at the same path (NFS, Filestore, a gcsfuse mount).")
+
+    try:
+      hosts.agree(check_marker)
+    finally:
+      hosts.barrier("workdir_marker_checked")
+      if hosts.is_chief():
+        os.remove(marker)
   return workdir
 
 
@@ -103,8 +134,14 @@ def check_or_write_config(config: ml_collections.ConfigDict, workdir: str, *,
   Raises ConfigError naming every frozen field whose value differs from the saved config.
   While workdir/checkpoints holds no step (a first start that failed early), the file is
   rewritten with the new config: there is nothing it could mismatch. ``write=False``
-  (processes other than 0, sampling and evaluation) only checks.
+  (sampling and evaluation) only checks; processes other than 0 never write. Every host
+  ends with the same outcome.
   """
+  hosts.agree(lambda: _check_or_write_config(config, workdir, write=write and hosts.is_chief()))
+
+
+def _check_or_write_config(config: ml_collections.ConfigDict, workdir: str, *,
+                           write: bool) -> None:
   path = os.path.join(workdir, CONFIG_FILE)
   new = _jsonable(config.to_dict())
   if os.path.exists(path) and (has_checkpoint(workdir) or not write):
@@ -139,19 +176,19 @@ class WorkdirLock:
   the PID that holds the lock. The kernel drops the lock when its holder dies (also on
   kill -9), so a restart never finds a stale lock; the file itself is kept. flock works on
   local disks and on NFSv4; a filesystem without locks (some FUSE mounts) gets a warning
-  and no lock. Object stores (gs://) have no locks at all: there only one job may be
-  pointed at a workdir. Pods take the lock on process 0 only (``enabled``).
+  and no lock. Pods take the lock on process 0 only, and every host gets its outcome.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str):
     self.path = os.path.join(workdir, LOCK_FILE)
     self.workdir = workdir
-    self.enabled = enabled and "://" not in workdir
     self._file = None
 
   def __enter__(self) -> "WorkdirLock":
-    if not self.enabled:
-      return self
+    hosts.agree(self._acquire, chief_only=True)
+    return self
+
+  def _acquire(self) -> None:
     f = open(self.path, "a+")  # pylint: disable=consider-using-with
     try:
       fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -168,13 +205,12 @@ class WorkdirLock:
         raise
       logging.warning("Cannot lock %s (%s): nothing stops a second training process on this "
                       "workdir.", self.path, e.strerror)
-      return self
+      return
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
     self._file = f
-    return self
 
   def __exit__(self, *exc: Any) -> None:
     if self._file is not None:

@@ -17,6 +17,8 @@ from ddpm_jax.errors import ConfigError
 from tests.conftest import tiny_config
 
 BASE = {"training.num_train_steps": 20, "training.sample_every_steps": 0,
+        "training.checkpoint_every_steps": 10, "training.keep_checkpoints": 1,
+        "training.keep_every_steps": 10,
         "sampling.method": "ddim", "sampling.num_steps": 5, "sampling.num_samples": 12,
         "eval.num_examples": 20, "eval.fid_num_samples": 0}
 
@@ -91,7 +93,7 @@ def test_eval_mode_bpd_rate_distortion_and_fid(workdir):
 
 def test_sample_of_a_missing_step_writes_nothing(workdir):
   before = _snapshot(workdir)
-  with pytest.raises(ConfigError, match=r"No checkpoint at step 7.*available: \[20\]"):
+  with pytest.raises(ConfigError, match=r"No checkpoint at step 7.*available: \[10, 20\]"):
     sample.run(_checked("sample", **{"sampling.checkpoint_step": 7}), workdir)
   assert _snapshot(workdir) == before
 
@@ -102,3 +104,27 @@ def test_no_checkpoint(tmp_path):
   with pytest.raises(ConfigError, match="No checkpoint in"):
     evaluate.run(_checked("eval"), str(tmp_path))
   assert os.listdir(tmp_path) == []
+
+
+def test_fid_over_training_scores_every_kept_checkpoint_and_resumes(workdir):
+  """keep_every_steps kept step 10 beside the newest (keep_checkpoints=1); the sweep writes
+  fid.json per step and the CSV / PNG over all, and a rerun reads, not recomputes."""
+  config = _checked("eval", **{"eval.fid_num_samples": 16, "eval.checkpoint_steps": "all"})
+  result = evaluate.run(config, workdir)
+  assert [r["step"] for r in result["fid_over_training"]] == [10, 20]
+  assert result["best"]["fid"] == min(r["fid"] for r in result["fid_over_training"])
+  csv = os.path.join(workdir, "eval", "fid_over_training.csv")
+  rows = np.loadtxt(csv, delimiter=",", skiprows=1)
+  np.testing.assert_allclose(rows[:, :2], [[r["step"], r["fid"]] for r in result[
+      "fid_over_training"]], rtol=1e-5)
+  assert os.path.getsize(csv.replace(".csv", ".png")) > 1000
+  scored = {s: os.path.getmtime(os.path.join(workdir, "eval", f"step_{s}", "fid.json"))
+            for s in (10, 20)}
+  again = evaluate.run(config, workdir)  # Resumed: nothing is recomputed.
+  assert again["fid_over_training"] == result["fid_over_training"]
+  assert {s: os.path.getmtime(os.path.join(workdir, "eval", f"step_{s}", "fid.json"))
+          for s in (10, 20)} == scored
+  with pytest.raises(ConfigError, match=r"no checkpoint at step\(s\) \[15\]; available: "
+                     r"\[10, 20\]"):
+    evaluate.run(_checked("eval", **{"eval.fid_num_samples": 16,
+                                     "eval.checkpoint_steps": "10,15"}), workdir)

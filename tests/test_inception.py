@@ -121,13 +121,56 @@ def _torch_bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
 @pytest.mark.parametrize("size", [(7, 5), (320, 301)])
 def test_preprocess_matches_pytorch_fid(size):
   image = np.random.default_rng(2).integers(0, 256, (1,) + size + (1,), dtype=np.uint8)
-  out = np.asarray(jax.jit(inception.preprocess)(image))
+  out = np.asarray(jax.jit(lambda x: inception.preprocess(x, "pytorch_fid"))(image))
   chex.assert_shape(out, (1, 299, 299, 3))
   expected = 2.0 * _torch_bilinear(image[0].astype(np.float64) / 255.0, 299, 299) - 1.0
   # Source coordinates are float32 in JAX (as in PyTorch): ~1e-5 relative near 300, so
   # up to ~1e-4 here on a [-1, 1] scale (0.01 grey levels); a wrong formula is off by >0.01.
   for c in range(3):  # Grayscale is replicated.
     np.testing.assert_allclose(out[0, :, :, c], expected[:, :, 0], atol=1e-4)
+
+
+def _tf_legacy_resize(images: np.ndarray) -> np.ndarray:
+  """TensorFlow's own legacy ResizeBilinear to 299x299 (what the 2015-12-05 graph runs)."""
+  tf = pytest.importorskip("tensorflow", reason="the legacy-resize reference is TensorFlow's")
+  return tf.compat.v1.image.resize_bilinear(
+      images, [299, 299], align_corners=False, half_pixel_centers=False).numpy()
+
+
+@pytest.mark.parametrize("shape", [(3, 28, 28, 1), (3, 32, 32, 3), (3, 64, 48, 3),
+                                   (2, 320, 301, 3)])
+def test_tf_legacy_resize_matches_tensorflow(shape):
+  images = np.random.default_rng(4).integers(0, 256, shape, dtype=np.uint8)
+  rgb = np.repeat(images, 3, axis=-1) if shape[-1] == 1 else images
+  expected = _tf_legacy_resize(rgb)
+  resized = np.asarray(jax.jit(
+      lambda x: inception.resize_bilinear_tf_legacy(x, (299, 299)))(rgb))
+  # Same taps and blend order as TF's kernel; XLA's fused float32 arithmetic (FMA) leaves at
+  # most a few ulps at 255: 4.6e-5 measured, i.e. 3.6e-7 on the network's input scale.
+  np.testing.assert_allclose(resized, expected, rtol=0, atol=1e-4)
+  # The full "tf" protocol: that resize, grayscale replicated, then (x - 128) / 128.
+  out = np.asarray(jax.jit(inception.preprocess_tf)(images))
+  chex.assert_shape(out, (shape[0], 299, 299, 3))
+  np.testing.assert_allclose(out, (expected - 128.0) / 128.0, rtol=0, atol=1e-6)
+  assert out.min() >= -1.0 and out.max() <= 127 / 128
+
+
+def test_legacy_resize_taps_have_no_half_pixel_offset():
+  lower, upper, frac = inception.legacy_resize_taps(4, 10)
+  source = np.arange(10) * 0.4  # dst * in / out: 0, 0.4, 0.8, 1.2, ...
+  np.testing.assert_array_equal(lower, np.floor(source).astype(int))
+  np.testing.assert_array_equal(upper, np.minimum(lower + 1, 3))
+  np.testing.assert_allclose(frac, source - np.floor(source), atol=1e-6)
+  out = np.asarray(inception.preprocess_tf(np.full((1, 299, 299, 3), 200, np.uint8)))
+  np.testing.assert_array_equal(out, 72 / 128)  # 299x299 input: no resize.
+
+
+def test_preprocess_choice_is_checked():
+  with pytest.raises(ValueError, match=r"preprocess='torch' is unknown; allowed: tf, "
+                                       r"pytorch_fid"):
+    inception.preprocess(np.zeros((1, 8, 8, 3), np.uint8), "torch")
+  with pytest.raises(ValueError, match="unknown"):
+    inception.inception_feature_extractor({"params": {}}, preprocess="TF")
 
 
 def test_average_pool_excludes_padding():
@@ -229,9 +272,95 @@ def test_extractor(shapes):
       {k: np.zeros(s, np.float32) for k, s in shapes.items()}, sep="/")
   extractor = inception.inception_feature_extractor(variables)
   assert isinstance(extractor, fid.FeatureExtractor)
-  assert extractor.feature_dim == 2048 and extractor.name == "inception-2015-12-05-pool3"
+  assert extractor.feature_dim == 2048 and extractor.name == "inception-2015-12-05-pool3-tf"
+  assert extractor.name == inception.FEATURES_NAME
+  torch_style = inception.inception_feature_extractor(variables, preprocess="pytorch_fid")
+  assert torch_style.name == "inception-2015-12-05-pool3-pytorch_fid"  # Never shares caches.
   assert "1008" in extractor.logits_name
   extractor.check_images((5, 32, 32, 3))
   extractor.check_images((5, 28, 28, 1))
   with pytest.raises(ValueError, match="channels"):
     extractor.check_images((5, 32, 32, 4))
+
+
+def test_weights_without_logits(shapes, random_flat, tmp_path):
+  """A weights file without fc/* (converted default_1.pt) gives pool3 and logits None."""
+  trunk = {k: v for k, v in random_flat.items() if not k.startswith("params/fc/")}
+  assert set(trunk) == set(inception.variable_shapes(with_logits=False))
+  path = str(tmp_path / "pool3_only.npz")
+  np.savez(path, **trunk)
+  variables = inception.load_inception_params(path)
+  assert not inception.has_logits(variables)
+  extractor = inception.inception_feature_extractor(variables)
+  assert extractor.logits_name is None
+  pool3, logits = jax.eval_shape(extractor.apply_fn, variables,
+                                 jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.uint8))
+  chex.assert_shape(pool3, (2, 2048))
+  assert logits is None
+  np.savez(path, **trunk, **{"params/fc/kernel": random_flat["params/fc/kernel"]})
+  with pytest.raises(ValueError, match=r"missing \['params/fc/bias'\]"):
+    inception.load_inception_params(path)  # Half a logits layer is an error.
+
+
+def _to_torchscript_state_dict(convert, flat):
+  """The inverse of convert_torchscript_state_dict, for synthetic default_1.pt tensors."""
+  state_dict = {}
+  for layer, block in convert.torchscript_layer_names().items():
+    state_dict[f"{layer}.weight"] = np.transpose(flat[f"params/{block}/conv/kernel"],
+                                                 (3, 2, 0, 1))
+    state_dict[f"{layer}.beta"] = flat[f"params/{block}/bn/bias"]
+    state_dict[f"{layer}.mean"] = flat[f"batch_stats/{block}/bn/mean"]
+    state_dict[f"{layer}.var"] = flat[f"batch_stats/{block}/bn/var"]
+  return state_dict
+
+
+def test_torchscript_mapping_is_one_to_one(convert, random_flat):
+  names = convert.torchscript_layer_names()
+  assert len(names) == 94 and len(set(names.values())) == 94
+  assert names["net.layers.mixed_4.tower.conv_1"] == "Mixed_6b/branch7x7_2"
+  assert names["net.layers.mixed_10.tower_2_conv"] == "Mixed_7c/branch_pool"
+  state_dict = _to_torchscript_state_dict(convert, random_flat)
+  flat = convert.convert_torchscript_state_dict(state_dict)
+  trunk_shapes = inception.variable_shapes(with_logits=False)
+  assert set(flat) == set(trunk_shapes)
+  for key, value in flat.items():
+    if key.endswith("/bn/scale"):
+      np.testing.assert_array_equal(value, 1.0)  # The TF graph's BatchNorm has no scale.
+    else:
+      np.testing.assert_array_equal(value, random_flat[key])
+
+
+@pytest.mark.parametrize("edit, match", [("drop", "missing"), ("extra", "unexpected"),
+                                         ("transpose", "shape")])
+def test_torchscript_converter_rejects_wrong_state_dicts(convert, random_flat, edit, match):
+  state_dict = _to_torchscript_state_dict(convert, random_flat)
+  if edit == "drop":
+    del state_dict["net.layers.mixed_9.tower_1_mixed_conv.var"]
+  elif edit == "extra":
+    state_dict["net.layers.mixed_9.tower_1_mixed_conv.gamma"] = np.ones(384)
+  else:
+    state_dict["net.layers.mixed_4.tower.conv_1.weight"] = np.zeros((128, 128, 7, 1))
+  with pytest.raises(ValueError, match=match):
+    convert.convert_torchscript_state_dict(state_dict)
+
+
+_BN_CODE = """def forward(self, x: Tensor) -> Tensor:
+  _0 = __torch__.torch.nn.functional.batch_norm
+  x0 = torch.conv2d(x, _1, None, [stride, stride], [padding, padding])
+  x1 = _0(x0, mean, var, {weight}, beta, False, 0.10000000000000001, {eps}, )
+  return __torch__.torch.nn.functional.relu(x1, False, )
+"""
+
+
+@pytest.mark.parametrize("weight, eps, match", [("None", "0.001", None),
+                                                ("None", "1.0000000000000001e-05", "eps"),
+                                                ("gamma", "0.001", "without scale")])
+def test_torchscript_batch_norm_check(convert, weight, eps, match):
+  code = _BN_CODE.format(weight=weight, eps=eps)
+  if match is None:
+    convert.check_torchscript_batch_norm("net.layers.conv", code)
+  else:
+    with pytest.raises(ValueError, match=match):
+      convert.check_torchscript_batch_norm("net.layers.conv", code)
+  with pytest.raises(ValueError, match="no batch_norm call"):
+    convert.check_torchscript_batch_norm("net.layers.conv", "def forward(self, x): return x")

@@ -162,7 +162,9 @@ def test_one_scan_not_unrolled(method):
   assert top.count("scan") == 1
   scan = next(e for e in jaxpr.eqns if e.primitive.name == "scan")
   assert scan.params["length"] == T
-  assert len(jaxpr.eqns) < 40  # T unrolled steps would be thousands of equations.
+  # T unrolled steps would be thousands of equations; annealed Langevin's final denoising
+  # step (one network evaluation) sits outside the scan.
+  assert len(jaxpr.eqns) < 60
 
 
 def test_trajectory_records_chosen_timesteps():

@@ -114,3 +114,41 @@ def test_step_plan_aligns_calls_to_the_intervals():
   assert list(plan.chunks(5)) == [1, 1, 1, 1, 1]  # A resume at 5 realigns by single steps.
   assert [s for s in range(1, 11) if plan.due(s, plan.log_every)] == [4, 8, 10]
   assert not any(plan.due(s, plan.sample_every) for s in range(1, 11))
+
+
+def test_profiler_window_and_utilization_scalars(tmp_path, make_config):
+  """training.profile_num_steps writes a jax.profiler trace of the window into
+  workdir/profile; every log step writes TFLOP/s per device and MFU (XLA's FLOPs of the
+  compiled step, the peak given by training.peak_tflops)."""
+  config = make_config(**{"training.num_train_steps": 6, "training.log_every_steps": 2,
+                          "training.checkpoint_every_steps": 6,
+                          "training.sample_every_steps": 0, "training.profile_start_step": 2,
+                          "training.profile_num_steps": 2, "training.peak_tflops": 0.157})
+  train.train(config, str(tmp_path))
+  traces = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "profile") for f in files
+            if f.endswith(".xplane.pb")]
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+  scalars = _scalars(tmp_path / "tensorboard")
+  tflops, mfu = scalars["train/tflops_per_device"], scalars["train/mfu"]
+  assert [step for step, _ in mfu] == [2, 4, 6]
+  assert all(value > 0 for _, value in tflops)
+  np.testing.assert_allclose([v for _, v in mfu], np.array([v for _, v in tflops]) / 0.157,
+                             rtol=1e-5)
+
+
+def _scalars(folder) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value)]} of the TensorBoard event files in ``folder`` (TFRecord framing:
+  length, its CRC, the Event proto, its CRC), read with tensorboardX's protos."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  out: dict[str, list[tuple[int, float]]] = {}
+  for name in sorted(os.listdir(folder)):
+    data = (folder / name).read_bytes()
+    pos = 0
+    while pos < len(data):
+      length = int.from_bytes(data[pos:pos + 8], "little")
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for value in event.summary.value:
+        if value.HasField("simple_value"):
+          out.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return out

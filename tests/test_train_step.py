@@ -110,3 +110,22 @@ def test_per_device_clipping_changes_the_step_when_a_device_exceeds_the_norm(ini
   diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(after["global"]),
                                                        jax.tree.leaves(after["per_device"])))
   assert diff > 1e-5, diff
+
+
+def test_ema_warmup_schedule(make_config):
+  constant = train_state.ema_decay_schedule(make_config().training)
+  warm = train_state.ema_decay_schedule(make_config(**{"training.ema_warmup": True}).training)
+  assert [constant(s) for s in (0, 10, 10_000)] == [0.99] * 3
+  np.testing.assert_allclose([float(warm(s)) for s in (0, 1, 10, 80, 10_000)],
+                             [0.1, 2 / 11, 11 / 20, 0.9, 0.99], rtol=1e-6)
+
+
+def test_ema_warmup_step_forgets_the_init(initial, make_config):
+  """With the warm-up the first update keeps only 10% of the (random) initial parameters."""
+  config, model, tx, schedule, state0 = initial
+  step = train_step.make_p_train_step(make_config(**{"training.ema_warmup": True}), model,
+                                      schedule, tx)
+  state1, _ = step(parallel.replicate(state0), _batch(config))
+  state1 = jax.device_get(parallel.unreplicate(state1))
+  expected = jax.tree.map(lambda e, p: 0.1 * e + 0.9 * p, state0.ema_params, state1.params)
+  chex.assert_trees_all_close(state1.ema_params, expected, atol=1e-7, rtol=1e-6)

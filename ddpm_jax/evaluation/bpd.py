@@ -18,6 +18,7 @@ from absl import logging
 
 from ddpm_jax import diffusion
 from ddpm_jax import factories
+from ddpm_jax import hosts
 from ddpm_jax import input_pipeline
 from ddpm_jax import parallel
 from ddpm_jax import rng as rng_lib
@@ -47,7 +48,8 @@ def make_p_bpd(config: ml_collections.ConfigDict, schedule: diffusion.DiffusionS
 
 
 def compute_bpd(config: ml_collections.ConfigDict, params: Any) -> dict[str, np.ndarray]:
-  """calc_bpd_loop over eval.num_examples of data.eval_split; per-example arrays."""
+  """calc_bpd_loop over eval.num_examples of data.eval_split on every device of every
+  process; per-example arrays (all examples, on every process)."""
   ev = config.eval
   model, schedule = factories.create_model(config), factories.create_schedule(config.diffusion)
   p_bpd = make_p_bpd(config, schedule, lambda p: factories.model_fn(model, p))
@@ -58,9 +60,9 @@ def compute_bpd(config: ml_collections.ConfigDict, params: Any) -> dict[str, np.
   start, seen = time.perf_counter(), 0
   for j, (images, mask) in enumerate(batches):
     out = p_bpd(p_params, images, rng_lib.batch_key(int(ev.seed), j))
-    keep = np.asarray(mask).reshape(-1)
+    keep = hosts.gather(np.asarray(mask).reshape(-1))  # Every process's slice, in order.
     for k, v in jax.device_get(out).items():
-      parts.setdefault(k, []).append(np.asarray(v).reshape((-1,) + v.shape[2:])[keep])
+      parts.setdefault(k, []).append(hosts.gather(np.asarray(v).reshape((-1,) + v.shape[2:]))[keep])
     seen += int(keep.sum())
     logging.info("bits/dim: %d examples, %.2f examples/s", seen,
                  seen / (time.perf_counter() - start))

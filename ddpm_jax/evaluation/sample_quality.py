@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from ddpm_jax import hosts
 from ddpm_jax import input_pipeline
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.evaluation import classifier, fid, inception
@@ -58,7 +59,8 @@ def get_feature_extractor(config, *, cache_dir: str) -> fid.FeatureExtractor:
   """
   if config.eval.feature_network == "inception":
     variables = inception.load_inception_params(config.eval.inception_weights)
-    return inception.inception_feature_extractor(variables)
+    return inception.inception_feature_extractor(
+        variables, preprocess=config.eval.inception_preprocess)
   data = config.data
   images, labels = input_pipeline.load_labeled_arrays(data, data.train_split)
   num_classes = max(int(labels.max()) + 1, 2)
@@ -141,7 +143,7 @@ def _reference(config, extractor: fid.FeatureExtractor,
   running = _merge_across_processes(running)
   mu, sigma = running.statistics()
   meta = dict(key, num_examples=running.count)
-  if jax.process_index() == 0:
+  if hosts.is_chief():
     fid.save_stats(path, mu, sigma, meta)
   return mu, sigma, meta
 
@@ -159,6 +161,9 @@ def reference_statistics(config, extractor: fid.FeatureExtractor, *,
 
 def evaluate_samples(samples_uint8: np.ndarray, config, *, cache_dir: str) -> dict[str, Any]:
   """FID (and IS) of uint8 samples [N, H, W, C] against the reference split.
+
+  On a pod every process passes the same N samples and featurizes its contiguous share;
+  the statistics are merged exactly (Chan et al.) and the logits gathered.
 
   Returns a JSON-ready dict: fid, inception_score / inception_score_std (over IS_SPLITS
   parts, or None without logits) and inception_score_logits (which logits: the Inception
@@ -179,9 +184,14 @@ def evaluate_samples(samples_uint8: np.ndarray, config, *, cache_dir: str) -> di
   extractor = get_feature_extractor(config, cache_dir=cache_dir)
   mu_ref, sigma_ref, meta = _reference(config, extractor, cache_dir)
   started = time.time()
-  features, logits = fid.extract_features(extractor, samples_uint8, config.eval.batch_size)
-  logging.info("Features of %d samples in %.1f s.", num, time.time() - started)
-  mu, sigma = fid.compute_statistics(features)
+  share = hosts.my_slice(num)  # Each process featurizes its part; statistics are merged.
+  features, logits = fid.extract_features(extractor, samples_uint8[share],
+                                          config.eval.batch_size)
+  logging.info("Features of %d samples in %.1f s.", features.shape[0], time.time() - started)
+  running = fid.RunningStatistics(extractor.feature_dim)
+  running.update(features)
+  mu, sigma = _merge_across_processes(running).statistics()
+  logits = None if logits is None else hosts.gather_ragged(logits)
   score = score_std = None
   splits = min(IS_SPLITS, num)
   if logits is not None:
