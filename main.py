@@ -25,6 +25,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from ddpm_jax import xla_flags
+
 FLAGS = flags.FLAGS
 MODES = ("train", "sample", "eval")
 EXIT_BAD_INPUT = 2
@@ -143,6 +145,7 @@ def distributed_args() -> dict[str, Any]:
 
 def main(argv: list[str]) -> None:
   del argv  # parse_flags refused positional arguments.
+  xla_flags.apply_cpu_defaults()  # Before JAX's backends start (the first computation).
   config = FLAGS.config
   logging.get_absl_handler().addFilter(_QuietOrbax())
   # JAX probes every platform at its first use and logs each one missing (INFO "Unable to

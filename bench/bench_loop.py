@@ -3,8 +3,12 @@ logging, checkpoints and sample grids at their configured intervals) over the ba
 step timed as bench_train.py times it, in one process on the same machine.
 
   python -m bench.bench_loop --config=configs/test_tiny.py --loop_steps=300
-  python -m bench.bench_loop --config=configs/cifar10.py --config.training.batch_size=8 \\
-      --config.training.log_every_steps=5 --loop_steps=30 --bare_steps=5
+  python -m bench.bench_loop --config=configs/cifar10.py --config.data.dataset=synthetic \\
+      --config.training.batch_size=8 --config.training.log_every_steps=5 \\
+      --config.training.sample_every_steps=0 --loop_steps=30 --bare_steps=5
+
+(sample_every_steps=0: the last step would otherwise draw a 1000-step grid, for hours on a
+CPU; it falls after the last log line, so it is never timed.)
 
 The loop's rate is the step count over the wall time between its first and last log lines
 (compilation, which happens before the first, is excluded); the bare rate is the median of

@@ -19,6 +19,12 @@ from typing import Any, Callable
 
 import jax
 
+from ddpm_jax import xla_flags
+
+# Every benchmark is an entry point: it measures what main.py runs (XLA reads the flags at
+# the first computation, after this import).
+xla_flags.apply_cpu_defaults()
+
 
 def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
   """Median wall time of ``repeats`` calls of ``fn`` (each ended with block_until_ready)."""

@@ -7,7 +7,10 @@ hence at import time here.
 
 import os
 
+from ddpm_jax import xla_flags
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+xla_flags.apply_cpu_defaults()  # As main.py does: tests compile what users run.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/ddpm_jax_test_compile_cache")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 

@@ -1,12 +1,12 @@
-"""A 2-D convolution whose kernel gradient is one matmul per kernel tap (for XLA:CPU).
+"""A 2-D convolution whose kernel gradient is one matmul per kernel tap (``conv_wgrad="taps"``).
 
-XLA:CPU lowers the kernel (weight) gradient of a 3x3 convolution to a convolution with a
-window the size of the whole feature map, which its CPU kernels run at a few GFLOP/s: for
-the CIFAR-10 U-Net at batch 32 that one operation took most of the train step. Written as
-dW[i, j] = sum_{b, h, w} x_pad[b, s*h + i, s*w + j, :]^T g[b, h, w, :], i.e. kh*kw matmuls
-contracting over batch and space, it runs at matmul speed (bench/NOTES.md). The forward pass
-and the input gradient are XLA's own convolutions. GPUs and TPUs have fast native kernel
-gradients, so the U-Net uses this only on CPU (``conv_wgrad="auto"``).
+dW[i, j] = sum_{b, h, w} x_pad[b, s*h + i, s*w + j, :]^T g[b, h, w, :]: kh*kw matmuls that
+contract over batch and space. The forward pass and the input gradient are XLA's own
+convolutions. On a 2-core AVX2 host, whose XLA:CPU ran the kernel gradient as one big
+convolution at a few GFLOP/s, this made the CIFAR-10 step at batch 32 2.5x faster. On the
+AVX-512 host of the current bench/NOTES.md, with ddpm_jax.xla_flags' defaults, XLA's own
+kernel gradient is the faster at every batch measured, so ``"auto"`` uses XLA's and this
+stays an option.
 """
 
 from __future__ import annotations

@@ -75,10 +75,10 @@ def _norm(x: jax.Array, num_groups: int, name: str) -> jax.Array:
 
 
 def resolve_conv_wgrad(conv_wgrad: str) -> bool:
-  """True if 3x3 convolutions should use conv.conv_tap_wgrad: "taps", or "auto" on CPU."""
+  """True if 3x3 convolutions should use conv.conv_tap_wgrad ("taps"); "auto" is XLA's own."""
   if conv_wgrad not in CONV_WGRADS:
     raise ValueError(f"conv_wgrad={conv_wgrad!r}; allowed: {CONV_WGRADS}.")
-  return conv_wgrad == "taps" or (conv_wgrad == "auto" and jax.default_backend() == "cpu")
+  return conv_wgrad == "taps"
 
 
 def _conv3x3(features: int, dtype: Any, name: str, *, init_scale: float = 1.0,
@@ -210,8 +210,8 @@ class UNet(nn.Module):
   ``dtype`` the compute dtype, ``remat`` to rematerialise every res block in the backward
   pass, ``attn_impl`` "jax" (jax.nn.dot_product_attention) or "explicit" (einsum formula),
   ``conv_wgrad`` how 3x3 kernel gradients are computed: "xla" (XLA's own), "taps"
-  (models/conv.py, one matmul per tap: several times faster on XLA:CPU) or "auto" ("taps"
-  on CPU, "xla" elsewhere). Neither attn_impl nor conv_wgrad changes the parameters.
+  (models/conv.py, one matmul per tap; faster on an AVX2 CPU with YNNPACK convolutions) or
+  "auto" (XLA's own, the faster on every host measured with ddpm_jax.xla_flags' defaults). Neither attn_impl nor conv_wgrad changes the parameters.
   """
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 2, 2)
