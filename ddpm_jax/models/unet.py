@@ -211,7 +211,8 @@ class UNet(nn.Module):
   pass, ``attn_impl`` "jax" (jax.nn.dot_product_attention) or "explicit" (einsum formula),
   ``conv_wgrad`` how 3x3 kernel gradients are computed: "xla" (XLA's own), "taps"
   (models/conv.py, one matmul per tap; faster on an AVX2 CPU with YNNPACK convolutions) or
-  "auto" (XLA's own, the faster on every host measured with ddpm_jax.xla_flags' defaults). Neither attn_impl nor conv_wgrad changes the parameters.
+  "auto" (XLA's own, the faster on every host measured with ddpm_jax.xla_flags'
+  defaults). Neither attn_impl nor conv_wgrad changes the parameters.
   """
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 2, 2)
