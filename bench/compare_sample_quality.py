@@ -1,22 +1,27 @@
 """Sample quality of ddpm_jax against diffusers/PyTorch: same layout, recipe, steps and data order.
 
-  # The comparison of the issue (hours on a 2-core CPU):
-  python -m bench.compare_sample_quality --workdir=/tmp/sq_full
+  # The full comparison (25-35 min per side alone on a 2-core CPU; --sides=jax or torch
+  # runs one side, --seed=S another training seed):
+  python -m bench.compare_sample_quality --workdir=/tmp/sq_full --ema_warmup
+  # The same with one set of draws (ddpm_jax's init, t, noise and x_T on both sides):
+  python -m bench.compare_sample_quality --workdir=/tmp/sq_same --ema_warmup --torch_draws=ddpm_jax
   # Smoke run (minutes): proves both sides end to end.
   python -m bench.compare_sample_quality --workdir=/tmp/sq_smoke --steps=30 --num_samples=64
 
-Both sides train the Fashion-MNIST layout of bench/common.layout_flags (ch 32,
-ch_mult 1,2,2, one res block, attention only in the middle, dropout 0) with one recipe:
-Adam lr 2e-4 with 100 linear warm-up steps, batch 64, EMA 0.999 (constant, or warmed up
-with --ema_warmup), clipping at global norm
-1.0, T=1000 linear betas 1e-4..0.02, L_simple, --steps steps (default 2,035), on the same
-batches: the torch side reads ddpm_jax's input pipeline for (training.seed, step). Random
-flips are off on both sides (--random_flip=False); t and the noise are drawn by each side's
-own generator. Then each side draws --num_samples samples from its EMA weights with DDIM
-(100 steps on the grid 0, 10, ..., 990, eta 0, x0 not clipped, as the DDIM reference code,
-unless --clip_x0), quantized as round((x + 1) * 127.5), and both are scored with the
-project's classifier-feature FID and IS (ddpm_jax.evaluation.sample_quality, classifier and
-reference statistics cached under --cache_dir).
+Both sides train the Fashion-MNIST layout of bench/common.layout_flags (ch 32, ch_mult
+1,2,2, one res block, attention only in the middle, dropout 0) with one recipe: Adam lr 2e-4
+with 100 linear warm-up steps, batch 64, EMA 0.999 (constant, or warmed up with
+--ema_warmup), clipping at global norm 1.0, T=1000 linear betas 1e-4..0.02, L_simple,
+--steps steps (default 2,035), on the same batches: the torch side reads ddpm_jax's input
+pipeline for (training.seed, step). Random flips are off on both sides
+(--random_flip=False); the initial weights, t, the noise and x_T are drawn by each side's
+own generator, or with --torch_draws=ddpm_jax the torch side takes ddpm_jax's
+(bench/jax_to_torch.py), so only the implementations differ. Then each side draws
+--num_samples samples from its EMA weights with DDIM (100 steps on the grid 0, 10, ..., 990,
+eta 0, x0 not clipped, as the DDIM reference code, unless --clip_x0), quantized as
+round((x + 1) * 127.5), and both are scored with the project's classifier-feature FID and
+IS (ddpm_jax.evaluation.sample_quality, classifier and reference statistics cached under
+--cache_dir).
 
   ddpm_jax: python main.py --mode=train, then --mode=sample (each a child process; the
             workdir is <workdir>/jax); samples/step_<steps>/samples.npz.
@@ -64,9 +69,14 @@ flags.DEFINE_bool("clip_x0", False, "Clip the x0 estimate to [-1, 1] in DDIM (bo
 flags.DEFINE_bool("random_flip", False, "Random horizontal flips (both sides, different draws).")
 flags.DEFINE_integer("num_groups", 8, "GroupNorm groups (both sides).")
 flags.DEFINE_enum("torch_sampler", "own", ("own", "diffusers"),
-                  "own: bench/torch_reference.py's DDIM; diffusers: DDIMScheduler.")
+                  "own: bench/torch_sampling.py's DDIM; diffusers: DDIMScheduler.")
 flags.DEFINE_enum("torch_init", "ddpm", ("ddpm", "torch"),
                   "ddpm: ddpm_jax's initialisation on the torch side; torch: diffusers' default.")
+flags.DEFINE_enum("torch_draws", "own", ("own", "ddpm_jax"),
+                  "own: the torch side draws its init (--torch_init), t, noise and x_T from "
+                  "torch generators; ddpm_jax: it takes ddpm_jax's initial parameters and "
+                  "ddpm_jax's t, noise and x_T for the same seeds, so only the "
+                  "implementations differ (bench/jax_to_torch.py).")
 flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads of the torch side.")
 flags.DEFINE_string("cache_dir", "~/.cache/ddpm_jax/fashion_mnist_eval", "Cache of the FID "
                     "classifier and reference statistics.")
@@ -142,7 +152,8 @@ def run_jax(workdir: str, argv: list[str]) -> tuple[str, dict[str, Any]]:
   train_s = common.run_child([main_py, f"--workdir={workdir}", "--mode=train"] + argv)
   sample_s = common.run_child([main_py, f"--workdir={workdir}", "--mode=sample"] + argv)
   facts = {"ema_schedule": "warmup" if FLAGS.ema_warmup else "constant",
-           "sampler": "ddpm_jax ddim", "init": "ddpm_jax", "train_process_s": train_s,
+           "sampler": "ddpm_jax ddim", "init": "ddpm_jax", "draws": "own",
+           "train_process_s": train_s,
            "sample_process_s": sample_s}
   return jax_samples_path(workdir, FLAGS.steps), facts
 
@@ -151,9 +162,10 @@ def run_torch(workdir: str, argv: list[str]) -> tuple[str, dict[str, Any]]:
   record, wall = common.run_json_child(
       [*common.TORCH_REFERENCE, "--mode=train_sample", f"--workdir={workdir}",
        f"--sampler={FLAGS.torch_sampler}",
-       f"--init={FLAGS.torch_init}", f"--threads={FLAGS.torch_threads}"] + argv)
+       f"--init={FLAGS.torch_init}", f"--draws={FLAGS.torch_draws}",
+       f"--threads={FLAGS.torch_threads}"] + argv)
   facts = {key: record[key] for key in (
-      "ema_schedule", "sampler", "init", "adam_impl", "num_params", "final_loss_mean_last_50",
+      "ema_schedule", "sampler", "init", "draws", "adam_impl", "num_params", "final_loss_mean_last_50",
       "torch", "diffusers", "torch_threads")}
   facts.update(train_loop_s=record["train_s"], sample_loop_s=record["sample_s"],
                process_s=wall)
@@ -179,6 +191,7 @@ def run_side(side: str, config: Any, argv: list[str]) -> dict[str, Any]:
   histogram = class_histogram(classifier_logits(samples, config, cache_dir))
   return {
       "bench": "sample_quality_vs_torch", "side": side, "steps": FLAGS.steps,
+      "seed": FLAGS.seed, "sample_seed": FLAGS.sample_seed,
       "num_samples": int(samples.shape[0]), "fid": scores["fid"],
       "inception_score": scores["inception_score"],
       "inception_score_std": scores["inception_score_std"],

@@ -25,8 +25,17 @@ Modes:
       --config.training.num_train_steps=30 --config.sampling.method=ddim \
       --config.sampling.num_steps=100 --config.sampling.num_samples=64
 
-Only the data of train_sample comes from ddpm_jax (``ddpm_jax_train_batches``); everything
-else is PyTorch. Nothing is asserted about time.
+  # The same, but from ddpm_jax's initial parameters and with ddpm_jax's t, noise and x_T
+  # (bench/jax_to_torch.py): only the implementations differ.
+  python -m bench.torch_reference --mode=train_sample --draws=ddpm_jax ...
+
+  # One set of ddpm_jax parameters in both networks: max differences of the outputs, the
+  # L_simple gradient and --ddim_batch DDIM samples from one x_T; one JSON line:
+  python -m bench.torch_reference --mode=equivalence --jax_workdir=/tmp/fashion_mnist \
+      --config=configs/fashion_mnist.py --config.sampling.method=ddim
+
+With the default --draws=own only the data of train_sample comes from ddpm_jax
+(``ddpm_jax_train_batches``); everything else is PyTorch. Nothing is asserted about time.
 """
 
 from __future__ import annotations
@@ -34,13 +43,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import platform
 import resource
 import statistics
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from absl import app, flags, logging
 import numpy as np
@@ -48,7 +56,10 @@ from ml_collections import config_flags
 import torch
 import torch.nn.functional as F
 
-MODES = ("params", "bench", "train_sample")
+from bench.torch_sampling import alphas_cumprod, ddim_own, generate
+
+MODES = ("params", "bench", "train_sample", "equivalence")
+DRAWS = ("own", "ddpm_jax")
 SAMPLERS = ("own", "diffusers")
 INITS = ("ddpm", "torch")
 ADAM_IMPLS = ("default", "foreach", "fused")
@@ -66,6 +77,14 @@ flags.DEFINE_enum("init", "ddpm", INITS,
                   "ddpm: ddpm_jax's initialisation (variance_scaling fan_avg uniform, zero "
                   "biases, ~0 on the last conv of each res block, attention output and "
                   "conv_out); torch: PyTorch/diffusers defaults.")
+flags.DEFINE_enum("draws", "own", DRAWS,
+                  "train_sample: own: torch's init (--init), t, noise and x_T from torch "
+                  "generators; ddpm_jax: main.py's initial parameters, t, noise, flips and "
+                  "x_T for the same seeds (bench/jax_to_torch.py), so only the "
+                  "implementations differ.")
+flags.DEFINE_string("jax_workdir", "", "equivalence: ddpm_jax workdir whose EMA parameters "
+                    "(sampling.checkpoint_step) both networks load; empty: the initial ones.")
+flags.DEFINE_integer("ddim_batch", 16, "equivalence: DDIM samples compared.")
 flags.DEFINE_enum("adam_impl", "default", ADAM_IMPLS, "torch.optim.Adam implementation.")
 flags.DEFINE_integer("log_every", 50, "train_sample: progress line on stderr every this many steps.")
 flags.mark_flags_as_required(["config"])
@@ -128,17 +147,6 @@ def num_params(model: torch.nn.Module) -> int:
 
 # ----------------------------------------------------------------------------- the recipe
 
-def alphas_cumprod(diffusion: Any) -> torch.Tensor:
-  """abar_t of the linear schedule (the paper's), computed in float64."""
-  if diffusion.beta_schedule != "linear":
-    raise ValueError(f"diffusion.beta_schedule={diffusion.beta_schedule!r}: only 'linear'.")
-  if diffusion.model_mean_type != "eps" or diffusion.loss_type != "mse":
-    raise ValueError("only model_mean_type='eps' with loss_type='mse' (L_simple) is mapped.")
-  betas = np.linspace(float(diffusion.beta_start), float(diffusion.beta_end),
-                      int(diffusion.num_timesteps), dtype=np.float64)
-  return torch.from_numpy(np.cumprod(1.0 - betas))
-
-
 @dataclasses.dataclass
 class Recipe:
   """config.training's optimisation recipe, plus the EMA schedule (a torch-side option)."""
@@ -174,11 +182,13 @@ class Trainer:
   """The train step: L_simple, clipping at global norm, Adam, EMA (a copy of the model).
 
   t, the noise and the optional random flips come from one torch.Generator seeded with
-  training.seed (not ddpm_jax's draws: the same distribution, not the same numbers).
+  training.seed (the same distribution as ddpm_jax's draws, not the same numbers), or,
+  given ``draws`` (step -> (t, noise, flips), jax_to_torch.StepDraws), are ddpm_jax's.
   """
 
   def __init__(self, model: torch.nn.Module, recipe: Recipe, abar: torch.Tensor,
-               adam_impl: str, seed: int, random_flip: bool) -> None:
+               adam_impl: str, seed: int, random_flip: bool,
+               draws: Callable[[int], tuple[torch.Tensor, ...]] | None = None) -> None:
     self.model, self.recipe, self.random_flip = model.train(), recipe, random_flip
     self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     self.sqrt_abar = abar.sqrt().float()
@@ -188,14 +198,19 @@ class Trainer:
     self.optimizer = torch.optim.Adam(self.params, lr=recipe.lr(0), betas=recipe.betas,
                                       eps=recipe.adam_eps, **impl)
     self.generator = torch.Generator().manual_seed(seed)
+    self.draws = draws
     self.step_count = 0
 
   def loss(self, x0: torch.Tensor) -> torch.Tensor:
-    if self.random_flip:  # p = 1/2 per example; not the draws of ddpm_jax's on-device flips.
-      flips = torch.rand(x0.shape[0], generator=self.generator) < 0.5
+    if self.draws is not None:
+      t, noise, flips = self.draws(self.step_count)
+    else:  # Flips first (only if on), then t, then the noise.
+      flips = (torch.rand(x0.shape[0], generator=self.generator) < 0.5 if self.random_flip
+               else None)
+      t = torch.randint(0, self.sqrt_abar.shape[0], (x0.shape[0],), generator=self.generator)
+      noise = torch.randn(x0.shape, generator=self.generator)
+    if self.random_flip:  # p = 1/2 per example.
       x0 = torch.where(flips.view(-1, 1, 1, 1), x0.flip(-1), x0)
-    t = torch.randint(0, self.sqrt_abar.shape[0], (x0.shape[0],), generator=self.generator)
-    noise = torch.randn(x0.shape, generator=self.generator)
     x_t = self.sqrt_abar[t].view(-1, 1, 1, 1) * x0 + self.sqrt_1m_abar[t].view(-1, 1, 1, 1) * noise
     return F.mse_loss(self.model(x_t, t).sample, noise)
 
@@ -226,84 +241,6 @@ class Trainer:
     self.update_ema_()
     self.step_count += 1
     return float(loss.detach()), float(norm)
-
-
-# ----------------------------------------------------------------------------- sampling
-
-def ddim_grid(num_timesteps: int, num_steps: int) -> list[int]:
-  """0, k, 2k, ... (k = T // S, S values): range(0, T, T // S) when S divides T."""
-  if not 1 <= num_steps <= num_timesteps:
-    raise ValueError(f"DDIM num_steps={num_steps} must lie in [1, T={num_timesteps}].")
-  return [i * (num_timesteps // num_steps) for i in range(num_steps)]
-
-
-@torch.no_grad()
-def ddim_own(model: torch.nn.Module, x: torch.Tensor, abar: torch.Tensor, num_steps: int,
-             eta: float, clip_x0: bool, generator: torch.Generator) -> torch.Tensor:
-  """DDIM (Song et al. 2021, Eq. 12) from x_T = x over the grid; with clip_x0 the x0
-  estimate is clipped to [-1, 1] and eps re-derived from it (as ddpm_jax.sampling)."""
-  grid = ddim_grid(abar.shape[0], num_steps)
-  for i in reversed(range(len(grid))):
-    a_t = float(abar[grid[i]])
-    a_s = float(abar[grid[i - 1]]) if i > 0 else 1.0
-    eps = model(x, torch.full((x.shape[0],), grid[i], dtype=torch.long)).sample
-    x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
-    if clip_x0:
-      x0 = x0.clamp(-1.0, 1.0)
-      eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1.0 - a_t)
-    sigma = eta * math.sqrt((1.0 - a_s) / (1.0 - a_t)) * math.sqrt(1.0 - a_t / a_s)
-    x = math.sqrt(a_s) * x0 + math.sqrt(max(1.0 - a_s - sigma**2, 0.0)) * eps
-    if sigma > 0:
-      x = x + sigma * torch.randn(x.shape, generator=generator)
-  return x
-
-
-@torch.no_grad()
-def ddim_diffusers(model: torch.nn.Module, x: torch.Tensor, diffusion: Any, num_steps: int,
-                   eta: float, clip_x0: bool, generator: torch.Generator) -> torch.Tensor:
-  """The same DDIM through diffusers' DDIMScheduler ('leading' grid 0, k, ..., final
-  alpha 1, eps re-derived from the clipped x0)."""
-  from diffusers import DDIMScheduler  # pylint: disable=import-outside-toplevel
-  scheduler = DDIMScheduler(
-      num_train_timesteps=int(diffusion.num_timesteps), beta_start=float(diffusion.beta_start),
-      beta_end=float(diffusion.beta_end), beta_schedule="linear", clip_sample=clip_x0,
-      set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon",
-      timestep_spacing="leading")
-  scheduler.set_timesteps(num_steps)
-  for t in scheduler.timesteps:
-    eps = model(x, t.expand(x.shape[0])).sample
-    x = scheduler.step(eps, t, x, eta=eta, use_clipped_model_output=clip_x0,
-                       generator=generator).prev_sample
-  return x
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-  """[B, C, H, W] in [-1, 1] -> uint8 [B, H, W, C], round((x + 1) * 127.5) clipped."""
-  pixels = torch.clamp(torch.round((x + 1.0) * 127.5), 0, 255).to(torch.uint8)
-  return pixels.permute(0, 2, 3, 1).numpy()
-
-
-def generate(model: torch.nn.Module, config: Any, sampler: str) -> np.ndarray:
-  """config.sampling.num_samples uint8 samples, in batches of sampling.batch_size."""
-  smp, data = config.sampling, config.data
-  if smp.method != "ddim":
-    raise ValueError(f"sampling.method={smp.method!r}: this reference samples with 'ddim'.")
-  abar = alphas_cumprod(config.diffusion)
-  generator = torch.Generator().manual_seed(int(smp.seed))
-  shape = (int(data.num_channels), int(data.image_size), int(data.image_size))
-  out, remaining = [], int(smp.num_samples)
-  while remaining > 0:
-    n = min(remaining, int(smp.batch_size))
-    x = torch.randn((n,) + shape, generator=generator)
-    if sampler == "own":
-      x = ddim_own(model, x, abar, int(smp.num_steps), float(smp.eta),
-                   bool(smp.ddim_clip_denoised), generator)
-    else:
-      x = ddim_diffusers(model, x, config.diffusion, int(smp.num_steps), float(smp.eta),
-                         bool(smp.ddim_clip_denoised), generator)
-    out.append(to_uint8(x))
-    remaining -= n
-  return np.concatenate(out)
 
 
 # ----------------------------------------------------------------------------- ddpm_jax adapter
@@ -378,10 +315,20 @@ def run_train_sample(config: Any) -> None:
   if not FLAGS.workdir:
     raise app.UsageError("--mode=train_sample needs --workdir.")
   started = time.perf_counter()
-  model = build_model(config, FLAGS.init)
+  draws = x_init = None
+  if FLAGS.draws == "ddpm_jax":
+    from bench import jax_to_torch  # pylint: disable=import-outside-toplevel
+    import jax  # pylint: disable=import-outside-toplevel
+    model = build_model(config, "torch")
+    jax_to_torch.load_into_torch(model, jax_to_torch.initial_params(config),
+                                 len(config.model.ch_mult))
+    draws = jax_to_torch.StepDraws(config)
+    x_init = lambda i: jax_to_torch.sample_init(config, i, jax.device_count())
+  else:
+    model = build_model(config, FLAGS.init)
   trainer = Trainer(model, Recipe.from_config(config.training),
                     alphas_cumprod(config.diffusion), FLAGS.adam_impl, int(config.training.seed),
-                    bool(config.data.random_flip))
+                    bool(config.data.random_flip), draws)
   num_steps = int(config.training.num_train_steps)
   batches = ddpm_jax_train_batches(config)
   losses = []
@@ -395,7 +342,7 @@ def run_train_sample(config: Any) -> None:
                    loss, norm, rate)
   train_s = time.perf_counter() - train_start
   sample_start = time.perf_counter()
-  samples = generate(trainer.ema_model, config, FLAGS.sampler)
+  samples = generate(trainer.ema_model, config, FLAGS.sampler, x_init)
   sample_s = time.perf_counter() - sample_start
   os.makedirs(FLAGS.workdir, exist_ok=True)
   path = os.path.join(FLAGS.workdir, "samples.npz")
@@ -406,8 +353,29 @@ def run_train_sample(config: Any) -> None:
         "final_loss_mean_last_50": float(np.mean(tail)), "train_s": train_s,
         "sample_s": sample_s, "process_s": time.perf_counter() - started,
         "ema_schedule": Recipe.from_config(config.training).ema_schedule,
-        "sampler": FLAGS.sampler, "init": FLAGS.init, "adam_impl": FLAGS.adam_impl,
+        "sampler": FLAGS.sampler, "adam_impl": FLAGS.adam_impl, "draws": FLAGS.draws,
+        "init": "ddpm_jax's parameters" if FLAGS.draws == "ddpm_jax" else FLAGS.init,
         **environment()})
+
+
+def run_equivalence(config: Any) -> None:
+  """One set of ddpm_jax parameters in both networks: outputs, loss, gradient and DDIM
+  samples compared (jax_to_torch.equivalence); one JSON line."""
+  from bench import jax_to_torch  # pylint: disable=import-outside-toplevel
+  if FLAGS.jax_workdir:
+    from ddpm_jax import sample as sample_lib  # pylint: disable=import-outside-toplevel
+    params, step = sample_lib.restore_ema_params(config, FLAGS.jax_workdir)
+    source = f"EMA parameters of {FLAGS.jax_workdir} at step {step}"
+  else:
+    params, source = jax_to_torch.initial_params(config), "initial parameters"
+  smp = config.sampling
+  ddim = lambda model, x: ddim_own(model, x, alphas_cumprod(config.diffusion),
+                                   int(smp.num_steps), 0.0, False, torch.Generator())
+  model = build_model(config, "torch")
+  result = jax_to_torch.equivalence(config, model, params, next(ddpm_jax_train_batches(config)),
+                                    FLAGS.ddim_batch, lambda x: ddim(model, x))
+  emit({"bench": "torch_equivalence", "params": source, "num_params": num_params(model),
+        "ddim_steps": int(smp.num_steps), **result, **environment()})
 
 
 def main(argv: list[str]) -> None:
@@ -417,8 +385,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"--steps={FLAGS.steps} must be >= 1 and --warmup={FLAGS.warmup} >= 0.")
   torch.set_num_threads(FLAGS.threads)
   torch.manual_seed(int(FLAGS.config.training.seed))  # The default init draws from it.
-  {"params": run_params, "bench": run_bench, "train_sample": run_train_sample}[FLAGS.mode](
-      FLAGS.config)
+  {"params": run_params, "bench": run_bench, "train_sample": run_train_sample,
+   "equivalence": run_equivalence}[FLAGS.mode](FLAGS.config)
 
 
 if __name__ == "__main__":
