@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from ddpm_jax import diffusion
 from ddpm_jax import factories
 from ddpm_jax import input_pipeline
 from ddpm_jax import reverse_steps
@@ -162,7 +163,7 @@ def equivalence(config: Any, model: torch.nn.Module, params: Any, images: np.nda
   NHWC) with step 0's draws: the network outputs, the L_simple loss and its gradient
   (max abs difference, also relative to the largest gradient entry); then ``ddim_batch``
   DDIM samples (config.sampling's steps, eta 0, unclipped as the reference) from one x_T
-  by ddpm_jax.sampling and by a torch DDIM (``ddim_fn(model, x_T)``)."""
+  by ddpm_jax.sampling and by the torch DDIM ``ddim_fn(x_T)`` (NCHW)."""
   levels = len(config.model.ch_mult)
   load_into_torch(model, params, levels)
   jax_model = factories.create_model(config)
@@ -171,8 +172,8 @@ def equivalence(config: Any, model: torch.nn.Module, params: Any, images: np.nda
   schedule = factories.create_schedule(config.diffusion)
   x0 = np.asarray(input_pipeline.to_model_input(jnp.asarray(images)))
   t_np, noise_np = t.numpy().astype(np.int32), noise.permute(0, 2, 3, 1).numpy()
-  abar = np.asarray(schedule.alphas_cumprod, np.float64)[t_np][:, None, None, None]
-  x_t = (np.sqrt(abar) * x0 + np.sqrt(1.0 - abar) * noise_np).astype(np.float32)
+  x_t = np.asarray(diffusion.q_sample(schedule, jnp.asarray(x0), jnp.asarray(t_np),
+                                      jnp.asarray(noise_np)))
 
   def jax_loss(p: Any) -> tuple[jnp.ndarray, jnp.ndarray]:
     out = apply(p, jnp.asarray(x_t), jnp.asarray(t_np))
