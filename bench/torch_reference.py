@@ -368,12 +368,11 @@ def run_equivalence(config: Any) -> None:
     source = f"EMA parameters of {FLAGS.jax_workdir} at step {step}"
   else:
     params, source = jax_to_torch.initial_params(config), "initial parameters"
-  smp = config.sampling
-  ddim = lambda model, x: ddim_own(model, x, alphas_cumprod(config.diffusion),
-                                   int(smp.num_steps), 0.0, False, torch.Generator())
+  smp, abar = config.sampling, alphas_cumprod(config.diffusion)
   model = build_model(config, "torch")
+  ddim = lambda x: ddim_own(model, x, abar, int(smp.num_steps), 0.0, False, torch.Generator())
   result = jax_to_torch.equivalence(config, model, params, next(ddpm_jax_train_batches(config)),
-                                    FLAGS.ddim_batch, lambda x: ddim(model, x))
+                                    FLAGS.ddim_batch, ddim)
   emit({"bench": "torch_equivalence", "params": source, "num_params": num_params(model),
         "ddim_steps": int(smp.num_steps), **result, **environment()})
 
