@@ -7,7 +7,8 @@ Re-running the same command resumes from the latest intact checkpoint in DIR.
 Bad input (unknown flags or config fields, values of the wrong type or out of range, a
 workdir that is a file or holds an incompatible run, a missing checkpoint, ...) ends the
 process with exit status 2 and exactly one line ``error: ...`` on stderr, before anything
-is compiled or written.
+is compiled or written. On a pod, a host that stops because another host died ends
+with exit status 75 and one ``error: ...`` line (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ flags.DEFINE_string("coordinator_address", None, "jax.distributed.initialize's "
 flags.DEFINE_integer("num_processes", None, "jax.distributed.initialize's num_processes.")
 flags.DEFINE_integer("process_id", None, "jax.distributed.initialize's process_id (0 .. "
                      "num_processes - 1).")
+flags.DEFINE_integer("heartbeat_timeout_seconds", None, "jax.distributed.initialize's "
+                     "heartbeat_timeout_seconds: a host silent this long counts as dead and "
+                     "the others stop (exit status 75); defaults to "
+                     "config.heartbeat_timeout_seconds.")
 flags.DEFINE_list("local_device_ids", None, "jax.distributed.initialize's local_device_ids: "
                   "the accelerators this process uses, e.g. 0,1.")
 flags.DEFINE_string("compile_cache", "~/.cache/ddpm_jax/xla", "JAX persistent compilation "
@@ -158,7 +163,17 @@ def main(argv: list[str]) -> None:
   distributed = distributed_args()
   multihost = config.multihost if FLAGS.multihost is None else FLAGS.multihost
   if multihost or distributed:
-    jax.distributed.initialize(**distributed)
+    from ddpm_jax import config_checks, supervisor  # pylint: disable=import-outside-toplevel
+    from ddpm_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+    if FLAGS.heartbeat_timeout_seconds is not None:
+      config.heartbeat_timeout_seconds = FLAGS.heartbeat_timeout_seconds
+    try:
+      heartbeat = config_checks.check_distributed(config)
+    except ConfigError as e:
+      fail(e)
+    # A host that loses another stops with one line and exit status 75 (supervisor.py).
+    supervisor.supervise(FLAGS.workdir, heartbeat)
+    jax.distributed.initialize(**distributed, heartbeat_timeout_seconds=heartbeat)
     if jax.process_count() > 1 and jax.default_backend() == "cpu":
       # CPU cache keys differ between processes and only process 0 writes entries, so with
       # a warm cache process 0 would skip compilations the others still do, and the CPU

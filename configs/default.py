@@ -141,4 +141,7 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.seed = 0
 
   config.multihost = False  # Call jax.distributed.initialize() (Cloud TPU pods).
+  # Pods: a host whose heartbeats stop this long counts as dead, and the others stop with
+  # exit status 75 (docs/reliability.md). JAX's own default is 100.
+  config.heartbeat_timeout_seconds = 60
   return config

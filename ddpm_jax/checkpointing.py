@@ -154,6 +154,8 @@ class Checkpointer:
                           f"available: {available}.")
       try:
         return self._restore_verified(step, abstract), step, []
+      except jax.errors.JaxRuntimeError:
+        raise  # A failed collective of Orbax's (a lost host), not a bad checkpoint.
       except Exception as e:  # pylint: disable=broad-except
         raise ConfigError(f"Checkpoint {os.path.join(self.directory, str(step))} is corrupt or "
                           f"unreadable ({_one_line(e)}); choose another step of {available}."
@@ -162,6 +164,8 @@ class Checkpointer:
     for candidate in sorted(available, reverse=True):
       try:
         return self._restore_verified(candidate, abstract), candidate, failures
+      except jax.errors.JaxRuntimeError:
+        raise  # As above: every host must not give up a good checkpoint for a lost peer.
       except Exception as e:  # pylint: disable=broad-except  (any failure: try the next)
         path = os.path.join(self.directory, str(candidate))
         failures.append((candidate, path, _one_line(e)))

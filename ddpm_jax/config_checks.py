@@ -264,6 +264,13 @@ def check_eval(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec) ->
          low_open=True)
 
 
+def check_distributed(config: ml_collections.ConfigDict) -> int:
+  """The heartbeat timeout of a multi-host run, checked before jax.distributed starts (an
+  integer, as JAX takes it; under 2 s a busy host's scheduling delays alone would stop a
+  healthy pod)."""
+  return integer("heartbeat_timeout_seconds", config.heartbeat_timeout_seconds, 2)
+
+
 def check_config(config: ml_collections.ConfigDict, mode: str) -> None:
   """Checks every field ``mode`` ("train", "sample" or "eval") uses; ConfigError if one is bad."""
   choice("--mode", mode, MODES)

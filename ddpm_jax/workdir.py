@@ -10,6 +10,8 @@ Layout::
   workdir/tensorboard/          TensorBoard event files
   workdir/samples/              PNG sample grids, and sample sets of --mode=sample
   workdir/eval/                 results of --mode=eval
+  workdir/logs/                 the full output of a pod host stopped by another's death
+                                (supervisor.py)
 
 A config that changes what an existing checkpoint means (the network, the diffusion
 process, the data shape, the seed) is refused; everything else may change on resume.
@@ -122,9 +124,16 @@ def _lookup(tree: dict, dotted: str) -> Any:
   return node
 
 
-def has_checkpoint(workdir: str) -> bool:
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of workdir/checkpoints that Orbax finalised (renamed from their temporary
+  name), from the folder names alone: nothing is opened or verified."""
   ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
-  return os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+  names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+  return sorted(int(d) for d in names if d.isdigit())
+
+
+def has_checkpoint(workdir: str) -> bool:
+  return bool(checkpoint_steps(workdir))
 
 
 def check_or_write_config(config: ml_collections.ConfigDict, workdir: str, *,

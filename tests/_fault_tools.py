@@ -1,5 +1,6 @@
-"""Fault-injection tools for tests/test_reliability.py: a fork server for main.py's command
-line, workdir snapshots and checkpoint corruption.
+"""Fault-injection tools for tests/test_reliability.py, test_multiprocess.py and
+test_pod_failures.py: a fork server for main.py's command line, pods of its processes,
+workdir snapshots, checkpoint corruption and kills planted at a point of a run.
 
 `python main.py ARGS` spends ~2.5 s of CPU importing jax, flax and orbax before it even
 parses ARGS. The server (`python -m tests._fault_tools`, from the repository root) pays
@@ -35,6 +36,32 @@ class Result:
   seconds: float
   stdout: str
   stderr: str
+
+
+def free_port() -> int:
+  """A TCP port of 127.0.0.1 free right now (for a pod's coordinator)."""
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def devices_env(count: int) -> dict[str, str]:
+  """The environment of a process with ``count`` CPU devices."""
+  return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={count}"}
+
+
+def start_pod(server: MainServer, args: list[str], *, name: str, processes: int = 2,
+              devices: int = 2, preludes: tuple[str, ...] | None = None) -> list[int]:
+  """Starts the processes of one pod run of `main.py *args` on loopback (a fresh
+  coordinator port), each with ``devices`` CPU devices; returns their PIDs in process
+  order. ``preludes``: one `MainServer.start` prelude per process."""
+  port = free_port()
+  return [server.start([*args, f"--coordinator_address=127.0.0.1:{port}",
+                        f"--num_processes={processes}", f"--process_id={i}"],
+                       env=devices_env(devices), name=f"{name}_p{i}",
+                       prelude=preludes[i] if preludes else "")
+          for i in range(processes)]
 
 
 def snapshot(path: str) -> dict[str, str]:
@@ -77,6 +104,48 @@ def flip_bytes(path: str, count: int = 8) -> None:
 def largest_file(folder: str) -> str:
   files = [os.path.join(r, n) for r, _, names in os.walk(folder) for n in names]
   return max(files, key=os.path.getsize)
+
+
+def plant_kill(target: str, *, after: float = 0.0, marker: str, watch_dir: str = "") -> None:
+  """Makes this process die by SIGKILL inside ``target`` ("module:Class.method" or
+  "module:function"), which keeps running meanwhile: ``after`` seconds into its first
+  call, or, with ``watch_dir``, as soon as an Orbax temporary folder appears there (a save
+  under way). The wall time of the kill is written to ``marker`` first. Call it in a
+  `MainServer.start` prelude: the patch reaches the process that runs JAX."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
+  import threading  # pylint: disable=import-outside-toplevel
+  module_name, _, path = target.partition(":")
+  owner = importlib.import_module(module_name)
+  *parents, name = path.split(".")
+  for parent in parents:
+    owner = getattr(owner, parent)
+  original = getattr(owner, name)
+
+  def die() -> None:
+    with open(marker, "w") as f:
+      f.write(repr(time.time()))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+  def watch(old: set[str]) -> None:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+      if set(step_dirs(watch_dir)[1]) - old:
+        die()
+      time.sleep(0.0005)
+
+  def wrapper(*args: Any, **kwargs: Any) -> Any:
+    setattr(owner, name, original)  # The first call only.
+    if watch_dir:
+      old = set(step_dirs(watch_dir)[1])
+      threading.Thread(target=watch, args=(old,), daemon=True).start()
+    elif after <= 0:
+      die()
+    else:
+      threading.Timer(after, die).start()
+    return original(*args, **kwargs)
+
+  setattr(owner, name, wrapper)
 
 
 class MainServer:

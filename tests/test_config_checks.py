@@ -116,3 +116,12 @@ def test_valid_data_configs_pass():
 @pytest.mark.parametrize("mode", ["train", "sample", "eval"])
 def test_the_tiny_config_passes_every_mode(make_config, mode):
   config_checks.check_config(make_config(), mode)
+
+
+def test_the_heartbeat_timeout_of_a_pod_is_an_integer_of_at_least_2_s(make_config):
+  assert config_checks.check_distributed(make_config()) == 60
+  assert config_checks.check_distributed(make_config(heartbeat_timeout_seconds=2)) == 2
+  for bad in (1, 0, -60):  # (ConfigDict and the integer flag refuse other types.)
+    with pytest.raises(ConfigError, match=rf"^heartbeat_timeout_seconds={bad!r} must be an "
+                                          r"integer >= 2\.$"):
+      config_checks.check_distributed(make_config(heartbeat_timeout_seconds=bad))

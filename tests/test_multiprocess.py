@@ -2,11 +2,11 @@
 --coordinator_address / --num_processes / --process_id) against 1 process x 4 devices.
 
 Both processes of a run are forked from tests/_fault_tools.py's server, each with its own
-XLA_FLAGS device count. Checked: the same losses and final parameters (and a resume across
-process restarts), a corrupt newest checkpoint (all hosts fall back together, moved once)
-and SIGTERM to one host of that resumed run (every host saves the same step and exits 0),
-a held lock (every host exits 2 with the same one line), the complete sample grid, and
---mode=sample / --mode=eval giving the same numbers as one process.
+XLA_FLAGS device count. Checked: the same losses and final parameters, a corrupt newest
+checkpoint (all hosts fall back together, moved once) and SIGTERM to one host of a resumed
+run (every host saves the same step and exits 0), a held lock (every host exits 2 with the
+same one line), the complete sample grid, --mode=sample / --mode=eval giving the same
+numbers as one process. tests/test_pod_failures.py kills hosts.
 """
 
 import fcntl
@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import time
 
 import chex
@@ -26,23 +25,13 @@ from PIL import Image
 from ddpm_jax import checkpointing
 from tests import _fault_tools as ft
 
-STEPS, HALF = 16, 8
+STEPS = 16
 FLAGS = (f"--config.training.num_train_steps={STEPS}", "--config.training.log_every_steps=1",
          "--config.training.checkpoint_every_steps=4", "--config.training.sample_every_steps=8",
          "--config.training.keep_checkpoints=10", "--config.eval.num_examples=32",
          "--config.eval.fid_num_samples=16", "--config.sampling.num_samples=16",
          "--config.sampling.method=ddim", "--config.sampling.num_steps=5")
 LOSS = re.compile(r"step (\d+)/\d+ loss ([0-9.]+)")
-
-
-def _devices(n: int) -> dict[str, str]:
-  return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _args(workdir, *flags) -> list[str]:
@@ -52,10 +41,7 @@ def _args(workdir, *flags) -> list[str]:
 
 def _start_pod(server, workdir, *flags, name: str) -> list[int]:
   """Starts the 2 processes of one pod run; returns their PIDs (process 0 first)."""
-  port = _free_port()
-  return [server.start(_args(workdir, *flags, f"--coordinator_address=127.0.0.1:{port}",
-                             "--num_processes=2", f"--process_id={i}"),
-                       env=_devices(2), name=f"{name}_p{i}") for i in range(2)]
+  return ft.start_pod(server, _args(workdir, *flags), name=name)
 
 
 def _run_pod(server, workdir, *flags, name: str, timeout: float = 240) -> list[ft.Result]:
@@ -83,23 +69,19 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(server, tmp_path_factory):
-  """(one-process workdir and its losses, pod workdir and its losses): the pod trains half
-  the steps, stops, and resumes in new processes to the end."""
+  """(one-process workdir and its losses, pod workdir and its losses), both uninterrupted."""
   one = tmp_path_factory.mktemp("one") / "wd"
-  single = server.run(_args(one), env=_devices(4), name="one_process", timeout=240)
+  single = server.run(_args(one), env=ft.devices_env(4), name="one_process", timeout=240)
   assert single.rc == 0, single.stderr[-3000:]
   pod = tmp_path_factory.mktemp("pod") / "wd"
-  first = _run_pod(server, pod, f"--config.training.num_train_steps={HALF}", name="pod_a")
-  second = _run_pod(server, pod, name="pod_b")
-  for result in first + second:
+  results = _run_pod(server, pod, name="pod")
+  for result in results:
     assert result.rc == 0, result.stderr[-3000:]
-  assert "2 local / 4 global devices" in second[0].stderr
-  assert f"Resumed from the checkpoint at step {HALF}" in second[1].stderr
-  pod_losses = {**_losses(first[0].stderr), **_losses(second[0].stderr)}
-  return (one, _losses(single.stderr)), (pod, pod_losses)
+  assert "2 local / 4 global devices" in results[1].stderr
+  return (one, _losses(single.stderr)), (pod, _losses(results[0].stderr))
 
 
-def test_two_processes_train_like_one_with_a_resume(runs):
+def test_two_processes_train_like_one(runs):
   (one, one_losses), (pod, pod_losses) = runs
   assert sorted(one_losses) == sorted(pod_losses) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([pod_losses[s] for s in sorted(pod_losses)],
@@ -125,7 +107,7 @@ def test_sample_and_eval_on_a_pod_equal_one_process(server, runs, tmp_path):
   (one, _), (pod, _) = runs
   for name, workdir in (("one", one), ("pod", pod)):
     shutil.copytree(workdir, tmp_path / name)
-  single = [server.run(_args(tmp_path / "one", f"--mode={m}"), env=_devices(4),
+  single = [server.run(_args(tmp_path / "one", f"--mode={m}"), env=ft.devices_env(4),
                        name=f"one_{m}", timeout=240) for m in ("sample", "eval")]
   pod = [_run_pod(server, tmp_path / "pod", f"--mode={m}", name=f"pod_{m}")
          for m in ("sample", "eval")]

@@ -427,6 +427,8 @@ BAD_INPUT = [  # (what, main.py arguments, the one stderr line must match)
     ("eval: batch vs devices", [*D, "--mode=eval", "--config.eval.batch_size=12"],
      r"eval.batch_size=12 \(a global batch\) is not divisible by the 8 devices"),
     ("extra argument", [*D, "extra"], r"unexpected arguments \['extra'\]"),
+    ("pod: heartbeat timeout", [*D, "--multihost", "--heartbeat_timeout_seconds=1"],
+     r"heartbeat_timeout_seconds=1 must be an integer >= 2"),
 ]
 
 
