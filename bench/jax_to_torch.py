@@ -23,9 +23,8 @@ import torch
 from ddpm_jax import diffusion
 from ddpm_jax import factories
 from ddpm_jax import input_pipeline
-from ddpm_jax import reverse_steps
 from ddpm_jax import rng as rng_lib
-from ddpm_jax import sampling
+from ddpm_jax import samplers
 from ddpm_jax import train_state as train_state_lib
 from ddpm_jax import train_step as train_step_lib
 
@@ -141,13 +140,13 @@ class StepDraws:
 def sample_init(config: Any, batch_index: int, num_devices: int) -> torch.Tensor:
   """x_T of sampling batch ``batch_index`` as generation.generate_samples draws it on
   ``num_devices`` devices: device d takes fold_in(batch_key(seed, i), d), then the x_T key
-  of reverse_steps.noise_keys. Returns [sampling.batch_size, C, H, W]."""
+  of samplers.base.noise_keys. Returns [sampling.batch_size, C, H, W]."""
   size, channels = int(config.data.image_size), int(config.data.num_channels)
   per_device = int(config.sampling.batch_size) // num_devices
   key = rng_lib.batch_key(int(config.sampling.seed), batch_index)
   parts = []
   for device in range(num_devices):
-    init_key, _ = reverse_steps.noise_keys(jax.random.fold_in(key, device))
+    init_key, _ = samplers.base.noise_keys(jax.random.fold_in(key, device))
     parts.append(jax.random.normal(init_key, (per_device, size, size, channels), jnp.float32))
   return nhwc_to_torch(np.concatenate(parts))
 
@@ -192,14 +191,14 @@ def equivalence(config: Any, model: torch.nn.Module, params: Any, images: np.nda
   smp = config.sampling
   x_init = jax.random.normal(jax.random.key(int(smp.seed)),
                              (ddim_batch,) + tuple(x0.shape[1:]), jnp.float32)
-  x_jax = sampling.ddim_sample(
+  x_jax = samplers.ddim_sample(
       schedule, lambda x, tt: apply(params, x, tt), jax.random.key(0), tuple(x_init.shape),
-      num_steps=int(smp.num_steps), eta=0.0, model_mean_type="eps", clip_denoised=False,
+      num_steps=int(smp.ddim.num_steps), eta=0.0, model_mean_type="eps", clip_denoised=False,
       x_init=x_init)
   model.eval()
   with torch.no_grad():
     x_torch = ddim_fn(nhwc_to_torch(x_init)).permute(0, 2, 3, 1).numpy()
-  to_uint8 = lambda x: np.asarray(sampling.to_uint8(jnp.asarray(x)))
+  to_uint8 = lambda x: np.asarray(samplers.to_uint8(jnp.asarray(x)))
   return {"output_max_abs_diff": _max_abs(out_t.detach().permute(0, 2, 3, 1).numpy(), out_j),
           "output_max_abs": float(np.max(np.abs(np.asarray(out_j)))),
           "loss_jax": float(loss_j), "loss_torch": float(loss_t.detach()),

@@ -23,7 +23,7 @@ Modes:
   python -m bench.torch_reference --mode=train_sample --workdir=/tmp/torch_fm \
       --config=configs/fashion_mnist.py --config.data.random_flip=False \
       --config.training.num_train_steps=30 --config.sampling.method=ddim \
-      --config.sampling.num_steps=100 --config.sampling.num_samples=64
+      --config.sampling.ddim.num_steps=100 --config.sampling.num_samples=64
 
   # The same, but from ddpm_jax's initial parameters and with ddpm_jax's t, noise and x_T
   # (bench/jax_to_torch.py): only the implementations differ.
@@ -71,7 +71,7 @@ flags.DEFINE_integer("steps", 5, "bench: timed train steps (the median is report
 flags.DEFINE_integer("warmup", 1, "bench: untimed train steps first.")
 flags.DEFINE_integer("threads", 2, "torch.set_num_threads.")
 flags.DEFINE_enum("sampler", "own", SAMPLERS,
-                  "own: this file's DDIM (the grid and formulas of ddpm_jax.sampling); "
+                  "own: this file's DDIM (the grid and formulas of ddpm_jax.samplers.ddim); "
                   "diffusers: DDIMScheduler with the same grid, for reference.")
 flags.DEFINE_enum("init", "ddpm", INITS,
                   "ddpm: ddpm_jax's initialisation (variance_scaling fan_avg uniform, zero "
@@ -363,18 +363,19 @@ def run_equivalence(config: Any) -> None:
   samples compared (jax_to_torch.equivalence); one JSON line."""
   from bench import jax_to_torch  # pylint: disable=import-outside-toplevel
   if FLAGS.jax_workdir:
-    from ddpm_jax import sample as sample_lib  # pylint: disable=import-outside-toplevel
-    params, step = sample_lib.restore_ema_params(config, FLAGS.jax_workdir)
+    from ddpm_jax import checkpointing  # pylint: disable=import-outside-toplevel
+    params, step = checkpointing.restore_ema_params(config, FLAGS.jax_workdir,
+                                                    int(config.sampling.checkpoint_step))
     source = f"EMA parameters of {FLAGS.jax_workdir} at step {step}"
   else:
     params, source = jax_to_torch.initial_params(config), "initial parameters"
   smp, abar = config.sampling, alphas_cumprod(config.diffusion)
   model = build_model(config, "torch")
-  ddim = lambda x: ddim_own(model, x, abar, int(smp.num_steps), 0.0, False, torch.Generator())
+  ddim = lambda x: ddim_own(model, x, abar, int(smp.ddim.num_steps), 0.0, False, torch.Generator())
   result = jax_to_torch.equivalence(config, model, params, next(ddpm_jax_train_batches(config)),
                                     FLAGS.ddim_batch, ddim)
   emit({"bench": "torch_equivalence", "params": source, "num_params": num_params(model),
-        "ddim_steps": int(smp.num_steps), **result, **environment()})
+        "ddim_steps": int(smp.ddim.num_steps), **result, **environment()})
 
 
 def main(argv: list[str]) -> None:

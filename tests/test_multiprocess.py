@@ -31,7 +31,7 @@ FLAGS = (f"--config.training.num_train_steps={STEPS}", "--config.training.log_ev
          "--config.training.checkpoint_every_steps=4", "--config.training.sample_every_steps=8",
          "--config.training.keep_checkpoints=10", "--config.eval.num_examples=32",
          "--config.eval.fid_num_samples=16", "--config.sampling.num_samples=16",
-         "--config.sampling.method=ddim", "--config.sampling.num_steps=5")
+         "--config.sampling.method=ddim", "--config.sampling.ddim.num_steps=5")
 LOSS = re.compile(r"step (\d+)/\d+ loss ([0-9.]+)")
 
 

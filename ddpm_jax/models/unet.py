@@ -255,8 +255,9 @@ class UNet(nn.Module):
     validate_image_size(x.shape[1], self.ch_mult, self.attn_resolutions)
     if t.shape != (x.shape[0],):
       raise ValueError(f"t must have shape [B] = {(x.shape[0],)}; got {tuple(t.shape)}.")
-    if not jnp.issubdtype(t.dtype, jnp.integer):
-      raise ValueError(f"t must be an integer array (0-based timesteps); got dtype {t.dtype}.")
+    if not (jnp.issubdtype(t.dtype, jnp.integer) or jnp.issubdtype(t.dtype, jnp.floating)):
+      raise ValueError(f"t must be an integer (0-based timesteps) or float (continuous-time "
+                       f"solvers) array; got dtype {t.dtype}.")
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, *, train: bool) -> jax.Array:
