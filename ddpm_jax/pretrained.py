@@ -5,8 +5,9 @@ Ho et al. (2020) released their trained models as TF1 checkpoints (CIFAR-10 at s
 conversions as ``UNet2DModel`` folders (google/ddpm-cifar10-32, google/ddpm-church-256,
 google/ddpm-ema-celebahq-256, ...). `load_params` turns either into the params tree of
 ``factories.create_model(config)``: the weights the paper samples and evaluates with, i.e.
-the ``ExponentialMovingAverage`` shadows of an official checkpoint (paper App. B: "we
-report ... with EMA"), never its raw weights or Adam slots unless asked. A file that does not
+the ``ExponentialMovingAverage`` shadows of an official checkpoint (paper App. B: an
+exponential moving average of the parameters, decay 0.9999), not its raw weights (unless
+asked) nor its Adam slots. A file that does not
 fit the config is refused with one line naming the first missing or extra tensor (and the
 config of configs/ that fits it) or the first shape that differs.
 
@@ -66,8 +67,9 @@ class Pretrained:
 
 def load_params(path: str, config: ml_collections.ConfigDict, *, source: str = "auto",
                 weights: str = "ema") -> Any:
-  """The weights of an official TF1 checkpoint or a diffusers folder to sample with, as a
-  params tree of factories.create_model(config). See `load`."""
+  """The weights of an official TF1 checkpoint or a diffusers folder to sample with (the
+  EMA of the parameters the paper samples and evaluates with, App. B), as a params tree of
+  factories.create_model(config). See `load`."""
   return load(path, config, source=source, weights=weights).params
 
 
@@ -76,9 +78,11 @@ def load(path: str, config: ml_collections.ConfigDict, *, source: str = "auto",
   """Reads ``path`` (``source``: "auto", "official" or "diffusers") for ``config``'s U-Net.
 
   Official checkpoints give the ``<name>/ExponentialMovingAverage`` shadows as ``params``
-  (``weights="raw"``: the raw weights instead, e.g. for a checkpoint saved without EMA).
-  ConfigError, one line, for a file that is not of the config's layout, a checkpoint
-  without EMA shadows, or a diffusers config.json whose network computes differently.
+  (``weights="raw"``: the raw weights instead, e.g. for a checkpoint saved without EMA). A
+  diffusers folder holds one set of weights, returned whatever ``weights`` says (the hub's
+  ``ddpm-ema-*`` folders hold the EMA weights). ConfigError, one line, for a file that is
+  not of the config's layout, a checkpoint without EMA shadows, or a diffusers config.json
+  whose network computes differently.
   """
   if source not in SOURCES:
     raise ConfigError(f"source={source!r}; allowed: {', '.join(SOURCES)}.")
@@ -144,7 +148,7 @@ def _fitting_configs(found: dict[str, tuple[int, ...]], kind: str) -> list[str]:
     candidate = importlib.import_module(f"configs.{info.name}").get_config()
     try:
       expected = _expected(candidate, kind)
-    except ValueError:  # pragma: no cover  (a config of another model family)
+    except ValueError:  # A config whose U-Net cannot be built: it fits nothing.
       continue
     if {n: s for n, (_, s) in expected.items()} == found:
       fits.append(f"configs/{info.name}.py")

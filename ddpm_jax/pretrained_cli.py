@@ -116,6 +116,8 @@ def export_weights(workdir: str) -> str:
 
 def check_flags() -> None:
   """The flags each direction needs, checked before anything is read."""
+  if FLAGS.step < -1:
+    fail(f"--step={FLAGS.step} must be a step >= 0, or -1.")
   if FLAGS.export:
     if not FLAGS.output:
       fail("--export=diffusers needs --output, the folder to write.")
