@@ -94,31 +94,13 @@ FLAGS = flags.FLAGS
 # ----------------------------------------------------------------------------- the layout
 
 def unet_kwargs(config: Any) -> dict[str, Any]:
-  """UNet2DModel arguments equivalent to config.model / config.data (ddpm_jax's U-Net).
-
-  Attention after every res block of the levels whose resolution is in attn_resolutions
-  (Attn*Block2D) and always in the middle; one head of width C; timestep sinusoids laid out
-  sin-then-cos with frequencies exp(-log(1e4) i / (ch/2 - 1)) (flip_sin_to_cos=False,
-  freq_shift=1); GroupNorm eps 1e-6; strided-conv down-sampling with TF-'SAME' padding
-  (downsample_padding=0 pads right/bottom); nearest up-sampling + conv.
-  """
-  model, data = config.model, config.data
-  if not bool(model.resamp_with_conv):
-    raise ValueError("model.resamp_with_conv=False has no diffusers equivalent here.")
+  """UNet2DModel arguments equivalent to config.model / config.data (ddpm_jax's U-Net):
+  ddpm_jax.pretrained_names.diffusers_config, the config ddpm_jax exports with. This
+  trainer does not train a learned variance (2C outputs)."""
+  from ddpm_jax import pretrained_names  # pylint: disable=import-outside-toplevel
   if config.diffusion.model_var_type in ("learned", "learned_range"):
     raise ValueError("a learned variance (2C outputs) is not mapped; use fixedlarge/fixedsmall.")
-  size, levels = int(data.image_size), len(model.ch_mult)
-  attn = {int(r) for r in model.attn_resolutions}
-  has_attn = [size // 2**i in attn for i in range(levels)]
-  return dict(
-      sample_size=size, in_channels=int(data.num_channels), out_channels=int(data.num_channels),
-      block_out_channels=tuple(int(model.ch) * int(m) for m in model.ch_mult),
-      layers_per_block=int(model.num_res_blocks),
-      down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in has_attn),
-      up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)),
-      dropout=float(model.dropout), norm_num_groups=int(model.num_groups), norm_eps=1e-6,
-      attention_head_dim=None, freq_shift=1, flip_sin_to_cos=False, downsample_padding=0,
-      act_fn="silu", time_embedding_type="positional", mid_block_scale_factor=1)
+  return pretrained_names.diffusers_config(config)
 
 
 def ddpm_init_(model: torch.nn.Module) -> None:
@@ -320,8 +302,7 @@ def run_train_sample(config: Any) -> None:
     from bench import jax_to_torch  # pylint: disable=import-outside-toplevel
     import jax  # pylint: disable=import-outside-toplevel
     model = build_model(config, "torch")
-    jax_to_torch.load_into_torch(model, jax_to_torch.initial_params(config),
-                                 len(config.model.ch_mult))
+    jax_to_torch.load_into_torch(model, jax_to_torch.initial_params(config), config)
     draws = jax_to_torch.StepDraws(config)
     x_init = lambda i: jax_to_torch.sample_init(config, i, jax.device_count())
   else:
