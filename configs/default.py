@@ -90,8 +90,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Sampling (--mode=sample, the grids written during training and the FID samples).
   config.sampling = sampling = ml_collections.ConfigDict()
-  # "ancestral" (Algorithm 2), "ddim", "pc" (predictor-corrector, Song et al. 2021) or
-  # "annealed_langevin" (Song & Ermon 2019 on the DDPM noise levels); docs/sampling.md.
+  # "ancestral" (Algorithm 2), "ddim", "pc" (predictor-corrector, Song et al. 2021),
+  # "annealed_langevin" (Song & Ermon 2019 on the DDPM noise levels) or "dpm_solver"
+  # (multistep DPM-Solver++, Lu et al. 2022); docs/sampling.md.
   sampling.method = "ancestral"
   # One group per method, named like it, e.g. --config.sampling.ddim.num_steps=50: its
   # fields and defaults are those of the method's options class in ddpm_jax/samplers/

@@ -10,6 +10,7 @@ copied (the U-Net's own constructor checks, the dataset registry's splits, DDIM'
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable
 
@@ -164,11 +165,14 @@ def check_sampler(config: ml_collections.ConfigDict) -> samplers.SamplerOptions:
     options = samplers.from_config(smp)
   except ValueError as e:
     raise ConfigError(f"sampling.{smp.method}.{e}") from None
+  spec = factories.create_model_spec(config.diffusion)
   for group, nested in samplers.nested(options):
     try:
-      nested.check(int(config.diffusion.num_timesteps))
+      nested.check(int(config.diffusion.num_timesteps), spec)
     except ValueError as e:
-      raise ConfigError(f"sampling.{group}.{e}") from None
+      fields = {f.name for f in dataclasses.fields(nested)}
+      at_field = str(e).split("=")[0] in fields  # "num_steps=0 must ..." names a field.
+      raise ConfigError(f"sampling.{group}{'.' if at_field else ': '}{e}") from None
   if (isinstance(options, samplers.AnnealedLangevinOptions)
       and config.diffusion.beta_schedule == "jsd" and samplers.ddim_timesteps(
           int(config.diffusion.num_timesteps), options.num_steps, options.skip).max()

@@ -200,7 +200,7 @@ def validate_image_size(image_size: int, ch_mult: Sequence[int],
 
 
 class UNet(nn.Module):
-  """DDPM U-Net: ``__call__(x [B,H,W,C] float, t [B] int, *, train) -> [B,H,W,out_ch] float32``.
+  """DDPM U-Net: ``__call__(x [B,H,W,C] float, t [B], *, train) -> [B,H,W,out_ch] float32``.
 
   Attributes follow the official hyper-parameters (paper App. B): base width ``ch``, width
   multipliers ``ch_mult`` per resolution level, ``num_res_blocks`` per level on the way down
@@ -212,7 +212,8 @@ class UNet(nn.Module):
   ``conv_wgrad`` how 3x3 kernel gradients are computed: "xla" (XLA's own), "taps"
   (models/conv.py, one matmul per tap; faster on an AVX2 CPU with YNNPACK convolutions) or
   "auto" (XLA's own, the faster on every host measured with ddpm_jax.xla_flags'
-  defaults). Neither attn_impl nor conv_wgrad changes the parameters.
+  defaults). Neither attn_impl nor conv_wgrad changes the parameters. ``t`` holds the
+  0-based timesteps, integer or floating (a continuous-time solver's non-integer t).
   """
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 2, 2)

@@ -6,6 +6,7 @@ function that takes the options as keywords.
   ddim_sample          DDIM (ddim.py)
   pc_sample            predictor-corrector with a Langevin corrector (langevin.py)
   annealed_langevin_sample  NCSN's annealed Langevin dynamics (langevin.py)
+  dpm_solver_sample    multistep DPM-Solver++ of the probability-flow ODE (dpm_solver.py)
   interpolate, slerp   latent-space interpolation (interpolation.py)
 
 `generate(schedule, model_fn, rng, shape, options, spec=spec)` runs the method of an options
@@ -19,6 +20,7 @@ from ddpm_jax.samplers.ancestral import AncestralOptions, ancestral_sample, ance
 from ddpm_jax.samplers.base import ModelFn, ModelSpec, SamplerOptions, to_uint8
 from ddpm_jax.samplers.ddim import (DDIM_SKIPS, DDIMOptions, ddim_sample, ddim_step,
                                     ddim_timesteps)
+from ddpm_jax.samplers.dpm_solver import DPMSolverOptions, dpm_solver_sample
 from ddpm_jax.samplers.interpolation import interpolate, slerp
 from ddpm_jax.samplers.langevin import (AnnealedLangevinOptions, PCOptions,
                                         annealed_langevin_sample, langevin_corrector_step,
@@ -27,9 +29,10 @@ from ddpm_jax.samplers.registry import (METHODS, default_groups, from_config, ge
                                         nested, settings)
 
 __all__ = [
-    "AncestralOptions", "AnnealedLangevinOptions", "DDIMOptions", "DDIM_SKIPS", "METHODS",
-    "ModelFn", "ModelSpec", "PCOptions", "SamplerOptions", "ancestral_sample",
-    "ancestral_step", "annealed_langevin_sample", "ddim_sample", "ddim_step", "ddim_timesteps",
-    "default_groups", "from_config", "generate", "interpolate", "langevin_corrector_step",
-    "nested", "pc_sample", "settings", "slerp", "to_uint8",
+    "AncestralOptions", "AnnealedLangevinOptions", "DDIMOptions", "DDIM_SKIPS",
+    "DPMSolverOptions", "METHODS", "ModelFn", "ModelSpec", "PCOptions", "SamplerOptions",
+    "ancestral_sample", "ancestral_step", "annealed_langevin_sample", "ddim_sample",
+    "ddim_step", "ddim_timesteps", "default_groups", "dpm_solver_sample", "from_config",
+    "generate", "interpolate", "langevin_corrector_step", "nested", "pc_sample", "settings",
+    "slerp", "to_uint8",
 ]

@@ -23,8 +23,8 @@ class AncestralOptions:
   # Clip the x_0 estimate to [-1, 1] before forming the posterior mean (official code).
   clip_denoised: bool = True
 
-  def check(self, num_timesteps: int) -> None:
-    del num_timesteps  # Every T has its chain.
+  def check(self, num_timesteps: int, spec: ModelSpec) -> None:
+    del num_timesteps, spec  # Every T and model output has its chain.
 
   def nfe(self, num_timesteps: int) -> int:
     return num_timesteps

@@ -67,8 +67,9 @@ class SamplerOptions(Protocol):
   method's name and group."""
   method: ClassVar[str]
 
-  def check(self, num_timesteps: int) -> None:
-    """ValueError naming the first bad field, its value and what is allowed."""
+  def check(self, num_timesteps: int, spec: ModelSpec) -> None:
+    """ValueError naming the first bad field, its value and what is allowed (or what of
+    the model ``spec`` the method cannot sample)."""
 
   def nfe(self, num_timesteps: int) -> int:
     """Network evaluations per sample."""

@@ -32,7 +32,8 @@ class DDIMOptions:
   skip: str = "uniform"  # The timestep grid: "uniform" or "quad" (DDIM's CIFAR-10 grid).
   clip_denoised: bool = True
 
-  def check(self, num_timesteps: int) -> None:
+  def check(self, num_timesteps: int, spec: ModelSpec) -> None:
+    del spec  # Every mean type has its x_0 and eps estimates.
     base.check_positive("eta", self.eta, allow_zero=True)
     ddim_timesteps(num_timesteps, self.num_steps, self.skip)
 
@@ -104,7 +105,7 @@ def ddim_loop(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax
               x_init: jnp.ndarray | None = None) -> jnp.ndarray:
   """DDIM from x_T (drawn from rng, or ``x_init``) to x_0 over the options' grid, one scan."""
   shape = base.check_shape(shape)
-  options.check(schedule.num_timesteps)
+  options.check(schedule.num_timesteps, spec)
   steps, prev_steps = ddim_pairs(schedule.num_timesteps, options.num_steps, options.skip)
   x_start = base.initial_noise(rng, shape, x_init)
   _, step_key = base.noise_keys(rng)

@@ -51,11 +51,11 @@ class PCOptions:
   corrector_steps: int = 1
   snr: float = 0.16
 
-  def check(self, num_timesteps: int) -> None:
+  def check(self, num_timesteps: int, spec: ModelSpec) -> None:
     if not isinstance(self.predictor, tuple(PREDICTORS.values())):
       raise ValueError(f"predictor={self.predictor!r} is unknown; allowed: "
                        f"{', '.join(PREDICTORS)}.")
-    self.predictor.check(num_timesteps)
+    self.predictor.check(num_timesteps, spec)
     base.check_int("corrector_steps", self.corrector_steps, 0)
     if self.corrector_steps:
       base.check_positive("snr", self.snr)
@@ -82,7 +82,8 @@ class AnnealedLangevinOptions:
   langevin_steps: int = 2
   langevin_step_size: float = 2e-5
 
-  def check(self, num_timesteps: int) -> None:
+  def check(self, num_timesteps: int, spec: ModelSpec) -> None:
+    del spec  # Every mean type implies a score.
     ddim_timesteps(num_timesteps, self.num_steps, self.skip)
     base.check_int("langevin_steps", self.langevin_steps, 1)
     base.check_positive("langevin_step_size", self.langevin_step_size)
@@ -154,7 +155,7 @@ def pc_loop(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.A
   corrector_steps=0 it is the predictor's sampler draw for draw.
   """
   shape = base.check_shape(shape)
-  options.check(schedule.num_timesteps)
+  options.check(schedule.num_timesteps, spec)
   predictor = options.predictor
   if isinstance(predictor, AncestralOptions):
     levels = jnp.arange(schedule.num_timesteps - 1, -1, -1, dtype=jnp.int32)
@@ -212,7 +213,7 @@ def annealed_langevin_loop(schedule: diffusion.DiffusionSchedule, model_fn: Mode
   Every level needs abar_t > 0.
   """
   shape = base.check_shape(shape)
-  options.check(schedule.num_timesteps)
+  options.check(schedule.num_timesteps, spec)
   ladder = ddim_timesteps(schedule.num_timesteps, options.num_steps, options.skip)[::-1]
   entered_from = np.concatenate([ladder[:1], ladder[:-1]])  # The top level: itself.
   init_key, _ = base.noise_keys(rng)

@@ -22,10 +22,11 @@ from ddpm_jax.samplers import base
 from ddpm_jax.samplers.ancestral import AncestralOptions
 from ddpm_jax.samplers.base import ModelFn, ModelSpec, SamplerOptions
 from ddpm_jax.samplers.ddim import DDIMOptions
+from ddpm_jax.samplers.dpm_solver import DPMSolverOptions
 from ddpm_jax.samplers.langevin import AnnealedLangevinOptions, PCOptions
 
 METHODS: dict[str, type] = {o.method: o for o in (
-    AncestralOptions, DDIMOptions, PCOptions, AnnealedLangevinOptions)}
+    AncestralOptions, DDIMOptions, PCOptions, AnnealedLangevinOptions, DPMSolverOptions)}
 
 
 def generate(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.Array,
@@ -35,7 +36,7 @@ def generate(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.
   if type(options) not in METHODS.values():
     raise ValueError(f"options of type {type(options).__name__} are no sampler's; allowed: "
                      f"{', '.join(o.__name__ for o in METHODS.values())}.")
-  options.check(schedule.num_timesteps)
+  options.check(schedule.num_timesteps, spec)
   return options.sample(schedule, model_fn, rng, base.check_shape(shape), spec)
 
 
