@@ -1,5 +1,6 @@
-"""Sampler benchmark: images/s of ancestral (Algorithm 2) and DDIM sampling, and the scan
-overhead, i.e. the time per sampler step over the time of one forward pass of the same batch.
+"""Sampler benchmark: images/s of the samplers (ancestral, DDIM, DPM-Solver++, ...), and the
+scan overhead, i.e. the time per network evaluation over the time of one forward pass of
+the same batch.
 
   python -m bench.bench_sampler --config=configs/cifar10.py --config.sampling.batch_size=256 \
       --methods=ancestral,ddim [--config.diffusion.num_timesteps=50] [--out=...]
