@@ -11,6 +11,11 @@ excluded. The samples are then scored like --mode=eval (sample_quality.evaluate_
 the config's feature network, against eval.fid_reference_split; the reference statistics
 and the classifier are cached under the workdir's eval/cache). Prints one JSON line per
 row; nothing is asserted.
+
+With --samples_dir each row's uint8 samples are kept there as <row>_n<N>.npz, and every
+row is also compared with the samples of --ode_reference (default ddim1000, any N) found
+there: the same x_T, so the RMS difference in pixel levels (0..255) over their common
+samples is how far a solver lands from the finely solved ODE, whatever the model's FID.
 """
 
 from __future__ import annotations
@@ -66,6 +71,8 @@ flags.DEFINE_string("workdir", None, "A trained workdir (its latest EMA weights 
 flags.DEFINE_integer("num_samples", 1000, "Samples per row.")
 flags.DEFINE_list("rows", TABLE, f"Rows to run, from: {', '.join(ROWS)}.")
 flags.DEFINE_string("out", "", "Also append the JSON lines to this file.")
+flags.DEFINE_string("samples_dir", "", "Keep each row's samples here (and compare rows).")
+flags.DEFINE_string("ode_reference", "ddim1000", "The row the others are compared with.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -102,6 +109,20 @@ def sample_timed(config: Any, params: Any, num: int) -> tuple[np.ndarray, float,
   return np.concatenate(out)[:num], first_call_s, rate
 
 
+def ode_distance(samples: np.ndarray) -> dict[str, Any]:
+  """RMS pixel difference (0..255) to the --ode_reference samples kept in --samples_dir."""
+  found = sorted(f for f in os.listdir(FLAGS.samples_dir)
+                 if f.startswith(FLAGS.ode_reference + "_n") and f.endswith(".npz"))
+  if not found:
+    return {}
+  with np.load(os.path.join(FLAGS.samples_dir, found[-1])) as saved:
+    reference = saved["samples"]
+  n = min(len(reference), len(samples))
+  diff = samples[:n].astype(np.float64) - reference[:n].astype(np.float64)
+  return {"ode_reference": FLAGS.ode_reference,
+          "ode_rms_levels": float(np.sqrt(np.mean(diff**2))), "ode_compared": n}
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -116,6 +137,12 @@ def main(argv: list[str]) -> None:
     options = samplers.from_config(config.sampling)
     samples, first_call_s, rate = sample_timed(config, params, FLAGS.num_samples)
     scores = sample_quality.evaluate_samples(samples, config, cache_dir=cache)
+    distance = {}
+    if FLAGS.samples_dir:
+      os.makedirs(FLAGS.samples_dir, exist_ok=True)
+      np.savez(os.path.join(FLAGS.samples_dir, f"{name}_n{FLAGS.num_samples}.npz"),
+               samples=samples)
+      distance = ode_distance(samples)
     record = {"bench": "sampler_quality", "row": name, "step": step,
               "sampler": samplers.settings(options),
               "nfe": options.nfe(int(config.diffusion.num_timesteps)),
@@ -125,7 +152,7 @@ def main(argv: list[str]) -> None:
               "inception_score": scores["inception_score"],
               "inception_score_std": scores["inception_score_std"],
               "feature_network": scores["feature_network"],
-              "num_reference": scores["num_reference"]}
+              "num_reference": scores["num_reference"], **distance}
     record.update(common.machine())
     common.emit(record, FLAGS.out)
 
