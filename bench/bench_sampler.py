@@ -1,13 +1,15 @@
-"""Sampler benchmark: images/s of ancestral (Algorithm 2) and DDIM sampling, and the scan
-overhead, i.e. the time per sampler step over the time of one forward pass of the same batch.
+"""Sampler benchmark: images/s of the samplers (ancestral, DDIM, DPM-Solver++, ...), and the
+scan overhead, i.e. the time per network evaluation over the time of one forward pass of
+the same batch.
 
   python -m bench.bench_sampler --config=configs/cifar10.py --config.sampling.batch_size=256 \
       --methods=ancestral,ddim [--config.diffusion.num_timesteps=50] [--out=...]
 
-Uses the pmapped sampler of training and --mode=sample (generation.make_p_sample) with freshly
-initialised parameters (speed does not depend on their values). ``config.sampling.batch_size``
-is the global batch; ancestral sampling runs all ``diffusion.num_timesteps`` steps, DDIM
-``sampling.num_steps``. Prints one JSON object per method: median of ``--repeats`` full
+Uses the pmapped sampler of training and --mode=sample (generation.make_pmapped_sampler)
+with freshly initialised parameters (speed does not depend on their values).
+``config.sampling.batch_size`` is the global batch; each method runs with its config group
+(e.g. ``--config.sampling.ddim.num_steps``) and reports its network evaluations per sample
+(``sampler_steps``). Prints one JSON object per method: median of ``--repeats`` full
 sampler calls after one warm-up call. Nothing is asserted.
 """
 
@@ -22,7 +24,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from bench import common
-from ddpm_jax import (config_checks, factories, generation, parallel, sampling,
+from ddpm_jax import (config_checks, factories, generation, parallel, samplers,
                       train_state)
 
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -37,9 +39,9 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  bad = sorted(set(FLAGS.methods) - set(sampling.SAMPLING_METHODS))
+  bad = sorted(set(FLAGS.methods) - set(samplers.METHODS))
   if bad or FLAGS.repeats < 1 or FLAGS.forward_repeats < 1:
-    raise app.UsageError(f"--methods={FLAGS.methods} (allowed {sampling.SAMPLING_METHODS}), "
+    raise app.UsageError(f"--methods={FLAGS.methods} (allowed {list(samplers.METHODS)}), "
                          f"--repeats={FLAGS.repeats}, --forward_repeats={FLAGS.forward_repeats}.")
   config = FLAGS.config
   config_checks.check_config(config, "sample")
@@ -65,9 +67,8 @@ def main(argv: list[str]) -> None:
     config.unlock()
     config.sampling.method = method
     config.lock()
-    steps = (int(config.diffusion.num_timesteps) if method == "ancestral"
-             else int(config.sampling.num_steps))
-    p_sample = generation.make_p_sample(config, model, schedule, per_device)
+    steps = samplers.from_config(config.sampling).nfe(int(config.diffusion.num_timesteps))
+    p_sample = generation.make_pmapped_sampler(config, model, schedule, per_device)
     rng = jax.random.key(0)
     start = time.perf_counter()
     jax.block_until_ready(p_sample(p_params, rng))

@@ -104,9 +104,9 @@ def config_flags() -> list[str]:
       f"--config.training.checkpoint_every_steps={steps}",
       f"--config.training.log_every_steps={min(50, steps)}",
       "--config.training.sample_every_steps=0",
-      "--config.sampling.method=ddim", f"--config.sampling.num_steps={FLAGS.ddim_steps}",
-      f"--config.sampling.eta={FLAGS.eta}",
-      f"--config.sampling.ddim_clip_denoised={FLAGS.clip_x0}",
+      "--config.sampling.method=ddim", f"--config.sampling.ddim.num_steps={FLAGS.ddim_steps}",
+      f"--config.sampling.ddim.eta={FLAGS.eta}",
+      f"--config.sampling.ddim.clip_denoised={FLAGS.clip_x0}",
       f"--config.sampling.num_samples={FLAGS.num_samples}",
       f"--config.sampling.batch_size={min(FLAGS.sample_batch, FLAGS.num_samples)}",
       f"--config.sampling.seed={FLAGS.sample_seed}"]
@@ -139,9 +139,10 @@ def score_samples(samples: np.ndarray, config: Any, cache_dir: str) -> dict[str,
 def classifier_logits(samples: np.ndarray, config: Any, cache_dir: str) -> np.ndarray:
   """Adapter (ddpm_jax.evaluation: the cached classifier feature network): class logits
   [N, K] of the samples under the classifier that scores them."""
-  from ddpm_jax.evaluation import fid, sample_quality  # pylint: disable=import-outside-toplevel
+  from ddpm_jax.evaluation import features as features_lib  # pylint: disable=import-outside-toplevel
+  from ddpm_jax.evaluation import sample_quality  # pylint: disable=import-outside-toplevel
   extractor = sample_quality.get_feature_extractor(config, cache_dir=cache_dir)
-  _, logits = fid.extract_features(extractor, samples, int(config.eval.batch_size))
+  _, logits = features_lib.extract_features(extractor, samples, int(config.eval.batch_size))
   return logits
 
 

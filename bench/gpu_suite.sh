@@ -7,7 +7,8 @@
 #
 # 1. train steps/s, MFU and peak memory at global batch 128 (median of 50 steps);
 # 2. 256 samples with 1000 ancestral steps (seconds; scan overhead vs one forward pass);
-# 3. the settings that may pay there: steps_per_call 4 and 8, explicit attention, remat.
+# 3. 256 samples with DPM-Solver++ 2M at 20 network evaluations (images/s);
+# 4. the settings that may pay there: steps_per_call 4 and 8, explicit attention, remat.
 set -euo pipefail
 OUT="${1:-bench/results/gpu.jsonl}"
 CFG=(--config=configs/cifar10.py --config.model.dtype=bfloat16 --config.training.batch_size=128)
@@ -17,6 +18,10 @@ train
 timeout 300 python -m bench.bench_sampler --config=configs/cifar10.py \
     --config.model.dtype=bfloat16 --config.sampling.batch_size=256 --methods=ancestral \
     --repeats=2 --out="$OUT" || echo "failed: sampler" >&2
+timeout 120 python -m bench.bench_sampler --config=configs/cifar10.py \
+    --config.model.dtype=bfloat16 --config.sampling.batch_size=256 --methods=dpm_solver \
+    --config.sampling.dpm_solver.num_steps=20 --repeats=3 --out="$OUT" \
+    || echo "failed: dpm_solver" >&2
 train --config.training.steps_per_call=4
 train --config.training.steps_per_call=8
 train --config.model.attn_impl=explicit

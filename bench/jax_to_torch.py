@@ -23,80 +23,27 @@ import torch
 from ddpm_jax import diffusion
 from ddpm_jax import factories
 from ddpm_jax import input_pipeline
-from ddpm_jax import reverse_steps
+from ddpm_jax import pretrained
 from ddpm_jax import rng as rng_lib
-from ddpm_jax import sampling
+from ddpm_jax import samplers
 from ddpm_jax import train_state as train_state_lib
 from ddpm_jax import train_step as train_step_lib
 
-# diffusers' names of the layers inside a res block and an attention block -> ddpm_jax's.
-_RESNET = {"norm1": "norm_0", "conv1": "conv_0", "time_emb_proj": "temb_proj",
-           "norm2": "norm_1", "conv2": "conv_1", "conv_shortcut": "nin_shortcut"}
-_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
-              "to_out.0": "proj_out"}
-_TOP = {"time_embedding.linear_1": "temb_dense_0", "time_embedding.linear_2": "temb_dense_1",
-        "conv_in": "conv_in", "conv_norm_out": "norm_out", "conv_out": "conv_out"}
-
-
-def jax_module(torch_module: str, levels: int) -> tuple[str, ...]:
-  """The ddpm_jax parameter path of a UNet2DModel layer, e.g. 'up_blocks.0.resnets.1.conv2'
-  -> ('up_2_block_1', 'conv_1') for 3 levels (diffusers numbers up blocks top-down)."""
-  if torch_module in _TOP:
-    return (_TOP[torch_module],)
-  parts = torch_module.split(".")
-  inner = ".".join(parts[4:]) if parts[0] != "mid_block" else ".".join(parts[3:])
-  if parts[0] == "mid_block":
-    if parts[1] == "resnets":
-      return (f"mid_block_{parts[2]}", _RESNET[inner])
-    return ("mid_attn", _ATTENTION[inner])
-  direction, block, kind, index = parts[0], int(parts[1]), parts[2], parts[3]
-  level = block if direction == "down_blocks" else levels - 1 - block
-  prefix = "down" if direction == "down_blocks" else "up"
-  if kind == "resnets":
-    return (f"{prefix}_{level}_block_{index}", _RESNET[inner])
-  if kind == "attentions":
-    return (f"{prefix}_{level}_attn_{index}", _ATTENTION[inner])
-  if kind in ("downsamplers", "upsamplers") and inner == "conv":
-    return (f"{prefix}_{level}_{kind[:-len('samplers')]}sample", "conv")
-  raise KeyError(f"no ddpm_jax layer for diffusers layer {torch_module!r}")
-
-
-def to_torch_layout(value: np.ndarray, torch_shape: tuple[int, ...]) -> np.ndarray:
-  """A flax leaf in the layout of the torch tensor: HWIO -> OIHW, [in, out] -> [out, in]
-  (a Dense used as 1x1 conv -> [out, in, 1, 1]); scales and biases as they are."""
-  value = np.array(value, np.float32)  # A writable copy.
-  if value.ndim == 4:
-    value = value.transpose(3, 2, 0, 1)
-  elif value.ndim == 2:
-    value = value.T
-    if len(torch_shape) == 4:
-      value = value[:, :, None, None]
-  if value.shape != tuple(torch_shape):
-    raise ValueError(f"converted shape {value.shape} != torch shape {tuple(torch_shape)}")
-  return value
-
-
-def torch_state_dict(params: Any, model: torch.nn.Module, levels: int) -> dict[str, torch.Tensor]:
-  """ddpm_jax parameters as a state dict of ``model`` (a UNet2DModel of the same layout);
-  every torch tensor is filled and every flax leaf used exactly once."""
-  used, state = set(), {}
-  for name, tensor in model.state_dict().items():
-    module, leaf = name.rsplit(".", 1)
-    path = jax_module(module, levels)
-    node = params
-    for key in path:
-      node = node[key]
-    flax_leaf = {"weight": "scale" if "scale" in node else "kernel", "bias": "bias"}[leaf]
-    state[name] = torch.from_numpy(to_torch_layout(node[flax_leaf], tuple(tensor.shape)))
-    used.add(path + (flax_leaf,))
-  total = len(jax.tree.leaves(params))
-  if len(used) != total:
-    raise ValueError(f"{total - len(used)} of {total} ddpm_jax parameters have no torch tensor")
+def torch_state_dict(params: Any, model: torch.nn.Module,
+                     config: Any) -> dict[str, torch.Tensor]:
+  """ddpm_jax parameters (or any tree of their structure, e.g. gradients) as a state dict of
+  ``model`` (a UNet2DModel of config's layout), by ddpm_jax.pretrained's mapping; every torch
+  tensor is filled and every flax leaf used exactly once."""
+  state = {k: torch.from_numpy(v) for k, v in pretrained.diffusers_tensors(params, config).items()}
+  expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+  if {k: tuple(v.shape) for k, v in state.items()} != expected:
+    raise ValueError(f"ddpm_jax's tensors {sorted(set(state) ^ set(expected))[:3]} or their "
+                     "shapes do not match the torch model's")
   return state
 
 
-def load_into_torch(model: torch.nn.Module, params: Any, levels: int) -> None:
-  model.load_state_dict(torch_state_dict(params, model, levels), strict=True)
+def load_into_torch(model: torch.nn.Module, params: Any, config: Any) -> None:
+  model.load_state_dict(torch_state_dict(params, model, config), strict=True)
 
 
 def initial_params(config: Any) -> Any:
@@ -141,13 +88,13 @@ class StepDraws:
 def sample_init(config: Any, batch_index: int, num_devices: int) -> torch.Tensor:
   """x_T of sampling batch ``batch_index`` as generation.generate_samples draws it on
   ``num_devices`` devices: device d takes fold_in(batch_key(seed, i), d), then the x_T key
-  of reverse_steps.noise_keys. Returns [sampling.batch_size, C, H, W]."""
+  of samplers.base.noise_keys. Returns [sampling.batch_size, C, H, W]."""
   size, channels = int(config.data.image_size), int(config.data.num_channels)
   per_device = int(config.sampling.batch_size) // num_devices
   key = rng_lib.batch_key(int(config.sampling.seed), batch_index)
   parts = []
   for device in range(num_devices):
-    init_key, _ = reverse_steps.noise_keys(jax.random.fold_in(key, device))
+    init_key, _ = samplers.base.noise_keys(jax.random.fold_in(key, device))
     parts.append(jax.random.normal(init_key, (per_device, size, size, channels), jnp.float32))
   return nhwc_to_torch(np.concatenate(parts))
 
@@ -164,8 +111,7 @@ def equivalence(config: Any, model: torch.nn.Module, params: Any, images: np.nda
   (max abs difference, also relative to the largest gradient entry); then ``ddim_batch``
   DDIM samples (config.sampling's steps, eta 0, unclipped as the reference) from one x_T
   by ddpm_jax.sampling and by the torch DDIM ``ddim_fn(x_T)`` (NCHW)."""
-  levels = len(config.model.ch_mult)
-  load_into_torch(model, params, levels)
+  load_into_torch(model, params, config)
   jax_model = factories.create_model(config)
   apply = lambda p, x, t: jax_model.apply({"params": p}, x, t, train=False)
   t, noise, _ = StepDraws(config)(0)
@@ -185,21 +131,21 @@ def equivalence(config: Any, model: torch.nn.Module, params: Any, images: np.nda
   loss_t = torch.nn.functional.mse_loss(out_t, noise)
   loss_t.backward()
   grads_t = {n: p.grad.numpy() for n, p in model.named_parameters()}
-  grads_j = torch_state_dict(grads_j, model, levels)
+  grads_j = torch_state_dict(grads_j, model, config)
   grad_diff = max(_max_abs(grads_t[n], grads_j[n].numpy()) for n in grads_t)
   grad_scale = max(float(np.max(np.abs(g))) for g in grads_t.values())
 
   smp = config.sampling
   x_init = jax.random.normal(jax.random.key(int(smp.seed)),
                              (ddim_batch,) + tuple(x0.shape[1:]), jnp.float32)
-  x_jax = sampling.ddim_sample(
+  x_jax = samplers.ddim_sample(
       schedule, lambda x, tt: apply(params, x, tt), jax.random.key(0), tuple(x_init.shape),
-      num_steps=int(smp.num_steps), eta=0.0, model_mean_type="eps", clip_denoised=False,
+      num_steps=int(smp.ddim.num_steps), eta=0.0, model_mean_type="eps", clip_denoised=False,
       x_init=x_init)
   model.eval()
   with torch.no_grad():
     x_torch = ddim_fn(nhwc_to_torch(x_init)).permute(0, 2, 3, 1).numpy()
-  to_uint8 = lambda x: np.asarray(sampling.to_uint8(jnp.asarray(x)))
+  to_uint8 = lambda x: np.asarray(samplers.to_uint8(jnp.asarray(x)))
   return {"output_max_abs_diff": _max_abs(out_t.detach().permute(0, 2, 3, 1).numpy(), out_j),
           "output_max_abs": float(np.max(np.abs(np.asarray(out_j)))),
           "loss_jax": float(loss_j), "loss_torch": float(loss_t.detach()),

@@ -23,7 +23,7 @@ Modes:
   python -m bench.torch_reference --mode=train_sample --workdir=/tmp/torch_fm \
       --config=configs/fashion_mnist.py --config.data.random_flip=False \
       --config.training.num_train_steps=30 --config.sampling.method=ddim \
-      --config.sampling.num_steps=100 --config.sampling.num_samples=64
+      --config.sampling.ddim.num_steps=100 --config.sampling.num_samples=64
 
   # The same, but from ddpm_jax's initial parameters and with ddpm_jax's t, noise and x_T
   # (bench/jax_to_torch.py): only the implementations differ.
@@ -71,7 +71,7 @@ flags.DEFINE_integer("steps", 5, "bench: timed train steps (the median is report
 flags.DEFINE_integer("warmup", 1, "bench: untimed train steps first.")
 flags.DEFINE_integer("threads", 2, "torch.set_num_threads.")
 flags.DEFINE_enum("sampler", "own", SAMPLERS,
-                  "own: this file's DDIM (the grid and formulas of ddpm_jax.sampling); "
+                  "own: this file's DDIM (the grid and formulas of ddpm_jax.samplers.ddim); "
                   "diffusers: DDIMScheduler with the same grid, for reference.")
 flags.DEFINE_enum("init", "ddpm", INITS,
                   "ddpm: ddpm_jax's initialisation (variance_scaling fan_avg uniform, zero "
@@ -94,31 +94,13 @@ FLAGS = flags.FLAGS
 # ----------------------------------------------------------------------------- the layout
 
 def unet_kwargs(config: Any) -> dict[str, Any]:
-  """UNet2DModel arguments equivalent to config.model / config.data (ddpm_jax's U-Net).
-
-  Attention after every res block of the levels whose resolution is in attn_resolutions
-  (Attn*Block2D) and always in the middle; one head of width C; timestep sinusoids laid out
-  sin-then-cos with frequencies exp(-log(1e4) i / (ch/2 - 1)) (flip_sin_to_cos=False,
-  freq_shift=1); GroupNorm eps 1e-6; strided-conv down-sampling with TF-'SAME' padding
-  (downsample_padding=0 pads right/bottom); nearest up-sampling + conv.
-  """
-  model, data = config.model, config.data
-  if not bool(model.resamp_with_conv):
-    raise ValueError("model.resamp_with_conv=False has no diffusers equivalent here.")
+  """UNet2DModel arguments equivalent to config.model / config.data (ddpm_jax's U-Net):
+  ddpm_jax.pretrained_names.diffusers_config, the config ddpm_jax exports with. This
+  trainer does not train a learned variance (2C outputs)."""
+  from ddpm_jax import pretrained_names  # pylint: disable=import-outside-toplevel
   if config.diffusion.model_var_type in ("learned", "learned_range"):
     raise ValueError("a learned variance (2C outputs) is not mapped; use fixedlarge/fixedsmall.")
-  size, levels = int(data.image_size), len(model.ch_mult)
-  attn = {int(r) for r in model.attn_resolutions}
-  has_attn = [size // 2**i in attn for i in range(levels)]
-  return dict(
-      sample_size=size, in_channels=int(data.num_channels), out_channels=int(data.num_channels),
-      block_out_channels=tuple(int(model.ch) * int(m) for m in model.ch_mult),
-      layers_per_block=int(model.num_res_blocks),
-      down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in has_attn),
-      up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)),
-      dropout=float(model.dropout), norm_num_groups=int(model.num_groups), norm_eps=1e-6,
-      attention_head_dim=None, freq_shift=1, flip_sin_to_cos=False, downsample_padding=0,
-      act_fn="silu", time_embedding_type="positional", mid_block_scale_factor=1)
+  return pretrained_names.diffusers_config(config)
 
 
 def ddpm_init_(model: torch.nn.Module) -> None:
@@ -320,8 +302,7 @@ def run_train_sample(config: Any) -> None:
     from bench import jax_to_torch  # pylint: disable=import-outside-toplevel
     import jax  # pylint: disable=import-outside-toplevel
     model = build_model(config, "torch")
-    jax_to_torch.load_into_torch(model, jax_to_torch.initial_params(config),
-                                 len(config.model.ch_mult))
+    jax_to_torch.load_into_torch(model, jax_to_torch.initial_params(config), config)
     draws = jax_to_torch.StepDraws(config)
     x_init = lambda i: jax_to_torch.sample_init(config, i, jax.device_count())
   else:
@@ -363,18 +344,19 @@ def run_equivalence(config: Any) -> None:
   samples compared (jax_to_torch.equivalence); one JSON line."""
   from bench import jax_to_torch  # pylint: disable=import-outside-toplevel
   if FLAGS.jax_workdir:
-    from ddpm_jax import sample as sample_lib  # pylint: disable=import-outside-toplevel
-    params, step = sample_lib.restore_ema_params(config, FLAGS.jax_workdir)
+    from ddpm_jax import checkpointing  # pylint: disable=import-outside-toplevel
+    params, step = checkpointing.restore_ema_params(config, FLAGS.jax_workdir,
+                                                    int(config.sampling.checkpoint_step))
     source = f"EMA parameters of {FLAGS.jax_workdir} at step {step}"
   else:
     params, source = jax_to_torch.initial_params(config), "initial parameters"
   smp, abar = config.sampling, alphas_cumprod(config.diffusion)
   model = build_model(config, "torch")
-  ddim = lambda x: ddim_own(model, x, abar, int(smp.num_steps), 0.0, False, torch.Generator())
+  ddim = lambda x: ddim_own(model, x, abar, int(smp.ddim.num_steps), 0.0, False, torch.Generator())
   result = jax_to_torch.equivalence(config, model, params, next(ddpm_jax_train_batches(config)),
                                     FLAGS.ddim_batch, ddim)
   emit({"bench": "torch_equivalence", "params": source, "num_params": num_params(model),
-        "ddim_steps": int(smp.num_steps), **result, **environment()})
+        "ddim_steps": int(smp.ddim.num_steps), **result, **environment()})
 
 
 def main(argv: list[str]) -> None:

@@ -94,11 +94,11 @@ def generate(model: torch.nn.Module, config: Any, sampler: str,
     x = (torch.randn((n,) + shape, generator=generator) if x_init is None
          else x_init(len(out))[:n])
     if sampler == "own":
-      x = ddim_own(model, x, abar, int(smp.num_steps), float(smp.eta),
-                   bool(smp.ddim_clip_denoised), generator)
+      x = ddim_own(model, x, abar, int(smp.ddim.num_steps), float(smp.ddim.eta),
+                   bool(smp.ddim.clip_denoised), generator)
     else:
-      x = ddim_diffusers(model, x, config.diffusion, int(smp.num_steps), float(smp.eta),
-                         bool(smp.ddim_clip_denoised), generator)
+      x = ddim_diffusers(model, x, config.diffusion, int(smp.ddim.num_steps), float(smp.ddim.eta),
+                         bool(smp.ddim.clip_denoised), generator)
     out.append(to_uint8(x))
     remaining -= n
   return np.concatenate(out)

@@ -6,6 +6,8 @@ field is overridable on the command line, e.g. `--config.training.batch_size=64`
 
 import ml_collections
 
+from ddpm_jax import samplers
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -86,30 +88,19 @@ def get_config() -> ml_collections.ConfigDict:
   training.profile_start_step = 100
   training.profile_num_steps = 0
 
-  # Sampling (--mode=sample, and the grids written during training).
+  # Sampling (--mode=sample, the grids written during training and the FID samples).
   config.sampling = sampling = ml_collections.ConfigDict()
-  # "ancestral" (Algorithm 2), "ddim", "pc" (predictor-corrector, Song et al. 2021) or
-  # "annealed_langevin" (Song & Ermon 2019 on the DDPM noise levels); docs/sampling.md.
+  # "ancestral" (Algorithm 2), "ddim", "pc" (predictor-corrector, Song et al. 2021),
+  # "annealed_langevin" (Song & Ermon 2019 on the DDPM noise levels) or "dpm_solver"
+  # (multistep DPM-Solver++, Lu et al. 2022); docs/sampling.md.
   sampling.method = "ancestral"
-  sampling.clip_denoised = True  # Ancestral: clip the x_0 estimate to [-1, 1] (official code).
-  # DDIM steps; also the number of noise levels of "pc" with the "ddim" predictor and of
-  # "annealed_langevin". Ancestral (and "pc" with the "ancestral" predictor) runs all T steps.
-  sampling.num_steps = 1000
-  sampling.eta = 0.0  # DDIM (and the "ddim" predictor): 0 deterministic, 1 ancestral noise.
-  # DDIM timesteps, also the level ladder of "pc"/"ddim" and "annealed_langevin": "uniform"
-  # or "quad" (DDIM's CIFAR-10 grid).
-  sampling.ddim_skip = "uniform"
-  sampling.ddim_clip_denoised = False  # DDIM: False as its reference code; True clips x_0.
-  sampling.predictor = "ancestral"  # "pc": the predictor step, "ancestral" or "ddim".
-  sampling.corrector_steps = 1  # "pc": Langevin corrector steps per noise level (0: none).
-  # "pc": the corrector's target signal-to-noise ratio r (score_sde's 0.16; 0.32 was best
-  # on the Fashion-MNIST quick start, docs/sampling.md).
-  sampling.snr = 0.16
-  sampling.langevin_steps = 2  # "annealed_langevin": Langevin steps per noise level.
-  # "annealed_langevin": NCSN's step size epsilon at the smallest noise level of the ladder
-  # (Song & Ermon 2019: 2e-5 with sigma_L = 0.01, DDPM's sigma at t = 1). With ~100
-  # evaluations per sample it is too small: Fashion-MNIST needed 1e-4 to 2e-4.
-  sampling.langevin_step_size = 2e-5
+  # One group per method, named like it, e.g. --config.sampling.ddim.num_steps=50: its
+  # fields and defaults are those of the method's options class in ddpm_jax/samplers/
+  # (listed in docs/sampling.md); "pc" takes its predictor's settings from that group.
+  sampling.update(samplers.default_groups())
+  # DDIM as its reference code: eps used as predicted, x_0 not clipped (the published
+  # FIDs); the library default clips x_0 to [-1, 1].
+  sampling.ddim.clip_denoised = False
   sampling.num_samples = 50_000
   sampling.batch_size = 256  # GLOBAL batch per sampler call.
   sampling.checkpoint_step = -1  # -1: the latest checkpoint.

@@ -39,11 +39,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.training.sample_every_steps = 500
   config.training.num_grid_samples = 64
   config.sampling.method = "ddim"
-  config.sampling.num_steps = 100
+  config.sampling.ddim.num_steps = 100
   # Clip DDIM's x0 estimate to [-1, 1], as the ancestral sampler does: after 1,500 steps the
   # estimate often leaves the data range, and unclipped (the DDIM reference code) about a
   # third of the grid saturates into noise.
-  config.sampling.ddim_clip_denoised = True
+  config.sampling.ddim.clip_denoised = True
   config.sampling.batch_size = 64
   config.sampling.num_samples = 10_000
   config.eval.batch_size = 64

@@ -19,13 +19,14 @@ from typing import Any, TypeVar
 import flax.serialization
 from flax import traverse_util
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 from ddpm_jax import hosts
+from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.errors import ConfigError, NonFiniteError
-from ddpm_jax.workdir import CHECKPOINT_DIR
 
 CORRUPT_DIR = "checkpoints_corrupt"
 STATE_ITEM, FINGERPRINT_ITEM = "state", "fingerprint"
@@ -75,7 +76,7 @@ class Checkpointer:
       raise ValueError("Checkpointer needs either keep=k (training) or read_only=True")
     self.workdir = workdir
     self.read_only = read_only
-    self.directory = os.path.join(workdir, CHECKPOINT_DIR)
+    self.directory = os.path.join(workdir, workdir_lib.CHECKPOINT_DIR)
     # Synchronous saves: save() waits for the write anyway (a returned save is on disk).
     # Read-only: no folder is created and nothing is ever pruned (max_to_keep=None); save()
     # refuses. (Orbax's own read_only option would log a warning on every open.) Not
@@ -229,6 +230,28 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def restore_ema_params(config: ml_collections.ConfigDict, workdir: str,
+                       step: int) -> tuple[Any, int]:
+  """(EMA parameters of ``step`` (-1: the latest intact one), that step) of a workdir
+  whose config.json fits ``config``, for sampling and evaluation; nothing is written."""
+  workdir = workdir_lib.resolve(workdir)
+  workdir_lib.check_or_write_config(config, workdir, write=False)
+  checkpointer = Checkpointer(workdir, read_only=True)
+  try:
+    return checkpointer.restore_params(step)
+  finally:
+    checkpointer.close()
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of the workdir's checkpoints (read-only)."""
+  checkpointer = Checkpointer(workdir_lib.resolve(workdir), read_only=True)
+  try:
+    return checkpointer.all_steps()
+  finally:
+    checkpointer.close()
 
 
 def _one_line(e: BaseException) -> str:

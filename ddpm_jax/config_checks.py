@@ -10,6 +10,7 @@ copied (the U-Net's own constructor checks, the dataset registry's splits, DDIM'
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable
 
@@ -21,8 +22,7 @@ from ddpm_jax import data_sources
 from ddpm_jax import datasets
 from ddpm_jax import diffusion
 from ddpm_jax import factories
-from ddpm_jax import langevin
-from ddpm_jax import sampling
+from ddpm_jax import samplers
 from ddpm_jax import schedules
 from ddpm_jax import train_state
 from ddpm_jax.errors import ConfigError
@@ -155,31 +155,34 @@ def check_diffusion(diff: ml_collections.ConfigDict) -> None:
                       f"{diff.model_var_type!r}; use 'hybrid' or 'kl'.")
 
 
-def check_sampler(config: ml_collections.ConfigDict) -> None:
-  """config.sampling's sampler (also used by training grids and FID samples)."""
+def check_sampler(config: ml_collections.ConfigDict) -> samplers.SamplerOptions:
+  """config.sampling's method and its group (also used by training grids and FID samples):
+  the options class's own check, reported under the group's name, the innermost method
+  (the predictor of "pc") first."""
   smp = config.sampling
-  method = choice("sampling.method", smp.method, sampling.SAMPLING_METHODS)
-  if method == "pc":
-    choice("sampling.predictor", smp.predictor, langevin.PREDICTORS)
-    integer("sampling.corrector_steps", smp.corrector_steps, 0)
-    number("sampling.snr", smp.snr, 0.0, float("inf"), low_open=True)
-  if method == "annealed_langevin":
-    integer("sampling.langevin_steps", smp.langevin_steps)
-    number("sampling.langevin_step_size", smp.langevin_step_size, 0.0, float("inf"),
-           low_open=True)
-  if method in ("ddim", "annealed_langevin") or (method == "pc" and smp.predictor == "ddim"):
-    # DDIM's step grid, also the noise-level ladder of the score-based samplers.
-    choice("sampling.ddim_skip", smp.ddim_skip, sampling.DDIM_SKIPS)
-    num_timesteps = int(config.diffusion.num_timesteps)
-    ladder = _library_rule("sampling.num_steps", lambda: sampling.ddim_timesteps(
-        num_timesteps, integer("sampling.num_steps", smp.num_steps), smp.ddim_skip))
-    if (method == "annealed_langevin" and config.diffusion.beta_schedule == "jsd"
-        and ladder.max() == num_timesteps - 1):
-      raise ConfigError(f"sampling.method='annealed_langevin' with sampling.num_steps="
-                        f"{smp.num_steps} reaches t=T-1, where the 'jsd' schedule has abar = 0 "
-                        "(an infinite NCSN sigma); use fewer num_steps or another schedule.")
-  number("sampling.eta", smp.eta, 0.0, float("inf"))
+  choice("sampling.method", smp.method, tuple(samplers.METHODS))
+  try:
+    options = samplers.from_config(smp)
+  except ValueError as e:
+    raise ConfigError(f"sampling.{smp.method}.{e}") from None
+  spec = factories.create_model_spec(config.diffusion)
+  for group, nested in samplers.nested(options):
+    try:
+      nested.check(int(config.diffusion.num_timesteps), spec)
+    except ValueError as e:
+      fields = {f.name for f in dataclasses.fields(nested)}
+      at_field = str(e).split("=")[0] in fields  # "num_steps=0 must ..." names a field.
+      raise ConfigError(f"sampling.{group}{'.' if at_field else ': '}{e}") from None
+  if (isinstance(options, samplers.AnnealedLangevinOptions)
+      and config.diffusion.beta_schedule == "jsd" and samplers.ddim_timesteps(
+          int(config.diffusion.num_timesteps), options.num_steps, options.skip).max()
+      == config.diffusion.num_timesteps - 1):
+    raise ConfigError(f"sampling.method='annealed_langevin' with sampling.annealed_langevin."
+                      f"num_steps={options.num_steps} reaches t=T-1, where the 'jsd' schedule "
+                      "has abar = 0 (an infinite NCSN sigma); use fewer num_steps or another "
+                      "schedule.")
   integer("sampling.seed", smp.seed, 0)
+  return options
 
 
 def check_restore(config: ml_collections.ConfigDict) -> None:

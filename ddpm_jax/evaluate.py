@@ -24,10 +24,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from ddpm_jax import checkpointing
 from ddpm_jax import data_sources
 from ddpm_jax import generation
 from ddpm_jax import hosts
-from ddpm_jax import sample
+from ddpm_jax import sample_files
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.evaluation import bpd as bpd_lib
@@ -45,7 +46,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   hosts.agree(lambda: data_sources.prepare(config.data, _splits_read(config)))
   if config.eval.checkpoint_steps:
     return fid_over_training(config, workdir)
-  params, step = sample.restore_ema_params(config, workdir)
+  params, step = checkpointing.restore_ema_params(config, workdir,
+                                                   int(config.sampling.checkpoint_step))
   files = ("bpd.json", "rate_distortion.csv", "rate_distortion.png") + (
       ("fid.json",) if fid_n else ())
   out = workdir_lib.output_dir(workdir, EVAL_DIR, f"step_{step}", files)
@@ -90,7 +92,7 @@ def fid_over_training(config: ml_collections.ConfigDict, workdir: str) -> dict[s
   """FID / IS of the EMA weights at every checkpoint of eval.checkpoint_steps; the paper
   reports the minimum over training checkpoints (App. B). Returns the rows and the best."""
   steps = hosts.agree(lambda: sweep_steps(str(config.eval.checkpoint_steps),
-                                          sample.checkpoint_steps(workdir)))
+                                          checkpointing.checkpoint_steps(workdir)))
   rows = []
   for step in steps:
     out = os.path.join(workdir_lib.resolve(workdir), EVAL_DIR, f"step_{step}")
@@ -99,7 +101,7 @@ def fid_over_training(config: ml_collections.ConfigDict, workdir: str) -> dict[s
       with open(path) as f:
         result = json.load(f)
     else:
-      params, _ = sample.restore_ema_params(config, workdir, step)
+      params, _ = checkpointing.restore_ema_params(config, workdir, step)
       result = _fid(config, workdir, params, step, int(config.eval.fid_num_samples), out)
     rows.append(dict(step=step, fid=result["fid"], inception_score=result["inception_score"]))
     if hosts.is_chief():
@@ -147,12 +149,11 @@ def _samples_for_fid(config: ml_collections.ConfigDict, workdir: str, params: An
   """(samples, where they come from): those of --mode=sample for this step if there are
   enough and the config's sampler made them, otherwise freshly generated (not saved)."""
   settings = generation.sampler_settings(config)
-  npz = sample.samples_path(workdir, step)
+  npz = sample_files.samples_path(workdir, step)
   if os.path.exists(npz):
-    with np.load(npz) as saved:
-      same = all(k in saved and saved[k].item() == v for k, v in settings.items())
-      if same and saved["samples"].shape[0] >= num:
-        return saved["samples"][:num], npz
+    samples, saved_settings = sample_files.read(npz)
+    if saved_settings == settings and samples.shape[0] >= num:
+      return samples[:num], npz
   samples = generation.generate_samples(config, params, num, seed=int(config.sampling.seed))
   return samples, f"generated ({settings})"
 

@@ -12,6 +12,7 @@ import jax
 import ml_collections
 
 from ddpm_jax import diffusion
+from ddpm_jax import samplers
 from ddpm_jax import schedules
 from ddpm_jax.models import unet as unet_lib
 
@@ -23,6 +24,12 @@ def create_schedule(diffusion_config: ml_collections.ConfigDict) -> schedules.Di
                                       beta_start=float(diffusion_config.beta_start),
                                       beta_end=float(diffusion_config.beta_end))
   return schedules.DiffusionSchedule.from_betas(betas)
+
+
+def create_model_spec(diffusion_config: ml_collections.ConfigDict) -> samplers.ModelSpec:
+  """What the network of config.diffusion outputs: its mean and variance types."""
+  return samplers.ModelSpec(str(diffusion_config.model_mean_type),
+                            str(diffusion_config.model_var_type))
 
 
 def create_model(config: ml_collections.ConfigDict) -> unet_lib.UNet:

@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from ddpm_jax.evaluation import fid as fid_lib
+from ddpm_jax.evaluation import features as features_lib
+from ddpm_jax.evaluation import metrics
 from ddpm_jax.evaluation import inception
 
 IS_SPLITS = 10  # As the OpenAI Inception Score code.
@@ -127,20 +128,20 @@ def _chunks(samples: np.ndarray, batch_size: int, label: str) -> Iterator[np.nda
     yield samples[start:start + batch_size]
 
 
-def sample_statistics(extractor: fid_lib.FeatureExtractor, samples: np.ndarray,
+def sample_statistics(extractor: features_lib.FeatureExtractor, samples: np.ndarray,
                       batch_size: int, label: str
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
   """(mu, sigma, logits or None) of uint8 samples, streamed through `extractor`.
 
-  Features are merged batch by batch (`fid_lib.RunningStatistics`, equal to
+  Features are merged batch by batch (`metrics.RunningStatistics`, equal to
   `compute_statistics` of all of them); logits are kept for the Inception Score.
   """
   logger.info("%s: Inception features of %d images (%s), batches of %d", label,
               samples.shape[0], extractor.name, batch_size)
   started = time.monotonic()
-  running = fid_lib.RunningStatistics(extractor.feature_dim)
+  running = metrics.RunningStatistics(extractor.feature_dim)
   logits = []
-  for features, batch_logits in fid_lib.iterate_features(
+  for features, batch_logits in features_lib.iterate_features(
       extractor, _chunks(samples, batch_size, label), batch_size):
     running.update(features)
     if batch_logits is not None:
@@ -153,7 +154,7 @@ def sample_statistics(extractor: fid_lib.FeatureExtractor, samples: np.ndarray,
 
 
 def _feature_extractor_name(a: Source, b: Source,
-                            extractor: fid_lib.FeatureExtractor | None) -> str | None:
+                            extractor: features_lib.FeatureExtractor | None) -> str | None:
   """The one feature extractor behind both inputs (ValueError if recorded names differ).
 
   Statistics files written by --save_stats record the extractor's name, which includes the
@@ -169,7 +170,7 @@ def _feature_extractor_name(a: Source, b: Source,
   return next(iter(names.values()), None)
 
 
-def build_extractor(weights: str | None, preprocess: str) -> fid_lib.FeatureExtractor:
+def build_extractor(weights: str | None, preprocess: str) -> features_lib.FeatureExtractor:
   """The FID Inception feature extractor from converted weights (ValueError if unusable)."""
   if not weights:
     raise ValueError("--inception_weights is required when an input is a samples file; "
@@ -187,7 +188,7 @@ def evaluate(a: Source, b: Source, *, weights: str | None, preprocess: str,
   extractor = fingerprint = None
   if a.samples is not None or b.samples is not None:
     extractor = build_extractor(weights, preprocess)
-    fingerprint = fid_lib.variables_fingerprint(extractor.variables)
+    fingerprint = features_lib.variables_fingerprint(extractor.variables)
   name = _feature_extractor_name(a, b, extractor)
 
   stats, logits_a = {}, None
@@ -203,8 +204,8 @@ def evaluate(a: Source, b: Source, *, weights: str | None, preprocess: str,
     meta = {"feature_extractor": name, "num_images": a.num_images,
             "weights_fingerprint": fingerprint or a.meta.get("weights_fingerprint"),
             "source": os.path.abspath(a.path)}
-    fid_lib.save_stats(save_stats, *stats["A"], meta=meta)
-  record = {"fid": fid_lib.frechet_distance(*stats["A"], *stats["B"])}
+    metrics.save_stats(save_stats, *stats["A"], meta=meta)
+  record = {"fid": metrics.frechet_distance(*stats["A"], *stats["B"])}
   record.update(_inception_score_record(a, logits_a))
   record.update(num_images_a=a.num_images, num_images_b=b.num_images,
                 feature_extractor=name, weights_fingerprint=fingerprint,
@@ -216,7 +217,7 @@ def _inception_score_record(a: Source, logits: np.ndarray | None) -> dict[str, A
   """inception_score / _std / _splits of A's logits, or nulls and why it is unavailable."""
   if logits is not None:
     splits = min(IS_SPLITS, logits.shape[0])
-    score, std = fid_lib.inception_score(logits, num_splits=splits)
+    score, std = metrics.inception_score(logits, num_splits=splits)
     return {"inception_score": score, "inception_score_std": std,
             "inception_score_splits": splits, "inception_score_unavailable": None}
   if a.samples is None:

@@ -108,10 +108,10 @@ class SampleGrids:
   def __init__(self, config: ml_collections.ConfigDict, model: unet_lib.UNet, schedule: Any):
     per_device = int(config.training.num_grid_samples) // jax.device_count()
     self.seed = int(config.sampling.seed)
-    self._p_sample = generation.make_p_sample(config, model, schedule, per_device)
+    self._sampler = generation.make_pmapped_sampler(config, model, schedule, per_device)
 
   def write(self, step: int, p_ema_params: Any, logger: train_logging.TrainLogger) -> None:
-    images = np.asarray(self._p_sample(p_ema_params, rng_lib.batch_key(self.seed, step)))
+    images = np.asarray(self._sampler(p_ema_params, rng_lib.batch_key(self.seed, step)))
     logger.write_images(step, hosts.gather(images.reshape((-1,) + images.shape[2:])))
 
 

@@ -63,6 +63,16 @@ def create_optimizer(training_config: ml_collections.ConfigDict) -> optax.Gradie
   return optax.chain(clip, adam)
 
 
+def schedule_count(opt_state: Any) -> jnp.ndarray:
+  """The step the optimizer's learning-rate schedule is at: the count of its
+  ScaleByScheduleState. It equals TrainState.step for a run trained here from step 0, and
+  starts at 0 in a state with a fresh optimizer (a run resumed from imported weights,
+  pretrained.py), whose warm-up starts again."""
+  return optax.tree_utils.tree_get(
+      opt_state, "count",
+      filtering=lambda path, _: path[-1].tuple_name == "ScaleByScheduleState")
+
+
 def create_train_state(config: ml_collections.ConfigDict, model: unet_lib.UNet,
                        tx: optax.GradientTransformation, *, abstract: bool = False) -> TrainState:
   """Initial state, a pure function of training.seed. EMA starts at the initial params.

@@ -24,7 +24,7 @@ from ddpm_jax import input_pipeline
 from ddpm_jax import rng as rng_lib
 from ddpm_jax.parallel import AXIS
 from ddpm_jax.train_state import (TrainState, ema_decay_schedule, ema_update,
-                                  learning_rate_schedule)
+                                  learning_rate_schedule, schedule_count)
 from ddpm_jax.models import unet as unet_lib
 
 
@@ -105,7 +105,8 @@ def train_step(state: TrainState, images: jnp.ndarray, *, model: unet_lib.UNet,
                       state.ema_params),
       nonfinite_steps=state.nonfinite_steps + jnp.where(finite, 0, 1).astype(jnp.int32),
       last_nonfinite_step=jnp.where(finite, state.last_nonfinite_step, state.step + 1))
-  metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=lr_fn(state.step),
+  metrics = dict(loss=loss, grad_norm=grad_norm,
+                 learning_rate=lr_fn(schedule_count(state.opt_state)),
                  nonfinite_steps=new_state.nonfinite_steps)
   return new_state, metrics
 

@@ -7,7 +7,8 @@ import chex
 import numpy as np
 import pytest
 
-from ddpm_jax.evaluation import classifier, fid
+from ddpm_jax.evaluation import classifier
+from ddpm_jax.evaluation import features as features_lib
 
 _FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 _SMALL = dict(steps=60, batch_size=32, width=8, feature_dim=16)
@@ -52,7 +53,7 @@ def test_extractor(data, params):
   _, (test_images, _) = data
   extractor = classifier.classifier_feature_extractor(params, (8, 8, 1))
   assert extractor.name == "small-cnn" and extractor.logits_name.endswith("(4 classes)")
-  features, logits = fid.extract_features(extractor, test_images, batch_size=48)
+  features, logits = features_lib.extract_features(extractor, test_images, batch_size=48)
   chex.assert_shape(features, (100, 16))
   chex.assert_shape(logits, (100, 4))
   direct_features, direct_logits = extractor(test_images)
@@ -60,7 +61,7 @@ def test_extractor(data, params):
   np.testing.assert_allclose(logits, direct_logits, rtol=1e-5, atol=1e-5)
   assert np.all(features >= 0)  # ReLU embedding.
   with pytest.raises(ValueError, match="size"):
-    fid.extract_features(extractor, np.zeros((2, 28, 28, 1), np.uint8))
+    features_lib.extract_features(extractor, np.zeros((2, 28, 28, 1), np.uint8))
 
 
 def test_accuracy_matches_logits(data, params):

@@ -14,6 +14,7 @@ import scipy.special
 
 from ddpm_jax import diffusion as d
 from ddpm_jax import schedules
+from tests import gaussian as g
 
 T = 1000
 SHAPE = (4, 8, 8, 3)
@@ -443,3 +444,55 @@ def test_bad_input_is_rejected_at_trace_time(sched):
   # Raised while tracing, before any compile or compute.
   with pytest.raises(ValueError, match="model_mean_type"):
     jax.jit(lambda x: d.p_mean_variance(sched, x, x, t, **{**kw, "model_mean_type": "e"}))(x0)
+
+
+# --- The score view: eps_theta is a scaled score (Song et al. 2021, §4.3) -------------------
+
+MU, S = 0.2, 0.5
+
+
+@pytest.mark.parametrize("mean_type", d.MEAN_TYPES)
+@pytest.mark.parametrize("var_type", ["fixedlarge", "learned_range"])
+def test_score_matches_gaussian_closed_form(mean_type, var_type):
+  """grad log q(x_t) from each parameterisation's exact output, at every t; a learned
+  variance's extra channels are ignored. Non-eps types equal -eps_hat / sqrt(1 - abar)."""
+  t = np.arange(g.T, dtype=np.int32)
+  x_t = g.q_t_samples(jax.random.key(0), t, (g.T, 2, 2, 3), MU, S)
+  learned = var_type == "learned_range"
+  output = g.exact_output_fn(MU, S, mean_type, learned)(x_t, jnp.asarray(t))
+  got = jax.jit(lambda o, x: d.score(g.SCHED, o, x, jnp.asarray(t),
+                                             model_mean_type=mean_type,
+                                             model_var_type=var_type))(output, x_t)
+  expected = g.closed_form_score(np.asarray(x_t, np.float64), t, MU, S)
+  np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
+  if mean_type != "eps":
+    tt = jnp.asarray(t)
+    mean_out = output[..., :3] if learned else output
+    pred_xstart = d.predict_xstart(g.SCHED, mean_out, x_t, tt, model_mean_type=mean_type)
+    eps_hat = d.predict_eps_from_xstart(g.SCHED, x_t, tt, pred_xstart)
+    np.testing.assert_allclose(got, -eps_hat / jnp.sqrt(1 - g.abar(tt, 4)), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("mean_type", d.MEAN_TYPES)
+def test_l_simple_is_weighted_denoising_score_matching(mean_type):
+  """Per example, L_simple = w_t mean ||s_theta(x_t) + z / sigma_t||^2 (Vincent 2011) with
+  sigma_t^2 = 1 - abar_t the VP marginal variance and w_t = sigma_t^2 for eps (Ho et al.
+  §3.2), sigma_t^4 / abar_t for xstart, sigma_t^2 / abar_t for v and coef1_t^2 sigma_t^4 /
+  abar_t for xprev. Any model works: the identity holds output by output."""
+  shape = (16, 2, 2, 3)
+  x0 = jax.random.uniform(jax.random.key(7), shape, minval=-1, maxval=1)
+  noise = jax.random.normal(jax.random.key(8), shape)
+  t = jnp.linspace(0, g.T - 1, 16).astype(jnp.int32)
+  model_fn = lambda x, t: 0.3 * x + jnp.sin(3 * x) + 0.01 * t.reshape(-1, 1, 1, 1)
+  loss = d.training_losses(g.SCHED, model_fn, x0, t, noise, model_mean_type=mean_type,
+                                   model_var_type="fixedlarge", loss_type="mse")
+  x_t = d.q_sample(g.SCHED, x0, t, noise)
+  score = d.score(g.SCHED, model_fn(x_t, t), x_t, t, model_mean_type=mean_type)
+  sigma_sq = 1 - g.ABAR[np.asarray(t)]
+  dsm = np.mean(np.square(np.asarray(score + noise / jnp.sqrt(sigma_sq).reshape(-1, 1, 1, 1),
+                                     np.float64)), axis=(1, 2, 3))
+  abar = g.ABAR[np.asarray(t)]
+  coef1 = np.asarray(g.SCHED.posterior_mean_coef1, np.float64)[np.asarray(t)]
+  weight = {"eps": sigma_sq, "xstart": sigma_sq**2 / abar, "v": sigma_sq / abar,
+            "xprev": coef1**2 * sigma_sq**2 / abar}[mean_type]
+  np.testing.assert_allclose(loss, weight * dsm, rtol=2e-3)

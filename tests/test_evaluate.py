@@ -19,7 +19,7 @@ from tests.conftest import tiny_config
 BASE = {"training.num_train_steps": 20, "training.sample_every_steps": 0,
         "training.checkpoint_every_steps": 10, "training.keep_checkpoints": 1,
         "training.keep_every_steps": 10,
-        "sampling.method": "ddim", "sampling.num_steps": 5, "sampling.num_samples": 12,
+        "sampling.method": "ddim", "sampling.ddim.num_steps": 5, "sampling.num_samples": 12,
         "eval.num_examples": 20, "eval.fid_num_samples": 0}
 
 

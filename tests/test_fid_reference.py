@@ -23,7 +23,9 @@ import pytest
 
 from ddpm_jax import data_sources
 from ddpm_jax import fid as fid_cli
-from ddpm_jax.evaluation import fid, inception
+from ddpm_jax.evaluation import features as features_lib
+from ddpm_jax.evaluation import metrics
+from ddpm_jax.evaluation import inception
 
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
 _FASHION_MNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
@@ -161,7 +163,7 @@ def test_end_to_end_features_match_fid_helper(image_sets, reference, weights_pat
   """uint8 28x28 images through each side's own resize and scaling: the same features."""
   extractor = inception.inception_feature_extractor(
       inception.load_inception_params(weights_path), preprocess="tf")
-  ours, logits = fid.extract_features(extractor, image_sets["test"][:8], batch_size=8)
+  ours, logits = features_lib.extract_features(extractor, image_sets["test"][:8], batch_size=8)
   assert logits is None
   theirs = reference["test"]["features"][:8]
   # Emulated (grid_sample) vs gathered legacy resize differ by float32 rounding only.
@@ -193,7 +195,7 @@ def test_cli_fid_matches_fid_helper(image_sets, reference, weights_path, tmp_pat
   assert (different["num_images_a"], different["num_images_b"]) == (_NUM, _NUM)
   assert different["inception_score"] is None  # default_1.pt has no logits layer.
   assert "no logits layer" in different["inception_score_unavailable"]
-  mu, sigma, meta = fid.load_stats(stats_path)
+  mu, sigma, meta = metrics.load_stats(stats_path)
   np.testing.assert_allclose(mu, reference["train"]["mu"], rtol=1e-4, atol=1e-5)
   assert meta["feature_extractor"] == different["feature_extractor"]
 
@@ -213,7 +215,7 @@ def test_statistics_of_a_noisy_set_match_fid_helper(image_sets, reference, weigh
 
 def test_cli_refuses_statistics_of_another_protocol(image_sets, tmp_path, capsys):
   stats_path = str(tmp_path / "stats.npz")
-  fid.save_stats(stats_path, np.zeros(2048), np.eye(2048),
+  metrics.save_stats(stats_path, np.zeros(2048), np.eye(2048),
                  meta={"feature_extractor": inception.feature_name("pytorch_fid")})
   samples = str(tmp_path / "samples.npz")
   np.savez(samples, samples=np.zeros((2, 8, 8, 3), np.uint8))

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from ddpm_jax.evaluation import fid, inception
+from ddpm_jax.evaluation import features as features_lib
+from ddpm_jax.evaluation import inception
 
 _SCRIPT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts",
                        "convert_inception_weights.py")
@@ -271,7 +272,7 @@ def test_extractor(shapes):
   variables = traverse_util.unflatten_dict(
       {k: np.zeros(s, np.float32) for k, s in shapes.items()}, sep="/")
   extractor = inception.inception_feature_extractor(variables)
-  assert isinstance(extractor, fid.FeatureExtractor)
+  assert isinstance(extractor, features_lib.FeatureExtractor)
   assert extractor.feature_dim == 2048 and extractor.name == "inception-2015-12-05-pool3-tf"
   assert extractor.name == inception.FEATURES_NAME
   torch_style = inception.inception_feature_extractor(variables, preprocess="pytorch_fid")

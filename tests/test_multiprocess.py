@@ -5,8 +5,9 @@ Both processes of a run are forked from tests/_fault_tools.py's server, each wit
 XLA_FLAGS device count. Checked: the same losses and final parameters, a corrupt newest
 checkpoint (all hosts fall back together, moved once) and SIGTERM to one host of a resumed
 run (every host saves the same step and exits 0), a held lock (every host exits 2 with the
-same one line), the complete sample grid, --mode=sample / --mode=eval giving the same
-numbers as one process. tests/test_pod_failures.py kills hosts.
+same one line), the complete sample grid, and --mode=sample / --mode=eval of an imported
+checkpoint (ddpm_jax.pretrained) giving the same numbers as one process.
+tests/test_pod_failures.py kills hosts.
 """
 
 import fcntl
@@ -22,15 +23,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import checkpointing
+from ddpm_jax import checkpointing, pretrained
 from tests import _fault_tools as ft
+from tests import _released_weights as rw
+from tests.conftest import tiny_config
 
 STEPS = 16
+IMPORTED = 790
 FLAGS = (f"--config.training.num_train_steps={STEPS}", "--config.training.log_every_steps=1",
          "--config.training.checkpoint_every_steps=4", "--config.training.sample_every_steps=8",
          "--config.training.keep_checkpoints=10", "--config.eval.num_examples=32",
          "--config.eval.fid_num_samples=16", "--config.sampling.num_samples=16",
-         "--config.sampling.method=ddim", "--config.sampling.num_steps=5")
+         "--config.sampling.method=ddim", "--config.sampling.ddim.num_steps=5")
 LOSS = re.compile(r"step (\d+)/\d+ loss ([0-9.]+)")
 
 
@@ -103,23 +107,39 @@ def test_the_pod_sample_grid_holds_every_hosts_samples(runs):
   assert sum(not np.array_equal(cell, blank) for cell in cells) == 8
 
 
-def test_sample_and_eval_on_a_pod_equal_one_process(server, runs, tmp_path):
-  (one, _), (pod, _) = runs
-  for name, workdir in (("one", one), ("pod", pod)):
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+  """A workdir of released weights (ddpm_jax.pretrained, from a diffusers folder of random
+  weights of a tiny official layout) at step IMPORTED, and its main.py flags."""
+  root = tmp_path_factory.mktemp("imported")
+  layout = rw.TINY
+  rw.write_diffusers(str(root / "unet"), rw.random_weights(rw.official_variables(layout), 0),
+                     layout)
+  config = tiny_config(**layout.overrides())
+  pretrained.write_workdir(pretrained.load(str(root / "unet"), config), config,
+                           str(root / "wd"), IMPORTED)
+  return root / "wd", [*layout.flags(), "--config.eval.num_examples=16"]
+
+
+def test_sample_and_eval_of_imported_weights_on_a_pod_equal_one_process(server, imported,
+                                                                         tmp_path):
+  workdir, layout_flags = imported
+  for name in ("one", "pod"):
     shutil.copytree(workdir, tmp_path / name)
-  single = [server.run(_args(tmp_path / "one", f"--mode={m}"), env=ft.devices_env(4),
+  single = [server.run(_args(tmp_path / "one", f"--mode={m}", *layout_flags),
+                       env=ft.devices_env(4),
                        name=f"one_{m}", timeout=240) for m in ("sample", "eval")]
-  pod = [_run_pod(server, tmp_path / "pod", f"--mode={m}", name=f"pod_{m}")
+  pod = [_run_pod(server, tmp_path / "pod", f"--mode={m}", *layout_flags, name=f"pod_{m}")
          for m in ("sample", "eval")]
   for result in single + pod[0] + pod[1]:
     assert result.rc == 0, result.stderr[-3000:]
-  npz = [np.load(tmp_path / n / "samples" / f"step_{STEPS}" / "samples.npz")["samples"]
+  npz = [np.load(tmp_path / n / "samples" / f"step_{IMPORTED}" / "samples.npz")["samples"]
          for n in ("one", "pod")]
-  assert npz[0].shape == (16, 8, 8, 3)
+  assert npz[0].shape == (16, 8, 8, 3) and npz[0].std() > 10  # Not a blank image.
   np.testing.assert_allclose(npz[1].astype(int), npz[0].astype(int), atol=2)
   for file in ("bpd.json", "fid.json"):
-    one_json, pod_json = (json.loads((tmp_path / n / "eval" / f"step_{STEPS}" / file).read_text())
-                          for n in ("one", "pod"))
+    one_json, pod_json = (json.loads((tmp_path / n / "eval" / f"step_{IMPORTED}" / file
+                                      ).read_text()) for n in ("one", "pod"))
     for key in ("total_bpd", "prior_bpd", "decoder_bpd", "fid", "inception_score"):
       if key in one_json:
         assert pod_json[key] == pytest.approx(one_json[key], rel=1e-3), (file, key)

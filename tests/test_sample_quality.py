@@ -20,7 +20,9 @@ from ddpm_jax import data_sources
 from ddpm_jax import datasets
 from ddpm_jax import input_pipeline as ip
 from ddpm_jax.errors import ConfigError
-from ddpm_jax.evaluation import fid, inception, sample_quality as sq
+from ddpm_jax.evaluation import features as features_lib
+from ddpm_jax.evaluation import metrics
+from ddpm_jax.evaluation import inception, sample_quality as sq
 
 NUM = {"train": 100, "test": 60}
 _RECIPE = dict(classifier_steps=60, classifier_batch_size=32, classifier_width=8,
@@ -146,7 +148,7 @@ def test_classifier_trained_once_and_tested(setup, monkeypatch):
   monkeypatch.setattr(sq.classifier, "train_classifier",
                       lambda *a, **k: pytest.fail("the cached classifier was retrained"))
   again = sq.get_feature_extractor(config, cache_dir=cache_dir)
-  assert fid.variables_fingerprint(again.variables) == fid.variables_fingerprint(
+  assert features_lib.variables_fingerprint(again.variables) == features_lib.variables_fingerprint(
       extractor.variables)
   assert again.info == extractor.info
 
@@ -157,8 +159,8 @@ def test_classifier_trained_once_and_tested(setup, monkeypatch):
 def test_reference_statistics_are_those_of_the_train_split(setup, train_images):
   config, cache_dir, extractor = setup
   mu, sigma = sq.reference_statistics(config, extractor, cache_dir=cache_dir)
-  features, _ = fid.extract_features(extractor, train_images, batch_size=32)
-  expected_mu, expected_sigma = fid.compute_statistics(features)
+  features, _ = features_lib.extract_features(extractor, train_images, batch_size=32)
+  expected_mu, expected_sigma = metrics.compute_statistics(features)
   np.testing.assert_allclose(mu, expected_mu, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(sigma, expected_sigma, rtol=1e-4, atol=1e-4)
 
@@ -168,19 +170,19 @@ def test_reference_cache_reused_and_invalidated(setup, tmp_path, monkeypatch):
   cache_dir = str(tmp_path)
   first = sq.reference_statistics(config, extractor, cache_dir=cache_dir)
   (name,) = os.listdir(cache_dir)
-  fingerprint = fid.variables_fingerprint(extractor.variables)
+  fingerprint = features_lib.variables_fingerprint(extractor.variables)
   assert name == f"fid_stats_fashion_mnist_files_train_small-cnn_{fingerprint}.npz"
-  _, _, meta = fid.load_stats(os.path.join(cache_dir, name))
+  _, _, meta = metrics.load_stats(os.path.join(cache_dir, name))
   assert meta["num_examples"] == NUM["train"] and meta["fingerprint"] == fingerprint
 
-  real_iterate = fid.iterate_features
-  monkeypatch.setattr(fid, "iterate_features",
+  real_iterate = features_lib.iterate_features
+  monkeypatch.setattr(features_lib, "iterate_features",
                       lambda *a, **k: pytest.fail("cached statistics were recomputed"))
   chex.assert_trees_all_equal(sq.reference_statistics(config, extractor, cache_dir=cache_dir),
                               first)
 
   # Other weights (same name and shapes): new statistics, the old file is kept.
-  monkeypatch.setattr(fid, "iterate_features", real_iterate)
+  monkeypatch.setattr(features_lib, "iterate_features", real_iterate)
   changed = dataclasses.replace(extractor, variables=jax.tree_util.tree_map(
       lambda w: w * 1.5, extractor.variables))
   second = sq.reference_statistics(config, changed, cache_dir=cache_dir)
@@ -224,7 +226,7 @@ def test_statistics_merged_across_processes(monkeypatch):
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(7)
   features = rng.normal(size=(90, 5)) @ rng.normal(size=(5, 5)) + 3.0
-  parts = [fid.RunningStatistics(5), fid.RunningStatistics(5)]
+  parts = [metrics.RunningStatistics(5), metrics.RunningStatistics(5)]
   parts[0].update(features[:50])
   parts[1].update(features[50:])
 
@@ -239,6 +241,6 @@ def test_statistics_merged_across_processes(monkeypatch):
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(multihost_utils, "process_allgather", fake_allgather)
   mu, sigma = sq._merge_across_processes(parts[0]).statistics()  # pylint: disable=protected-access
-  expected_mu, expected_sigma = fid.compute_statistics(features)
+  expected_mu, expected_sigma = metrics.compute_statistics(features)
   np.testing.assert_allclose(mu, expected_mu, rtol=1e-12)
   np.testing.assert_allclose(sigma, expected_sigma, rtol=1e-12)

@@ -20,8 +20,8 @@ _REASON = "the PyTorch reference needs torch and diffusers: pip install -e '.[be
 _OVERRIDES = ["--config=configs/test_tiny.py", "--config.training.num_train_steps=30",
               "--config.training.checkpoint_every_steps=30",
               "--config.training.sample_every_steps=0", "--config.sampling.method=ddim",
-              "--config.sampling.num_steps=20", "--config.sampling.eta=0.0",
-              "--config.sampling.ddim_clip_denoised=False"]
+              "--config.sampling.ddim.num_steps=20", "--config.sampling.ddim.eta=0.0",
+              "--config.sampling.ddim.clip_denoised=False"]
 
 
 def _run(args: list[str]) -> str:

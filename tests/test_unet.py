@@ -363,7 +363,7 @@ def _trace(model, x_shape, t_shape=(2,), t_dtype=jnp.int32):
     ((2, 16, 16, 3), (2,), jnp.int32, r"Attention resolutions \[4\].*\(16, 8\)"),
     ((2, 8, 8, 3), (2, 1), jnp.int32, r"shape \[B\].*\(2, 1\)"),
     ((2, 8, 8, 3), (3,), jnp.int32, r"shape \[B\].*\(3,\)"),
-    ((2, 8, 8, 3), (2,), jnp.float32, "integer.*float32"),
+    ((2, 8, 8, 3), (2,), jnp.bool_, "integer.*or float.*bool"),
 ])
 def test_bad_call_inputs(x_shape, t_shape, t_dtype, match):
   with pytest.raises(ValueError, match=match):

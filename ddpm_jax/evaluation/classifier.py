@@ -28,7 +28,7 @@ from absl import logging
 from flax import linen as nn
 from flax import traverse_util
 
-from ddpm_jax.evaluation import fid
+from ddpm_jax.evaluation import features as features_lib
 
 # The training recipe used when none is given: ~90% test accuracy on Fashion-MNIST
 # (about 4 epochs) in a few CPU minutes.
@@ -159,10 +159,10 @@ def _model_for(params: Mapping[str, Any]) -> SmallCNN:
 
 def classifier_feature_extractor(params: Mapping[str, Any],
                                  image_shape: tuple[int, int, int], *,
-                                 info: Mapping[str, Any] | None = None) -> fid.FeatureExtractor:
+                                 info: Mapping[str, Any] | None = None) -> features_lib.FeatureExtractor:
   """FeatureExtractor: uint8 images of `image_shape` -> (embedding, class logits).
 
-  Its name is 'small-cnn'; evaluation records and caches add `fid.variables_fingerprint`
+  Its name is 'small-cnn'; evaluation records and caches add `features_lib.variables_fingerprint`
   of the weights, which identifies the exact classifier.
   """
   model = _model_for(params)
@@ -170,7 +170,7 @@ def classifier_feature_extractor(params: Mapping[str, Any],
   def apply_fn(params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     return model.apply({"params": params}, images)
 
-  return fid.FeatureExtractor(
+  return features_lib.FeatureExtractor(
       name="small-cnn", apply_fn=apply_fn,
       variables=params, feature_dim=model.feature_dim, image_hw=tuple(image_shape[:2]),
       channels=(image_shape[2],),
@@ -186,7 +186,7 @@ def classifier_accuracy(params: Mapping[str, Any], images: np.ndarray, labels: n
   if not images.shape[0]:
     raise ValueError("accuracy needs at least one image")
   extractor = classifier_feature_extractor(params, images.shape[1:])
-  _, logits = fid.extract_features(extractor, images, batch_size)
+  _, logits = features_lib.extract_features(extractor, images, batch_size)
   return float(np.mean(np.argmax(logits, axis=-1) == labels))
 
 

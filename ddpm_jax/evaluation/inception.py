@@ -25,7 +25,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from ddpm_jax.evaluation.fid import FeatureExtractor
+from ddpm_jax.evaluation.features import FeatureExtractor
 from ddpm_jax.evaluation.inception_input import (  # noqa: F401 (the input protocols, public here)
     INPUT_SIZE, PREPROCESSINGS, check_preprocess, legacy_resize_taps, preprocess,
     preprocess_pytorch_fid, preprocess_tf, resize_bilinear_tf_legacy)

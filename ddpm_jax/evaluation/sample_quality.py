@@ -32,7 +32,9 @@ from absl import logging
 from ddpm_jax import hosts
 from ddpm_jax import input_pipeline
 from ddpm_jax.errors import ConfigError
-from ddpm_jax.evaluation import classifier, fid, inception
+from ddpm_jax.evaluation import classifier, inception
+from ddpm_jax.evaluation import features as features_lib
+from ddpm_jax.evaluation import metrics
 
 IS_SPLITS = 10  # As the OpenAI Inception Score code.
 _STATS_VERSION = 1  # Bump when the way reference statistics are computed changes.
@@ -50,8 +52,8 @@ def classifier_recipe(config) -> dict[str, Any]:
           for key, default in classifier.DEFAULT_RECIPE.items()}
 
 
-def get_feature_extractor(config, *, cache_dir: str) -> fid.FeatureExtractor:
-  """The configured feature network, ready for `fid.extract_features`.
+def get_feature_extractor(config, *, cache_dir: str) -> features_lib.FeatureExtractor:
+  """The configured feature network, ready for `features_lib.extract_features`.
 
   inception: the converted weights of eval.inception_weights. classifier: the cached
   classifier of this dataset and recipe under `cache_dir`, trained (once) on
@@ -94,7 +96,7 @@ def _reference_batches(config, split: str, global_batch: int) -> Iterator[np.nda
     yield real
 
 
-def _merge_across_processes(running: fid.RunningStatistics) -> fid.RunningStatistics:
+def _merge_across_processes(running: metrics.RunningStatistics) -> metrics.RunningStatistics:
   """Combines each process's statistics (of its slice of the split) into the global ones."""
   if jax.process_count() == 1:
     return running
@@ -110,23 +112,23 @@ def _merge_across_processes(running: fid.RunningStatistics) -> fid.RunningStatis
   def join(pair: tuple[np.ndarray, np.ndarray], process: int) -> np.ndarray:
     return pair[0][process].astype(np.float64) + pair[1][process].astype(np.float64)
 
-  merged = fid.RunningStatistics(running.mean.shape[0])
+  merged = metrics.RunningStatistics(running.mean.shape[0])
   for p in range(jax.process_count()):
     merged.merge(int(gathered["count"][p]), join(gathered["mean"], p), join(gathered["m2"], p))
   return merged
 
 
-def _reference(config, extractor: fid.FeatureExtractor,
+def _reference(config, extractor: features_lib.FeatureExtractor,
                cache_dir: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
   """(mu, sigma, meta) of the reference split's features, from the cache or computed."""
   data, split = config.data, config.eval.fid_reference_split
   key = dict(version=_STATS_VERSION, dataset=data.dataset, split=split,
              image_shape=[data.image_size, data.image_size, data.num_channels],
-             network=extractor.name, fingerprint=fid.variables_fingerprint(extractor.variables))
+             network=extractor.name, fingerprint=features_lib.variables_fingerprint(extractor.variables))
   path = os.path.join(cache_dir, f"fid_stats_{_tag(data.dataset)}_{_tag(split)}_"
                                  f"{_tag(extractor.name)}_{key['fingerprint']}.npz")
   if os.path.exists(path):
-    mu, sigma, meta = fid.load_stats(path)
+    mu, sigma, meta = metrics.load_stats(path)
     if {name: meta.get(name) for name in key} != key:
       raise ConfigError(f"reference statistics {path!r} were computed for "
                        f"{ {name: meta.get(name) for name in key} }, not {key}; delete it")
@@ -135,20 +137,20 @@ def _reference(config, extractor: fid.FeatureExtractor,
   global_batch = -(-int(config.eval.batch_size) // devices) * devices
   logging.info("Computing FID reference statistics of %s:%s with %s (cached at %s).",
                data.dataset, split, extractor.name, path)
-  running = fid.RunningStatistics(extractor.feature_dim)
+  running = metrics.RunningStatistics(extractor.feature_dim)
   local_batch = global_batch // jax.process_count()
-  for features, _ in fid.iterate_features(
+  for features, _ in features_lib.iterate_features(
       extractor, _reference_batches(config, split, global_batch), local_batch):
     running.update(features)
   running = _merge_across_processes(running)
   mu, sigma = running.statistics()
   meta = dict(key, num_examples=running.count)
   if hosts.is_chief():
-    fid.save_stats(path, mu, sigma, meta)
+    metrics.save_stats(path, mu, sigma, meta)
   return mu, sigma, meta
 
 
-def reference_statistics(config, extractor: fid.FeatureExtractor, *,
+def reference_statistics(config, extractor: features_lib.FeatureExtractor, *,
                          cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
   """mu [D], sigma [D, D] (float64) of the features of all of eval.fid_reference_split.
 
@@ -185,19 +187,19 @@ def evaluate_samples(samples_uint8: np.ndarray, config, *, cache_dir: str) -> di
   mu_ref, sigma_ref, meta = _reference(config, extractor, cache_dir)
   started = time.time()
   share = hosts.my_slice(num)  # Each process featurizes its part; statistics are merged.
-  features, logits = fid.extract_features(extractor, samples_uint8[share],
+  features, logits = features_lib.extract_features(extractor, samples_uint8[share],
                                           config.eval.batch_size)
   logging.info("Features of %d samples in %.1f s.", features.shape[0], time.time() - started)
-  running = fid.RunningStatistics(extractor.feature_dim)
+  running = metrics.RunningStatistics(extractor.feature_dim)
   running.update(features)
   mu, sigma = _merge_across_processes(running).statistics()
   logits = None if logits is None else hosts.gather_ragged(logits)
   score = score_std = None
   splits = min(IS_SPLITS, num)
   if logits is not None:
-    score, score_std = fid.inception_score(logits, num_splits=splits)
+    score, score_std = metrics.inception_score(logits, num_splits=splits)
   return {
-      "fid": fid.frechet_distance(mu, sigma, mu_ref, sigma_ref),
+      "fid": metrics.frechet_distance(mu, sigma, mu_ref, sigma_ref),
       "inception_score": score,
       "inception_score_std": score_std,
       "inception_score_splits": splits if logits is not None else None,

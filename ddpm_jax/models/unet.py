@@ -200,7 +200,7 @@ def validate_image_size(image_size: int, ch_mult: Sequence[int],
 
 
 class UNet(nn.Module):
-  """DDPM U-Net: ``__call__(x [B,H,W,C] float, t [B] int, *, train) -> [B,H,W,out_ch] float32``.
+  """DDPM U-Net: ``__call__(x [B,H,W,C] float, t [B], *, train) -> [B,H,W,out_ch] float32``.
 
   Attributes follow the official hyper-parameters (paper App. B): base width ``ch``, width
   multipliers ``ch_mult`` per resolution level, ``num_res_blocks`` per level on the way down
@@ -212,7 +212,8 @@ class UNet(nn.Module):
   ``conv_wgrad`` how 3x3 kernel gradients are computed: "xla" (XLA's own), "taps"
   (models/conv.py, one matmul per tap; faster on an AVX2 CPU with YNNPACK convolutions) or
   "auto" (XLA's own, the faster on every host measured with ddpm_jax.xla_flags'
-  defaults). Neither attn_impl nor conv_wgrad changes the parameters.
+  defaults). Neither attn_impl nor conv_wgrad changes the parameters. ``t`` holds the
+  0-based timesteps, integer or floating (a continuous-time solver's non-integer t).
   """
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 2, 2)
@@ -255,8 +256,9 @@ class UNet(nn.Module):
     validate_image_size(x.shape[1], self.ch_mult, self.attn_resolutions)
     if t.shape != (x.shape[0],):
       raise ValueError(f"t must have shape [B] = {(x.shape[0],)}; got {tuple(t.shape)}.")
-    if not jnp.issubdtype(t.dtype, jnp.integer):
-      raise ValueError(f"t must be an integer array (0-based timesteps); got dtype {t.dtype}.")
+    if not (jnp.issubdtype(t.dtype, jnp.integer) or jnp.issubdtype(t.dtype, jnp.floating)):
+      raise ValueError(f"t must be an integer (0-based timesteps) or float (continuous-time "
+                       f"solvers) array; got dtype {t.dtype}.")
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, *, train: bool) -> jax.Array:

@@ -1,4 +1,5 @@
-"""Tests of ddpm_jax.evaluation.fid: statistics, Frechet distance, Inception Score, batching."""
+"""Tests of ddpm_jax.evaluation.metrics and .features: statistics, Frechet distance,
+Inception Score, batched feature extraction."""
 
 import math
 import warnings
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from ddpm_jax.evaluation import fid
+from ddpm_jax.evaluation import features as features_lib
+from ddpm_jax.evaluation import metrics
 
 
 def _random_spd(rng: np.random.Generator, dim: int) -> np.ndarray:
@@ -31,7 +33,7 @@ class TestStatistics:
 
   def test_mean_and_unbiased_covariance(self):
     x = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
-    mu, sigma = fid.compute_statistics(x)
+    mu, sigma = metrics.compute_statistics(x)
     assert mu.dtype == np.float64 and sigma.dtype == np.float64
     centred = x.astype(np.float64) - x.astype(np.float64).sum(0) / 50
     np.testing.assert_allclose(mu, x.astype(np.float64).sum(0) / 50, rtol=1e-12)
@@ -40,21 +42,21 @@ class TestStatistics:
   @pytest.mark.parametrize("shape", [(10,), (1, 5), (2, 3, 4)])
   def test_bad_shape(self, shape):
     with pytest.raises(ValueError, match="features"):
-      fid.compute_statistics(np.zeros(shape))
+      metrics.compute_statistics(np.zeros(shape))
 
 
 class TestFrechetDistance:
 
   def test_set_against_itself_is_zero(self):
-    mu, sigma = fid.compute_statistics(np.random.default_rng(1).normal(size=(400, 32)))
-    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+    mu, sigma = metrics.compute_statistics(np.random.default_rng(1).normal(size=(400, 32)))
+    assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
 
   def test_matches_eigenvalue_formula(self):
     rng = np.random.default_rng(2)
     a = rng.normal(size=(300, 12)) @ rng.normal(size=(12, 12))
     b = rng.normal(loc=0.5, size=(200, 12)) * 2.0
-    stats_a, stats_b = fid.compute_statistics(a), fid.compute_statistics(b)
-    np.testing.assert_allclose(fid.frechet_distance(*stats_a, *stats_b),
+    stats_a, stats_b = metrics.compute_statistics(a), metrics.compute_statistics(b)
+    np.testing.assert_allclose(metrics.frechet_distance(*stats_a, *stats_b),
                                _reference_fid(*stats_a, *stats_b), rtol=1e-9)
 
   def test_matches_direct_ttur_computation_on_random_features(self):
@@ -66,7 +68,7 @@ class TestFrechetDistance:
     s1, s2 = np.cov(x.astype(np.float64), rowvar=False), np.cov(y.astype(np.float64), rowvar=False)
     covmean = scipy.linalg.sqrtm(s1 @ s2).real
     expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean)
-    value = fid.frechet_distance(*fid.compute_statistics(x), *fid.compute_statistics(y))
+    value = metrics.frechet_distance(*metrics.compute_statistics(x), *metrics.compute_statistics(y))
     np.testing.assert_allclose(value, expected, rtol=1e-10)
     assert value > 1.0
 
@@ -75,14 +77,14 @@ class TestFrechetDistance:
     rng = np.random.default_rng(9)
     x = rng.normal(size=(300, 10)) @ rng.normal(size=(10, 10))
     delta = rng.normal(size=10)
-    value = fid.frechet_distance(*fid.compute_statistics(x), *fid.compute_statistics(x + delta))
+    value = metrics.frechet_distance(*metrics.compute_statistics(x), *metrics.compute_statistics(x + delta))
     np.testing.assert_allclose(value, delta @ delta, rtol=1e-7)
 
   def test_shifted_gaussians_equal_covariance(self):
     rng = np.random.default_rng(3)
     sigma = _random_spd(rng, 16)
     mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
-    np.testing.assert_allclose(fid.frechet_distance(mu1, sigma, mu2, sigma),
+    np.testing.assert_allclose(metrics.frechet_distance(mu1, sigma, mu2, sigma),
                                np.sum((mu1 - mu2) ** 2), rtol=1e-8)
 
   def test_diagonal_covariances(self):
@@ -90,7 +92,7 @@ class TestFrechetDistance:
     a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
     mu = np.zeros(3)
     expected = np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    np.testing.assert_allclose(fid.frechet_distance(mu, np.diag(a), mu, np.diag(b)),
+    np.testing.assert_allclose(metrics.frechet_distance(mu, np.diag(a), mu, np.diag(b)),
                                expected, rtol=1e-12)
 
   def test_singular_product_uses_eps_offset(self):
@@ -99,32 +101,32 @@ class TestFrechetDistance:
     eps = 1e-6
     sigma1, sigma2, mu = np.array([[0.0, 1.0], [0.0, 0.0]]), np.eye(2), np.zeros(2)
     with pytest.warns(RuntimeWarning, match="singular"):
-      value = fid.frechet_distance(mu, sigma1, mu, sigma2, eps=eps)
+      value = metrics.frechet_distance(mu, sigma1, mu, sigma2, eps=eps)
     np.testing.assert_allclose(value, 2 - 4 * math.sqrt(eps * (1 + eps)), rtol=1e-9)
 
   def test_regular_product_does_not_warn(self):
     sigma = _random_spd(np.random.default_rng(4), 5)
     with warnings.catch_warnings():
       warnings.simplefilter("error")
-      fid.frechet_distance(np.zeros(5), sigma, np.ones(5), 2 * sigma)
+      metrics.frechet_distance(np.zeros(5), sigma, np.ones(5), 2 * sigma)
 
   def test_large_imaginary_part_raises(self):
     # A negative eigenvalue of the product gives sqrtm a diagonal imaginary part of 1.
     with pytest.raises(ValueError, match="imaginary"):
-      fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([-1.0, 1.0]))
+      metrics.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([-1.0, 1.0]))
 
   @pytest.mark.parametrize("mu2, sigma2", [(np.zeros(3), np.eye(3)),
                                            (np.zeros(2), np.eye(3)),
                                            (np.zeros(2), np.full((2, 2), np.nan))])
   def test_bad_shapes_and_values(self, mu2, sigma2):
     with pytest.raises(ValueError):
-      fid.frechet_distance(np.zeros(2), np.eye(2), mu2, sigma2)
+      metrics.frechet_distance(np.zeros(2), np.eye(2), mu2, sigma2)
 
 
 class TestInceptionScore:
 
   def test_uniform_logits_score_one(self):
-    mean, std = fid.inception_score(np.zeros((100, 1008)), num_splits=10)
+    mean, std = metrics.inception_score(np.zeros((100, 1008)), num_splits=10)
     assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
 
   @pytest.mark.parametrize("confidence", [3.0, 200.0])
@@ -137,7 +139,7 @@ class TestInceptionScore:
     z = math.exp(confidence) + num_classes - 1
     p_top, p_rest = math.exp(confidence) / z, 1.0 / z
     entropy = -p_top * math.log(p_top) - (num_classes - 1) * p_rest * math.log(p_rest)
-    mean, std = fid.inception_score(logits, num_splits=splits)
+    mean, std = metrics.inception_score(logits, num_splits=splits)
     np.testing.assert_allclose(mean, num_classes * math.exp(-entropy), rtol=1e-10)
     assert std == pytest.approx(0.0, abs=1e-9)
 
@@ -150,26 +152,26 @@ class TestInceptionScore:
       part = probs[i * 103 // 4:(i + 1) * 103 // 4]
       kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
       scores.append(np.exp(kl.sum(1).mean()))
-    mean, std = fid.inception_score(logits, num_splits=4)
+    mean, std = metrics.inception_score(logits, num_splits=4)
     np.testing.assert_allclose([mean, std], [np.mean(scores), np.std(scores)], rtol=1e-10)
 
   @pytest.mark.parametrize("splits", [0, 11])
   def test_bad_num_splits(self, splits):
     with pytest.raises(ValueError, match="num_splits"):
-      fid.inception_score(np.zeros((10, 3)), num_splits=splits)
+      metrics.inception_score(np.zeros((10, 3)), num_splits=splits)
 
 
 def test_stats_round_trip(tmp_path):
   rng = np.random.default_rng(6)
   mu, sigma = rng.normal(size=8), _random_spd(rng, 8)
   path = str(tmp_path / "ref" / "cifar10_train.npz")
-  fid.save_stats(path, mu, sigma, {"dataset": "cifar10", "split": "train", "n": 50000})
-  mu2, sigma2, meta = fid.load_stats(path)
+  metrics.save_stats(path, mu, sigma, {"dataset": "cifar10", "split": "train", "n": 50000})
+  mu2, sigma2, meta = metrics.load_stats(path)
   np.testing.assert_array_equal(mu2, mu)
   np.testing.assert_array_equal(sigma2, sigma)
   assert meta == {"dataset": "cifar10", "split": "train", "n": 50000}
   with pytest.raises(FileNotFoundError):
-    fid.load_stats(str(tmp_path / "absent.npz"))
+    metrics.load_stats(str(tmp_path / "absent.npz"))
 
 
 class TestRunningStatistics:
@@ -178,17 +180,17 @@ class TestRunningStatistics:
   def test_equals_statistics_of_all_features(self, sizes):
     rng = np.random.default_rng(10)
     x = (rng.normal(size=(sum(sizes), 6)) @ rng.normal(size=(6, 6)) + 100.0).astype(np.float32)
-    running = fid.RunningStatistics(6)
+    running = metrics.RunningStatistics(6)
     for part in np.split(x, np.cumsum(sizes)[:-1]):
       running.update(part)
     mu, sigma = running.statistics()
-    expected_mu, expected_sigma = fid.compute_statistics(x)
+    expected_mu, expected_sigma = metrics.compute_statistics(x)
     assert running.count == x.shape[0]
     np.testing.assert_allclose(mu, expected_mu, rtol=1e-12)
     np.testing.assert_allclose(sigma, expected_sigma, rtol=1e-9, atol=1e-12)
 
   def test_bad_input(self):
-    running = fid.RunningStatistics(3)
+    running = metrics.RunningStatistics(3)
     with pytest.raises(ValueError, match="shape"):
       running.update(np.zeros((4, 2)))
     running.update(np.zeros((1, 3)))
@@ -199,17 +201,17 @@ class TestRunningStatistics:
 def test_variables_fingerprint():
   tree = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": {"c": np.ones(2)}}
   same = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": {"c": np.ones(2)}}
-  assert fid.variables_fingerprint(tree) == fid.variables_fingerprint(same)
-  assert len(fid.variables_fingerprint(tree)) == 12
+  assert features_lib.variables_fingerprint(tree) == features_lib.variables_fingerprint(same)
+  assert len(features_lib.variables_fingerprint(tree)) == 12
   changed = {"a": tree["a"].copy(), "b": {"c": np.ones(2)}}
   changed["a"][1, 2] += 1e-6
   reshaped = {"a": tree["a"].reshape(3, 2), "b": tree["b"]}
   renamed = {"x": tree["a"], "b": tree["b"]}
   for other in (changed, reshaped, renamed):
-    assert fid.variables_fingerprint(other) != fid.variables_fingerprint(tree)
+    assert features_lib.variables_fingerprint(other) != features_lib.variables_fingerprint(tree)
 
 
-def _toy_extractor(with_logits: bool) -> fid.FeatureExtractor:
+def _toy_extractor(with_logits: bool) -> features_lib.FeatureExtractor:
   """features = flattened pixels @ W; logits = per-image channel sums (or None)."""
   w = np.random.default_rng(7).normal(size=(4 * 4 * 3, 5)).astype(np.float32)
 
@@ -217,7 +219,7 @@ def _toy_extractor(with_logits: bool) -> fid.FeatureExtractor:
     x = images.astype(jnp.float32).reshape(images.shape[0], -1)
     return x @ variables, (images.astype(jnp.float32).sum((1, 2)) if with_logits else None)
 
-  return fid.FeatureExtractor("toy", apply_fn, w, feature_dim=5, image_hw=(4, 4),
+  return features_lib.FeatureExtractor("toy", apply_fn, w, feature_dim=5, image_hw=(4, 4),
                               channels=(3,))
 
 
@@ -227,7 +229,7 @@ class TestExtractFeatures:
   def test_matches_direct_computation(self, num, batch_size):
     images = np.random.default_rng(num).integers(0, 256, (num, 4, 4, 3), dtype=np.uint8)
     extractor = _toy_extractor(with_logits=True)
-    features, logits = fid.extract_features(extractor, images, batch_size)
+    features, logits = features_lib.extract_features(extractor, images, batch_size)
     chex.assert_shape(features, (num, 5))
     chex.assert_shape(logits, (num, 3))
     np.testing.assert_allclose(features, images.reshape(num, -1).astype(np.float32)
@@ -238,17 +240,17 @@ class TestExtractFeatures:
     images = np.random.default_rng(11).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
     extractor = _toy_extractor(with_logits=False)
     chunks = [images[:3], images[3:3], images[3:10]]
-    results = list(fid.iterate_features(extractor, chunks, batch_size=7))
+    results = list(features_lib.iterate_features(extractor, chunks, batch_size=7))
     assert [f.shape[0] for f, _ in results] == [3, 0, 7]
     np.testing.assert_allclose(np.concatenate([f for f, _ in results]),
                                images.reshape(10, -1).astype(np.float32) @ extractor.variables,
                                rtol=1e-5)
     with pytest.raises(ValueError, match="exceeds batch_size"):
-      list(fid.iterate_features(extractor, [images], batch_size=7))
+      list(features_lib.iterate_features(extractor, [images], batch_size=7))
 
   def test_no_logits(self):
     images = np.zeros((6, 4, 4, 3), np.uint8)
-    features, logits = fid.extract_features(_toy_extractor(with_logits=False), images, 4)
+    features, logits = features_lib.extract_features(_toy_extractor(with_logits=False), images, 4)
     chex.assert_shape(features, (6, 5))
     assert logits is None
 
@@ -260,13 +262,13 @@ class TestExtractFeatures:
   ])
   def test_bad_images(self, images, match):
     with pytest.raises(ValueError, match=match):
-      fid.extract_features(_toy_extractor(True), images, 4)
+      features_lib.extract_features(_toy_extractor(True), images, 4)
 
   def test_bad_batch_size_and_feature_dim(self):
     images = np.zeros((2, 4, 4, 3), np.uint8)
     with pytest.raises(ValueError, match="batch_size"):
-      fid.extract_features(_toy_extractor(True), images, 0)
-    wrong = fid.FeatureExtractor("wrong", _toy_extractor(True).apply_fn,
+      features_lib.extract_features(_toy_extractor(True), images, 0)
+    wrong = features_lib.FeatureExtractor("wrong", _toy_extractor(True).apply_fn,
                                  _toy_extractor(True).variables, feature_dim=6)
     with pytest.raises(ValueError, match="features of shape"):
-      fid.extract_features(wrong, images, 4)
+      features_lib.extract_features(wrong, images, 4)
