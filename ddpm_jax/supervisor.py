@@ -7,18 +7,19 @@ dump, Python thread dumps and SIGABRT (exit status 134). The client's
 ``missed_heartbeat_callback`` cannot be given from Python in this version (the call fails
 with std::bad_cast and aborts), and a Python thread that sees the dead coordinator itself
 loses the race against that abort about half the time, and JAX's fatal line shows even
-when it wins (docs/reliability.md has the experiments). So `supervise`, called by main.py before jax.distributed.initialize, forks:
+when it wins (docs/reliability.md has the experiments). So `supervise`, called by main.py
+before jax.distributed.initialize, forks:
 
 * the child returns and runs JAX as usual, its stderr on a pipe; it is killed with its
   parent (PR_SET_PDEATHSIG), so ``kill -9`` of the PID a scheduler started ends both;
-* the parent never starts a JAX backend or the distributed client. It copies the child's stderr to its own; from the
-  moment the stream shows the coordination service's fatal error it copies nothing more
-  to the console and keeps the full text for a log file in the workdir; when the child
-  has ended it prints one line naming the lost process, the newest complete checkpoint
-  and the restart command, and exits with EXIT_HOST_LOST. Any other end is passed on as
-  it is: the child's exit status, or its death by the same signal. SIGTERM and SIGHUP are
-  forwarded to the child (JAX's preemption notifier handles SIGTERM there); SIGINT is
-  ignored, as a terminal's Ctrl-C reaches the child directly.
+* the parent never starts a JAX backend or the distributed client. It copies the child's
+  stderr to its own; from the moment the stream shows the coordination service's fatal
+  error it copies nothing more to the console and keeps the full text for a log file in
+  the workdir; when the child has ended it prints one line naming the lost process, the
+  newest complete checkpoint and the restart command, and exits with EXIT_HOST_LOST. Any
+  other end is passed on as it is: the child's exit status, or its death by the same
+  signal. SIGTERM and SIGHUP are forwarded to the child (JAX's preemption notifier handles
+  SIGTERM there); SIGINT is ignored, as a terminal's Ctrl-C reaches the child directly.
 """
 
 from __future__ import annotations
