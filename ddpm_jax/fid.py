@@ -93,8 +93,8 @@ def _check_statistics(path: str, mu: np.ndarray, sigma: np.ndarray
 
 def read_source(path: str) -> Source:
   """Reads a samples or statistics .npz, or a sample set's index (samples.json) or folder;
-  raises a one-line ValueError for a bad file. Samples stay on disk (np.memmap) until
-  they are featurized."""
+  raises a one-line ValueError for a bad file. Samples stay on disk until they are
+  featurized, a batch at a time."""
   if os.path.isdir(path) or path.endswith(".json"):
     try:
       return Source(path, samples=_check_samples(path, sample_files.open_set(path)))

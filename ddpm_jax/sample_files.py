@@ -14,8 +14,9 @@ batch by batch, and process 0 writes the index once every shard is complete:
 The shards of a set hold each index of [0, num_samples) exactly once. A set is complete
 when its index exists. Readers (`open_set`) accept the index, its folder, a single shard,
 or the single samples.npz of older sets (key "samples", one key per setting; its images
-are indices 0 .. N-1). The npz members are stored uncompressed and read through np.memmap,
-so a reader touches only the images it asks for (`SampleSet.chunks`, `SampleSet.share`).
+are indices 0 .. N-1). The npz members are stored uncompressed and read row by row from
+the file, so a reader holds only the images it asks for, a chunk at a time
+(`SampleSet.chunks`, `SampleSet.share`).
 """
 
 from __future__ import annotations
@@ -176,8 +177,25 @@ def write_grid(directory: str, images: np.ndarray) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
-def _npz_member(path: str, key: str) -> np.ndarray:
-  """Member ``key`` of an npz as a read-only np.memmap (np.load for a compressed member)."""
+@dataclasses.dataclass(frozen=True)
+class _Stored:
+  """An uncompressed .npy member of an npz: where its data start in the file, and what."""
+  path: str
+  offset: int
+  shape: tuple[int, ...]
+  dtype: np.dtype
+
+  def rows(self, first: int, count: int) -> np.ndarray:
+    """Rows first .. first + count - 1, read from the file (nothing else is touched)."""
+    row = int(np.prod(self.shape[1:], dtype=np.int64))
+    data = np.fromfile(self.path, self.dtype, count * row,
+                       offset=self.offset + first * row * self.dtype.itemsize)
+    return data.reshape((count,) + self.shape[1:])
+
+
+def _npz_member(path: str, key: str) -> _Stored | np.ndarray:
+  """Member ``key`` of an npz: where it is stored (np.savez's uncompressed members), or the
+  array itself when the member is compressed."""
   with zipfile.ZipFile(path) as archive:
     info = archive.getinfo(f"{key}.npy")
   if info.compress_type != zipfile.ZIP_STORED:
@@ -193,17 +211,16 @@ def _npz_member(path: str, key: str) -> np.ndarray:
                    else np.lib.format.read_array_header_2_0)
     shape, fortran_order, dtype = read_header(f)
     offset = f.tell()
-  if dtype.hasobject:
-    raise ValueError(f"{path}: member {key!r} holds Python objects")
-  if int(np.prod(shape)) == 0:
-    return np.zeros(shape, dtype)
-  return np.memmap(path, dtype, "r", offset, shape, "F" if fortran_order else "C")
+  if dtype.hasobject or (fortran_order and len(shape) > 1):
+    with np.load(path, allow_pickle=False) as data:  # Not row by row: read it whole.
+      return data[key]
+  return _Stored(path, offset, tuple(shape), dtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Part:
   """One file (or in-memory array) of a set: its images and their indices in the set."""
-  samples: np.ndarray  # np.memmap of a file, or an array.
+  samples: _Stored | np.ndarray
   positions: np.ndarray  # int64 [n]
 
   @property
@@ -214,13 +231,23 @@ class _Part:
   def dtype(self) -> np.dtype:
     return self.samples.dtype
 
+  def read(self, rows: np.ndarray) -> np.ndarray:
+    """The images at ascending ``rows``, each run of consecutive rows read at once."""
+    if isinstance(self.samples, np.ndarray):
+      return self.samples[rows]
+    runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+    return np.concatenate([self.samples.rows(int(r[0]), len(r)) for r in runs])
+
 
 def _npz_part(path: str) -> _Part:
   with zipfile.ZipFile(path) as archive:
     names = archive.namelist()
   samples = _npz_member(path, "samples")
   if "indices.npy" in names:
-    return _Part(samples, np.asarray(_npz_member(path, "indices"), np.int64))
+    indices = _npz_member(path, "indices")
+    if isinstance(indices, _Stored):
+      indices = indices.rows(0, indices.shape[0])
+    return _Part(samples, np.asarray(indices, np.int64))
   return _Part(samples, np.arange(samples.shape[0], dtype=np.int64))
 
 
@@ -255,11 +282,7 @@ class SampleSet:
       rows = np.flatnonzero((part.positions >= start) & (part.positions < stop))
       for first in range(0, len(rows), size):
         chosen = rows[first:first + size]
-        if chosen[-1] - chosen[0] + 1 == len(chosen):  # Contiguous: a plain slice.
-          images = part.samples[chosen[0]:chosen[-1] + 1]
-        else:
-          images = part.samples[chosen]
-        yield part.positions[chosen], np.array(images)
+        yield part.positions[chosen], part.read(chosen)
 
   def share(self, num: int, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """This process's contiguous share (hosts.my_slice) of the first ``num`` images."""

@@ -63,8 +63,11 @@ def test_shards_round_trip_and_each_reader_reads_only_its_share(tmp_path, monkey
     np.testing.assert_array_equal(samples, images)
     assert settings == {"method": "ddim", "seed": 0}
   opened = sf.open_set(path)
-  assert all(isinstance(part.samples, np.memmap) for part in opened.parts)
-  # Readers on 3 processes, first 19 samples: each gets exactly [p 19 // 3, (p+1) 19 // 3).
+  # Readers on 3 processes, first 19 samples: each gets exactly [p 19 // 3, (p+1) 19 // 3),
+  # and reads from the files those images only.
+  image_reads, fromfile = [], np.fromfile
+  monkeypatch.setattr(np, "fromfile", lambda *a, **k: image_reads.append(fromfile(*a, **k))
+                      or image_reads[-1])
   monkeypatch.setattr(jax, "process_count", lambda: 3)
   for p in range(3):
     monkeypatch.setattr(jax, "process_index", lambda p=p: p)
@@ -73,6 +76,8 @@ def test_shards_round_trip_and_each_reader_reads_only_its_share(tmp_path, monkey
     indices = np.concatenate([i for i, _ in chunks])
     np.testing.assert_array_equal(np.sort(indices), np.arange(p * 19 // 3, (p + 1) * 19 // 3))
     np.testing.assert_array_equal(np.concatenate([x for _, x in chunks]), images[indices])
+    assert sum(r.nbytes for r in image_reads) == len(indices) * int(np.prod(SHAPE))
+    image_reads.clear()
   with pytest.raises(ValueError, match="holds 21 samples, not 22"):
     opened.share(22, 2)
 
