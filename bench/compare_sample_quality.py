@@ -24,7 +24,7 @@ IS (ddpm_jax.evaluation.sample_quality, classifier and reference statistics cach
 --cache_dir).
 
   ddpm_jax: python main.py --mode=train, then --mode=sample (each a child process; the
-            workdir is <workdir>/jax); samples/step_<steps>/samples.npz.
+            workdir is <workdir>/jax); samples/step_<steps>/samples.json (its shards).
   torch:    python -m bench.torch_reference --mode=train_sample (a child process, the same
             config flags); <workdir>/torch/samples.npz.
 
@@ -126,8 +126,16 @@ def load_config(argv: list[str]) -> Any:
 # ----------------------------------------------------------------------------- ddpm_jax adapters
 
 def jax_samples_path(workdir: str, step: int) -> str:
-  """Adapter (main.py --mode=sample's output layout): samples/step_<k>/samples.npz."""
-  return os.path.join(workdir, "samples", f"step_{step}", "samples.npz")
+  """Adapter (main.py --mode=sample's output layout): the index samples/step_<k>/samples.json
+  of the set's shards."""
+  return os.path.join(workdir, "samples", f"step_{step}", "samples.json")
+
+
+def read_samples(path: str) -> np.ndarray:
+  """Adapter (ddpm_jax.sample_files.read): uint8 [N, H, W, C] of a set's index or of a
+  single samples.npz (the torch side's)."""
+  from ddpm_jax import sample_files  # pylint: disable=import-outside-toplevel
+  return sample_files.read(path)[0]
 
 
 def score_samples(samples: np.ndarray, config: Any, cache_dir: str) -> dict[str, Any]:
@@ -184,8 +192,7 @@ def run_side(side: str, config: Any, argv: list[str]) -> dict[str, Any]:
     raise app.UsageError(f"{workdir} exists: give a new --workdir (runs are never resumed).")
   load_start = common.load_avg()
   path, facts = (run_jax if side == "jax" else run_torch)(workdir, argv)
-  with np.load(path) as data:
-    samples = data["samples"]
+  samples = read_samples(path)
   started = time.perf_counter()
   cache_dir = os.path.expanduser(FLAGS.cache_dir)
   scores = score_samples(samples, config, cache_dir)

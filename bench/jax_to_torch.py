@@ -86,7 +86,7 @@ class StepDraws:
 
 
 def sample_init(config: Any, batch_index: int, num_devices: int) -> torch.Tensor:
-  """x_T of sampling batch ``batch_index`` as generation.generate_samples draws it on
+  """x_T of sampling batch ``batch_index`` as generation.local_batches draws it on
   ``num_devices`` devices: device d takes fold_in(batch_key(seed, i), d), then the x_T key
   of samplers.base.noise_keys. Returns [sampling.batch_size, C, H, W]."""
   size, channels = int(config.data.image_size), int(config.data.num_channels)

@@ -29,4 +29,8 @@ def get_config(dataset: str, *, num_train_steps: int, eval_split: str,
   config.training.num_grid_samples = 16
   config.sampling.batch_size = 64
   config.eval.batch_size = 64
+  if dataset.startswith("lsun/"):
+    # Table 3's FIDs use StyleGAN2's metric: 50,000 samples against the first 50,000
+    # training images (its reader with shuffling off, no mirroring).
+    config.eval.fid_reference_num_examples = 50_000
   return config

@@ -119,6 +119,9 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.inception_preprocess = "tf"
   evaluation.fid_num_samples = 50_000
   evaluation.fid_reference_split = "train"
+  # The FID reference is the first this many images of fid_reference_split in stored order
+  # (-1: all of it; CIFAR-10: the 50,000 training images of Table 1).
+  evaluation.fid_reference_num_examples = -1
   # FID over training (the paper reports the minimum over checkpoints): "" off, "all", or
   # comma-separated steps, e.g. "100000,200000". Needs fid_num_samples > 0.
   evaluation.checkpoint_steps = ""

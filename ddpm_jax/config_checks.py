@@ -249,6 +249,12 @@ def check_eval(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec) ->
     raise ConfigError(f"eval.fid_num_samples={ev.fid_num_samples} must be 0 (no FID) or >= 2.")
   divides_devices("sampling.batch_size", integer("sampling.batch_size", config.sampling.batch_size))
   spec.check_split(ev.fid_reference_split, "eval.fid_reference_split")
+  if integer("eval.fid_reference_num_examples", ev.fid_reference_num_examples,
+             extra=(-1,)) != -1 and "[" in ev.fid_reference_split:
+    raise ConfigError(f"eval.fid_reference_num_examples={ev.fid_reference_num_examples} takes "
+                      f"the first images of an unsliced split, not "
+                      f"eval.fid_reference_split={ev.fid_reference_split!r}; set one of them "
+                      "(-1: the whole split).")
   network = choice("eval.feature_network", ev.feature_network, FEATURE_NETWORKS)
   if network == "inception":
     from ddpm_jax.evaluation import inception  # pylint: disable=import-outside-toplevel

@@ -6,7 +6,10 @@ Writes under workdir/eval/step_<k>/ and never over an existing result:
 
   bpd.json                       test-set bits/dim (paper Table 2): total, prior, decoder
   rate_distortion.csv, .png      paper §4.3, Fig. 5
-  fid.json                       FID / IS (paper Table 1) against the train-split statistics
+  fid.json                       FID / IS (paper Table 1) against the train-split statistics;
+                                 each process scores its share of the samples (read from
+                                 the shards of --mode=sample or generated on its devices),
+                                 and only statistics are merged
 
 With eval.checkpoint_steps ("all" or a list of steps) it instead scores FID / IS at each of
 those checkpoints, as the paper's minimum FID over training (App. B): fid.json per step,
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import ml_collections
 import numpy as np
@@ -144,27 +147,29 @@ def _splits_read(config: ml_collections.ConfigDict) -> list[str]:
   return splits
 
 
-def _samples_for_fid(config: ml_collections.ConfigDict, workdir: str, params: Any, step: int,
-                     num: int) -> tuple[np.ndarray, str]:
-  """(samples, where they come from): those of --mode=sample for this step if there are
-  enough and the config's sampler made them, otherwise freshly generated (not saved)."""
+def _fid_samples(config: ml_collections.ConfigDict, workdir: str, params: Any, step: int,
+                 num: int) -> tuple[Iterator[tuple[np.ndarray, np.ndarray]], str]:
+  """(this process's share of the FID samples as (global indices, images) chunks, where
+  they come from): the set of --mode=sample for this step if it holds enough and the
+  config's sampler made it, each process reading its share from the shards; otherwise
+  generated afresh, each process keeping the images of its own devices (not saved)."""
   settings = generation.sampler_settings(config)
-  npz = sample_files.samples_path(workdir, step)
-  if os.path.exists(npz):
-    samples, saved_settings = sample_files.read(npz)
-    if saved_settings == settings and samples.shape[0] >= num:
-      return samples[:num], npz
-  samples = generation.generate_samples(config, params, num, seed=int(config.sampling.seed))
-  return samples, f"generated ({settings})"
+  path = sample_files.find_set(workdir, step)
+  if path is not None:
+    saved = sample_files.open_set(path)
+    if saved.settings == settings and saved.num_samples >= num:
+      return saved.share(num, int(config.eval.batch_size)), path
+  chunks = generation.local_batches(config, params, num, seed=int(config.sampling.seed))
+  return chunks, f"generated ({settings})"
 
 
 def _fid(config: ml_collections.ConfigDict, workdir: str, params: Any, step: int, num: int,
          out: str) -> dict[str, Any]:
   """FID / IS of ``num`` samples against eval.fid_reference_split, written to fid.json."""
   from ddpm_jax.evaluation import sample_quality  # pylint: disable=import-outside-toplevel
-  samples, source = _samples_for_fid(config, workdir, params, step, num)
+  chunks, source = _fid_samples(config, workdir, params, step, num)
   cache = os.path.join(workdir_lib.resolve(workdir), EVAL_DIR, "cache")
-  result = sample_quality.evaluate_samples(samples, config, cache_dir=cache)
+  result = sample_quality.score_samples(chunks, num, config, cache_dir=cache)
   result.update(step=step, samples=source, sampler=generation.sampler_settings(config))
   if hosts.is_chief():
     os.makedirs(out, exist_ok=True)

@@ -4,8 +4,10 @@ r"""FID (and Inception Score) of two files, on the paper's protocol.
       [--save_stats=OUT.npz] [--preprocess=tf|pytorch_fid]
 
 Each of A and B is a samples file (key `samples`: uint8 [N >= 2, H, W, C in {1, 3}], as
-samples.npz) or a statistics file (keys `mu` [2048] and `sigma` [2048, 2048], as TTUR's
-fid_stats_*.npz or a --save_stats output). Samples go through the FID Inception network
+older sets' samples.npz or one shard), a sample set of --mode=sample (its samples.json
+index or its folder: every shard), or a statistics file (keys `mu` [2048] and `sigma`
+[2048, 2048], as TTUR's fid_stats_*.npz or a --save_stats output). Samples are read from
+disk one batch at a time and go through the FID Inception network
 (`ddpm_jax.evaluation.inception`, weights converted by scripts/convert_inception_weights.py)
 with the input protocol --preprocess ("tf": the TF 2015-12-05 graph's own resize and
 scaling, as TTUR / OpenAI and so the paper; "pytorch_fid": pytorch-fid's). Prints one JSON
@@ -26,11 +28,11 @@ import os
 import sys
 import time
 import zipfile
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
+from ddpm_jax import sample_files
 from ddpm_jax.evaluation import features as features_lib
 from ddpm_jax.evaluation import metrics
 from ddpm_jax.evaluation import inception
@@ -45,9 +47,9 @@ logger.propagate = False  # main() attaches its own stderr handler.
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """One command-line input: uint8 samples, or precomputed Gaussian statistics."""
+  """One command-line input: uint8 samples (read lazily), or Gaussian statistics."""
   path: str
-  samples: np.ndarray | None = None
+  samples: sample_files.SampleSet | None = None
   mu: np.ndarray | None = None
   sigma: np.ndarray | None = None
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -56,16 +58,16 @@ class Source:
   def num_images(self) -> int | None:
     """N of a samples file; a statistics file's recorded count, if any."""
     if self.samples is not None:
-      return int(self.samples.shape[0])
+      return self.samples.num_samples
     return self.meta.get("num_images")
 
 
-def _check_samples(path: str, samples: np.ndarray) -> np.ndarray:
+def _check_samples(path: str, samples: sample_files.SampleSet) -> sample_files.SampleSet:
   """Raises ValueError unless `samples` is uint8 [N >= 2, H, W, C in {1, 3}]."""
   if samples.dtype != np.uint8:
     raise ValueError(f"{path}: samples have dtype {samples.dtype}; allowed: uint8 "
                      f"(quantized images in [0, 255])")
-  if samples.ndim != 4 or samples.shape[-1] not in (1, 3) or min(samples.shape[1:3]) < 1:
+  if len(samples.shape) != 4 or samples.shape[-1] not in (1, 3) or min(samples.shape[1:3]) < 1:
     raise ValueError(f"{path}: samples have shape {samples.shape}; allowed: [N, H, W, C] "
                      f"with C in (1, 3)")
   if samples.shape[0] < 2:
@@ -90,7 +92,14 @@ def _check_statistics(path: str, mu: np.ndarray, sigma: np.ndarray
 
 
 def read_source(path: str) -> Source:
-  """Reads a samples or statistics .npz; raises a one-line ValueError for a bad file."""
+  """Reads a samples or statistics .npz, or a sample set's index (samples.json) or folder;
+  raises a one-line ValueError for a bad file. Samples stay on disk until they are
+  featurized, a batch at a time."""
+  if os.path.isdir(path) or path.endswith(".json"):
+    try:
+      return Source(path, samples=_check_samples(path, sample_files.open_set(path)))
+    except (OSError, KeyError, TypeError, json.JSONDecodeError, zipfile.BadZipFile) as e:
+      raise ValueError(f"{path}: not a readable sample set ({type(e).__name__}: {e})") from e
   if not os.path.isfile(path):
     raise ValueError(f"{path}: no such file")
   try:
@@ -103,7 +112,7 @@ def read_source(path: str) -> Source:
   try:
     with data:
       if "samples" in data.files:
-        return Source(path, samples=_check_samples(path, data["samples"]))
+        return Source(path, samples=_check_samples(path, sample_files.open_set(path)))
       if "mu" in data.files and "sigma" in data.files:
         mu, sigma = _check_statistics(path, data["mu"], data["sigma"])
         meta = json.loads(str(data["meta"])) if "meta" in data.files else {}
@@ -115,42 +124,27 @@ def read_source(path: str) -> Source:
                    f"'sigma' (statistics)")
 
 
-def _chunks(samples: np.ndarray, batch_size: int, label: str) -> Iterator[np.ndarray]:
-  """Consecutive batches of `samples`, logging progress (images/s) every _LOG_EVERY_S."""
-  num = samples.shape[0]
-  started = last_log = time.monotonic()
-  for start in range(0, num, batch_size):
-    now = time.monotonic()
-    if start and now - last_log >= _LOG_EVERY_S:
-      logger.info("%s: %d/%d images, %.1f images/s", label, start, num,
-                  start / (now - started))
-      last_log = now
-    yield samples[start:start + batch_size]
-
-
-def sample_statistics(extractor: features_lib.FeatureExtractor, samples: np.ndarray,
-                      batch_size: int, label: str
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-  """(mu, sigma, logits or None) of uint8 samples, streamed through `extractor`.
-
-  Features are merged batch by batch (`metrics.RunningStatistics`, equal to
-  `compute_statistics` of all of them); logits are kept for the Inception Score.
-  """
-  logger.info("%s: Inception features of %d images (%s), batches of %d", label,
-              samples.shape[0], extractor.name, batch_size)
+def sample_statistics(extractor: features_lib.FeatureExtractor,
+                      samples: sample_files.SampleSet | np.ndarray, batch_size: int, label: str
+                      ) -> tuple[np.ndarray, np.ndarray, metrics.InceptionScoreSums | None]:
+  """(mu, sigma, Inception Score sums or None) of uint8 samples, streamed through
+  `extractor` one batch at a time (`features_lib.sample_statistics`: the statistics equal
+  `compute_statistics` of all features, the sums give the IS of all logits)."""
+  if not isinstance(samples, sample_files.SampleSet):
+    samples = sample_files.SampleSet.from_array(samples)
+  num = samples.num_samples
+  logger.info("%s: Inception features of %d images (%s), batches of %d", label, num,
+              extractor.name, batch_size)
   started = time.monotonic()
-  running = metrics.RunningStatistics(extractor.feature_dim)
-  logits = []
-  for features, batch_logits in features_lib.iterate_features(
-      extractor, _chunks(samples, batch_size, label), batch_size):
-    running.update(features)
-    if batch_logits is not None:
-      logits.append(batch_logits)
+  running, scores = features_lib.sample_statistics(
+      extractor, samples.chunks(0, num, batch_size), batch_size, image_shape=samples.shape[1:],
+      num_samples=num, num_splits=min(IS_SPLITS, num),
+      progress=features_lib.Progress(label, logger.info, total=num, every_s=_LOG_EVERY_S))
   seconds = time.monotonic() - started
   logger.info("%s: %d images in %.1f s (%.1f images/s)", label, running.count, seconds,
               running.count / max(seconds, 1e-9))
   mu, sigma = running.statistics()
-  return mu, sigma, np.concatenate(logits) if logits else None
+  return mu, sigma, scores
 
 
 def _feature_extractor_name(a: Source, b: Source,
@@ -191,35 +185,35 @@ def evaluate(a: Source, b: Source, *, weights: str | None, preprocess: str,
     fingerprint = features_lib.variables_fingerprint(extractor.variables)
   name = _feature_extractor_name(a, b, extractor)
 
-  stats, logits_a = {}, None
+  stats, scores_a = {}, None
   for label, source in (("A", a), ("B", b)):
     if source.samples is None:
       stats[label] = (source.mu, source.sigma)
       continue
-    mu, sigma, logits = sample_statistics(extractor, source.samples, batch_size, label)
+    mu, sigma, scores = sample_statistics(extractor, source.samples, batch_size, label)
     stats[label] = (mu, sigma)
     if label == "A":
-      logits_a = logits
+      scores_a = scores
   if save_stats:
     meta = {"feature_extractor": name, "num_images": a.num_images,
             "weights_fingerprint": fingerprint or a.meta.get("weights_fingerprint"),
             "source": os.path.abspath(a.path)}
     metrics.save_stats(save_stats, *stats["A"], meta=meta)
   record = {"fid": metrics.frechet_distance(*stats["A"], *stats["B"])}
-  record.update(_inception_score_record(a, logits_a))
+  record.update(_inception_score_record(a, scores_a))
   record.update(num_images_a=a.num_images, num_images_b=b.num_images,
                 feature_extractor=name, weights_fingerprint=fingerprint,
                 preprocess=preprocess if extractor else None)
   return record
 
 
-def _inception_score_record(a: Source, logits: np.ndarray | None) -> dict[str, Any]:
+def _inception_score_record(a: Source,
+                            scores: metrics.InceptionScoreSums | None) -> dict[str, Any]:
   """inception_score / _std / _splits of A's logits, or nulls and why it is unavailable."""
-  if logits is not None:
-    splits = min(IS_SPLITS, logits.shape[0])
-    score, std = metrics.inception_score(logits, num_splits=splits)
+  if scores is not None:
+    score, std = scores.score()
     return {"inception_score": score, "inception_score_std": std,
-            "inception_score_splits": splits, "inception_score_unavailable": None}
+            "inception_score_splits": scores.num_splits, "inception_score_unavailable": None}
   if a.samples is None:
     reason = "A is a statistics file; the Inception Score needs samples"
   else:
@@ -238,8 +232,8 @@ def _positive_int(text: str) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="python -m ddpm_jax.fid", description=__doc__.strip().splitlines()[0])
-  parser.add_argument("a", metavar="A.npz", help="samples or statistics file")
-  parser.add_argument("b", metavar="B.npz", help="samples or statistics file")
+  parser.add_argument("a", metavar="A.npz", help="samples, sample set index or statistics file")
+  parser.add_argument("b", metavar="B.npz", help="samples, sample set index or statistics file")
   parser.add_argument("--inception_weights", default="",
                       help="converted Inception weights (.npz); needed for samples files")
   parser.add_argument("--batch_size", type=_positive_int, default=100,

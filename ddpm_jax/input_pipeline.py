@@ -22,6 +22,7 @@ import numpy as np
 
 from ddpm_jax import data_sources
 from ddpm_jax import datasets
+from ddpm_jax import hosts
 from ddpm_jax import parallel
 from ddpm_jax import rng as rng_lib
 from ddpm_jax.errors import ConfigError
@@ -146,6 +147,41 @@ def create_eval_iterator(data_config, *, global_batch_size: int, split: str | No
       lo, hi = first + start, min(first + start + local_batch, total)
       real = source.gather(np.arange(lo, max(lo, hi), dtype=np.int64))
       yield pack(real, min(global_batch_size, total - first))
+
+  return generate()
+
+
+def iterate_share(data_config, split: str, *, batch_size: int,
+                  num_examples: int = -1) -> Iterator[np.ndarray]:
+  """This process's share of the first `num_examples` (-1: all) of a split, in chunks of at
+  most `batch_size` uint8 images [n, H, W, C] in stored order, unpadded.
+
+  The shares of the processes are contiguous, disjoint and cover the examples; each
+  process reads only its own (a streamed split through tfds' per-process even split of
+  `split[:num_examples]`, an in-memory one by index). For statistics merged across
+  processes afterwards, such as the FID reference; no process sees the others' images.
+  """
+  spec = datasets.get(data_config.dataset)
+  spec.check_split(split, "split")
+  if num_examples != -1 and "[" in split:
+    raise ConfigError(f"the first {num_examples} examples of a sliced split ({split!r}): "
+                      "give either the slice or the count")
+  if spec.streamed:
+    limited = split if num_examples == -1 else f"{split}[:{num_examples}]"
+    tf, tfds, encoded, decode = data_sources.tfds_stream(data_config, limited, per_process=True)
+    ds = encoded.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    return iter(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))
+  source = data_sources.array_source(data_config, split)
+  if num_examples > source.num_examples:
+    raise ConfigError(f"num_examples={num_examples} exceeds the {source.num_examples} "
+                      f"examples of {split!r}")
+  total = source.num_examples if num_examples == -1 else num_examples
+  mine = hosts.my_slice(total)
+
+  def generate() -> Iterator[np.ndarray]:
+    for first in range(mine.start, mine.stop, batch_size):
+      stop = min(first + batch_size, mine.stop)
+      yield source.gather(np.arange(first, stop, dtype=np.int64))
 
   return generate()
 

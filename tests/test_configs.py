@@ -68,3 +68,18 @@ def test_256_configs_sample_with_the_posterior_variance(name):
   assert config.diffusion.model_var_type == "fixedsmall"
   assert importlib.import_module("configs.cifar10").get_config().diffusion.model_var_type == (
       "fixedlarge")
+
+
+@pytest.mark.parametrize("name, reference_num", [
+    ("cifar10", -1), ("lsun_church", 50_000), ("lsun_bedroom", 50_000), ("lsun_cat", 50_000),
+    ("celebahq256", -1)])
+def test_evaluation_protocol(name, reference_num):
+  """FID of 50,000 samples against the training set: CIFAR-10 all of it (Table 1), LSUN the
+  first 50,000 images (StyleGAN2's metric, Table 3); CIFAR-10 bits/dim on the whole test
+  split (Table 2)."""
+  ev = importlib.import_module(f"configs.{name}").get_config().eval
+  assert (ev.fid_num_samples, ev.fid_reference_split, ev.fid_reference_num_examples) == (
+      50_000, "train", reference_num)
+  if name == "cifar10":
+    config = importlib.import_module("configs.cifar10").get_config()
+    assert (config.data.eval_split, config.eval.num_examples) == ("test", -1)

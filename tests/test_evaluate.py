@@ -6,12 +6,17 @@ import json
 import os
 
 import chex
+import jax
 import numpy as np
 import pytest
 
+from ddpm_jax import checkpointing
 from ddpm_jax import config_checks
 from ddpm_jax import evaluate
+from ddpm_jax import generation
+from ddpm_jax import hosts
 from ddpm_jax import sample
+from ddpm_jax import sample_files
 from ddpm_jax import train
 from ddpm_jax.errors import ConfigError
 from tests.conftest import tiny_config
@@ -46,13 +51,29 @@ def _snapshot(path):
                 for d, _, files in os.walk(path) for f in files)
 
 
-def test_sample_mode_writes_npz_and_grid_and_never_overwrites(workdir):
-  path = sample.run(_checked("sample"), workdir)
-  assert path == os.path.join(workdir, "samples", "step_20", "samples.npz")
-  samples = np.load(path)["samples"]
+@pytest.fixture(scope="module")
+def sample_set(workdir):
+  """The index path of --mode=sample's 12 samples of step 20."""
+  return sample.run(_checked("sample"), workdir)
+
+
+def test_sample_mode_writes_a_shard_its_index_and_grid_and_never_overwrites(workdir,
+                                                                            sample_set):
+  path = sample_set
+  folder = os.path.join(workdir, "samples", "step_20")
+  assert path == os.path.join(folder, "samples.json")
+  assert sorted(os.listdir(folder)) == ["grid.png", "samples.json", "samples_0-of-1.npz"]
+  with open(path) as f:
+    index = json.load(f)
+  assert (index["num_samples"], index["image_shape"]) == (12, [8, 8, 3])
+  assert index["shards"] == [{"file": "samples_0-of-1.npz", "num_samples": 12}]
+  assert index["settings"] == generation.sampler_settings(_config())
+  with np.load(os.path.join(folder, "samples_0-of-1.npz")) as shard:
+    samples, indices = shard["samples"], shard["indices"]
   chex.assert_shape(samples, (12, 8, 8, 3))
   assert samples.dtype == np.uint8 and samples.std() > 0
-  assert os.path.exists(os.path.join(workdir, "samples", "step_20", "grid.png"))
+  np.testing.assert_array_equal(indices, np.arange(12))
+  np.testing.assert_array_equal(sample_files.read(path)[0], samples)
   before = _snapshot(workdir)
   with pytest.raises(ConfigError, match="already holds"):
     sample.run(_checked("sample"), workdir)
@@ -128,3 +149,44 @@ def test_fid_over_training_scores_every_kept_checkpoint_and_resumes(workdir):
                      r"\[10, 20\]"):
     evaluate.run(_checked("eval", **{"eval.fid_num_samples": 16,
                                      "eval.checkpoint_steps": "10,15"}), workdir)
+
+
+def test_fid_gathers_statistics_not_images(workdir, sample_set, monkeypatch):
+  """The FID path, with the multi-host collectives switched on (one process): what crosses
+  hosts does not grow with the number of samples and is never an image, whether the
+  samples are read from the shards (10 or 12 of the 12) or generated (16). Reading
+  the saved samples and generating them again give the same FID."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  from ddpm_jax.evaluation import sample_quality  # pylint: disable=import-outside-toplevel
+  config = _checked("eval", **{"eval.fid_num_samples": 12})
+  params, _ = checkpointing.restore_ema_params(config, workdir, 20)
+  cache = os.path.join(workdir, "eval", "cache")
+
+  def score(num, chunks=None):
+    if chunks is None:  # What --mode=eval scores: the saved set if it holds enough.
+      chunks, source = evaluate._fid_samples(  # pylint: disable=protected-access
+          config, workdir, params, 20, num)
+      assert (source == sample_set) == (num <= 12), source
+    return sample_quality.score_samples(chunks, num, config, cache_dir=cache)
+
+  fresh = score(12, generation.local_batches(config, params, 12, seed=0))  # Warms the caches.
+  sent, real = [], multihost_utils.process_allgather
+
+  def spy(tree, tiled=False):
+    sent.extend(np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(tree))
+    return real(tree, tiled=tiled)
+
+  monkeypatch.setattr(hosts, "multi", lambda: True)
+  monkeypatch.setattr(multihost_utils, "process_allgather", spy)
+  traffic = {}
+  for num in (10, 12, 16):
+    result = score(num)
+    assert result["num_samples"] == num and np.isfinite(result["fid"])
+    assert not any(a.shape[-3:] == (8, 8, 3) for a in sent)
+    traffic[num] = sum(a.nbytes for a in sent)
+    sent.clear()
+    if num == 12:
+      # The same images (batched differently: float64 rounding of the merges).
+      assert result["fid"] == pytest.approx(fresh["fid"], rel=1e-9)
+      assert result["inception_score"] == pytest.approx(fresh["inception_score"], rel=1e-12)
+  assert len(set(traffic.values())) == 1 and traffic[10] > 0, traffic

@@ -23,6 +23,7 @@ import pytest
 
 from ddpm_jax import data_sources
 from ddpm_jax import fid as fid_cli
+from ddpm_jax import sample_files
 from ddpm_jax.evaluation import features as features_lib
 from ddpm_jax.evaluation import metrics
 from ddpm_jax.evaluation import inception
@@ -288,8 +289,11 @@ def test_cli_reads_ttur_statistics(tmp_path):
 
 def test_inception_score_record():
   """IS of A's logits (OpenAI: 10 splits), else nulls with the reason it is unavailable."""
-  samples = fid_cli.Source("a.npz", samples=np.zeros((20, 8, 8, 3), np.uint8))
-  record = fid_cli._inception_score_record(samples, np.zeros((20, 1008), np.float32))
+  samples = fid_cli.Source("a.npz", samples=sample_files.SampleSet.from_array(
+      np.zeros((20, 8, 8, 3), np.uint8)))
+  sums = metrics.InceptionScoreSums(20, 10, 1008)
+  sums.update(np.zeros((20, 1008), np.float32), np.arange(20))
+  record = fid_cli._inception_score_record(samples, sums)
   assert record == {"inception_score": pytest.approx(1.0), "inception_score_std": 0.0,
                     "inception_score_splits": 10, "inception_score_unavailable": None}
   record = fid_cli._inception_score_record(samples, None)

@@ -320,3 +320,50 @@ def test_non_tfds_sources_work_without_tensorflow():
                           text=True, timeout=120, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip().endswith("(1, 2, 4, 4, 3)")
+
+
+# ---------------------------------------------------------------------- per-process shares
+
+
+def _shares(monkeypatch, make, processes: int) -> list[np.ndarray]:
+  """What each of `processes` processes reads from make() (jax's process index faked)."""
+  monkeypatch.setattr(jax, "process_count", lambda: processes)
+  out = []
+  for p in range(processes):
+    monkeypatch.setattr(jax, "process_index", lambda p=p: p)
+    chunks = list(make())
+    assert all(len(c) <= 5 for c in chunks)
+    out.append(np.concatenate(chunks) if chunks else np.zeros((0,)))
+  return out
+
+
+def test_each_process_reads_only_its_share_of_the_first_examples(monkeypatch, fake_files,
+                                                                   mock_tfds):
+  """iterate_share (the FID reference): the processes' contiguous shares of the first N
+  examples (in memory, or a streamed split through tfds' per-process split) together are
+  those N examples in stored order, each read once."""
+  data_dir, images = fake_files
+  config = _config(data_dir=data_dir)
+  shares = _shares(monkeypatch, lambda: ip.iterate_share(config, "train", batch_size=5,
+                                                         num_examples=33), 3)
+  assert [len(s) for s in shares] == [11, 11, 11]
+  np.testing.assert_array_equal(np.concatenate(shares), images["train"][:33])
+  # Streamed: the whole split in stored order on one process; with several, each process
+  # asks tfds for its even part of split[:N] only (mock_data serves every split whole).
+  lsun = _config("lsun/church_outdoor", image_size=16)
+  monkeypatch.setattr(jax, "process_count", lambda: 1)
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  whole = np.concatenate(list(ip.iterate_share(lsun, "train", batch_size=5)))
+  stored = np.concatenate([b.reshape(-1, 16, 16, 3)[m.reshape(-1)] for b, m in
+                           ip.create_eval_iterator(lsun, global_batch_size=8, split="train")])
+  np.testing.assert_array_equal(whole, stored)
+  requested, load = [], mock_tfds.load
+  monkeypatch.setattr(mock_tfds, "load", lambda *a, **k: requested.append(k["split"]) or load(
+      *a, **k))
+  _shares(monkeypatch, lambda: ip.iterate_share(lsun, "train", batch_size=5,
+                                                num_examples=15), 2)
+  assert requested == [mock_tfds.even_splits("train[:15]", n=2)[p] for p in range(2)]
+  with pytest.raises(ConfigError, match="give either the slice or the count"):
+    ip.iterate_share(lsun, "train[:10]", batch_size=5, num_examples=5)
+  with pytest.raises(ConfigError, match="exceeds the 40 examples"):
+    ip.iterate_share(config, "train", batch_size=5, num_examples=41)

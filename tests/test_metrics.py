@@ -155,6 +155,24 @@ class TestInceptionScore:
     mean, std = metrics.inception_score(logits, num_splits=4)
     np.testing.assert_allclose([mean, std], [np.mean(scores), np.std(scores)], rtol=1e-10)
 
+  def test_sums_of_shares_in_any_order_merge_to_the_score_of_all(self):
+    """Each process sums its examples (placed by global index, any order); the merged sums
+    give the score of all logits at once."""
+    logits = np.random.default_rng(8).normal(scale=4.0, size=(103, 12))
+    order = np.random.default_rng(9).permutation(103)
+    shares = [order[:40], order[40:41], order[41:]]
+    merged = metrics.InceptionScoreSums(103, 10, 12)
+    for share in shares:
+      part = metrics.InceptionScoreSums(103, 10, 12)
+      for chunk in np.array_split(share, 3):
+        part.update(logits[chunk], chunk)
+      merged.merge(part.sums)
+    np.testing.assert_allclose(merged.score(), metrics.inception_score(logits, 10), rtol=1e-12)
+    missing = metrics.InceptionScoreSums(103, 10, 12)
+    missing.update(logits[:-1], np.arange(102))
+    with pytest.raises(ValueError, match="each of the N examples exactly once"):
+      missing.score()
+
   @pytest.mark.parametrize("splits", [0, 11])
   def test_bad_num_splits(self, splits):
     with pytest.raises(ValueError, match="num_splits"):

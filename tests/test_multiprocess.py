@@ -6,8 +6,9 @@ XLA_FLAGS device count. Checked: the same losses and final parameters, a corrupt
 checkpoint (all hosts fall back together, moved once) and SIGTERM to one host of a resumed
 run (every host saves the same step and exits 0), a held lock (every host exits 2 with the
 same one line), the complete sample grid, and --mode=sample / --mode=eval of an imported
-checkpoint (ddpm_jax.pretrained) giving the same numbers as one process.
-tests/test_pod_failures.py kills hosts.
+checkpoint (ddpm_jax.pretrained) giving the same numbers as one process: per-process
+sample shards and an index, read back share by share. tests/test_pod_failures.py kills
+hosts.
 """
 
 import fcntl
@@ -23,7 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import checkpointing, pretrained
+from ddpm_jax import checkpointing, generation, pretrained, sample_files
+from ddpm_jax import fid as fid_cli
 from tests import _fault_tools as ft
 from tests import _released_weights as rw
 from tests.conftest import tiny_config
@@ -123,26 +125,42 @@ def imported(tmp_path_factory):
 
 def test_sample_and_eval_of_imported_weights_on_a_pod_equal_one_process(server, imported,
                                                                          tmp_path):
+  """--mode=sample on the pod writes a shard per process and the index; --mode=eval on the
+  pod reads each process's share from those shards (process 0 wants indices 0-7, half of
+  them in each shard), one process generates its FID samples afresh (its own set is
+  tagged), and both score the same images alike. The index reads as one set, also in
+  `python -m ddpm_jax.fid`."""
   workdir, layout_flags = imported
   for name in ("one", "pod"):
     shutil.copytree(workdir, tmp_path / name)
-  single = [server.run(_args(tmp_path / "one", f"--mode={m}", *layout_flags),
-                       env=ft.devices_env(4),
-                       name=f"one_{m}", timeout=240) for m in ("sample", "eval")]
+  single = [server.run(_args(tmp_path / "one", f"--mode={m}", *layout_flags, *extra),
+                       env=ft.devices_env(4), name=f"one_{m}", timeout=240)
+            for m, extra in (("sample", ["--config.sampling.tag=one"]), ("eval", []))]
   pod = [_run_pod(server, tmp_path / "pod", f"--mode={m}", *layout_flags, name=f"pod_{m}")
          for m in ("sample", "eval")]
   for result in single + pod[0] + pod[1]:
     assert result.rc == 0, result.stderr[-3000:]
-  npz = [np.load(tmp_path / n / "samples" / f"step_{IMPORTED}" / "samples.npz")["samples"]
-         for n in ("one", "pod")]
-  assert npz[0].shape == (16, 8, 8, 3) and npz[0].std() > 10  # Not a blank image.
-  np.testing.assert_allclose(npz[1].astype(int), npz[0].astype(int), atol=2)
+  sets = {n: tmp_path / n / "samples" / f"step_{IMPORTED}{t}" for n, t in (("one", "_one"),
+                                                                          ("pod", ""))}
+  assert sorted(os.listdir(sets["pod"])) == ["grid.png", "samples.json", "samples_0-of-2.npz",
+                                             "samples_1-of-2.npz"]
+  assert "samples_0-of-1.npz" in os.listdir(sets["one"])
+  for p in range(2):
+    with np.load(sets["pod"] / f"samples_{p}-of-2.npz") as shard:
+      np.testing.assert_array_equal(shard["indices"], generation.process_indices(16, 8, p, 2))
+  samples = {n: sample_files.read(str(sets[n] / "samples.json"))[0] for n in sets}
+  assert samples["one"].shape == (16, 8, 8, 3) and samples["one"].std() > 10  # Not blank.
+  np.testing.assert_allclose(samples["pod"].astype(int), samples["one"].astype(int), atol=2)
+  source = fid_cli.read_source(str(sets["pod"] / "samples.json"))
+  np.testing.assert_array_equal(source.samples.read(), samples["pod"])
   for file in ("bpd.json", "fid.json"):
     one_json, pod_json = (json.loads((tmp_path / n / "eval" / f"step_{IMPORTED}" / file
                                       ).read_text()) for n in ("one", "pod"))
     for key in ("total_bpd", "prior_bpd", "decoder_bpd", "fid", "inception_score"):
       if key in one_json:
         assert pod_json[key] == pytest.approx(one_json[key], rel=1e-3), (file, key)
+  assert one_json["samples"].startswith("generated")
+  assert pod_json["samples"] == str(sets["pod"] / "samples.json")
 
 
 def test_a_resumed_pod_skips_a_corrupt_checkpoint_and_stops_together_on_sigterm(server, runs,

@@ -162,7 +162,7 @@ def test_kill9_sigterm_lock_and_a_bit_flip_lose_nothing(server, reference, tmp_p
   restart falls back past that one, and the run ends bit-identical to the uninterrupted
   in-process reference."""
   workdir = tmp_path / "wd"
-  ckpt_dir = str(workdir / checkpointing.CHECKPOINT_DIR)
+  ckpt_dir = str(workdir / workdir_lib.CHECKPOINT_DIR)
   rng = random.Random(1234)
   kills, tmp_left = 0, []
   for i, (how, flags) in enumerate(LIVES):
@@ -191,7 +191,7 @@ def test_kill9_sigterm_lock_and_a_bit_flip_lose_nothing(server, reference, tmp_p
         tmp_left.extend(set(tmps) - set(tmps_before))
   assert kills >= 5 and tmp_left, (kills, tmp_left)  # Some kills hit a save under way.
   *_, previous, newest = steps
-  bad = workdir / checkpointing.CHECKPOINT_DIR / str(newest)
+  bad = workdir / workdir_lib.CHECKPOINT_DIR / str(newest)
   _corrupt(str(bad), "flip")
   flipped = ft.snapshot(str(bad))
   final = server.run(_args(workdir, *CHAOS_FLAGS, *NO_PERIODIC_SAVES), name="final",
@@ -223,7 +223,7 @@ def corrupted(reference, tmp_path, request):
   """A copy of the reference workdir whose latest checkpoint is damaged (request.param)."""
   workdir = tmp_path / "wd"
   shutil.copytree(reference[0], workdir)
-  _corrupt(str(workdir / checkpointing.CHECKPOINT_DIR / str(REF_STEPS)), request.param)
+  _corrupt(str(workdir / workdir_lib.CHECKPOINT_DIR / str(REF_STEPS)), request.param)
   return workdir
 
 
@@ -236,7 +236,7 @@ def test_corrupt_latest_falls_back_and_is_moved_aside(corrupted, reference, capl
   """Restore warns naming the bad step, restores the newest intact one and
   moves the bad one (byte for byte) to checkpoints_corrupt/, never deleting it."""
   ref_dir, ref_state, _ = reference
-  bad = corrupted / checkpointing.CHECKPOINT_DIR / str(REF_STEPS)
+  bad = corrupted / workdir_lib.CHECKPOINT_DIR / str(REF_STEPS)
   before = ft.snapshot(str(bad))
   with caplog.at_level(logging.WARNING):
     state = _restore(corrupted, ref_state)
@@ -267,8 +267,8 @@ def test_sample_eval_restore_skips_corrupt_without_moving(corrupted, reference, 
 def test_all_checkpoints_corrupt_is_an_error_and_moves_nothing(reference, tmp_path):
   workdir = tmp_path / "wd"
   shutil.copytree(reference[0], workdir)
-  for step in ft.step_dirs(str(workdir / checkpointing.CHECKPOINT_DIR))[0]:
-    _corrupt(str(workdir / checkpointing.CHECKPOINT_DIR / str(step)), "flip")
+  for step in ft.step_dirs(str(workdir / workdir_lib.CHECKPOINT_DIR))[0]:
+    _corrupt(str(workdir / workdir_lib.CHECKPOINT_DIR / str(step)), "flip")
   before = ft.snapshot(str(workdir))
   with pytest.raises(ConfigError, match="No intact checkpoint.*Nothing was moved"):
     _restore(workdir, reference[1])
@@ -295,7 +295,7 @@ def _nan_config(mode: str):
 
 
 def _checkpoints(workdir, target) -> dict[int, TrainState]:
-  steps = ft.step_dirs(str(workdir / checkpointing.CHECKPOINT_DIR))[0]
+  steps = ft.step_dirs(str(workdir / workdir_lib.CHECKPOINT_DIR))[0]
   return {s: _restore(workdir, target, s) for s in steps}
 
 
@@ -339,7 +339,7 @@ def test_a_nonfinite_state_is_never_written(tmp_path):
   with pytest.raises(NonFiniteError, match="step 7 holds non-finite values in params/w"):
     checkpointer.save(7, state)
   checkpointer.close()
-  assert ft.step_dirs(str(tmp_path / checkpointing.CHECKPOINT_DIR)) == ([], [])
+  assert ft.step_dirs(str(tmp_path / workdir_lib.CHECKPOINT_DIR)) == ([], [])
 
 
 def test_one_device_gives_the_eight_device_loss_trajectory(server, reference, tmp_path):

@@ -18,6 +18,7 @@ from configs import default as default_config
 from ddpm_jax import config_checks
 from ddpm_jax import data_sources
 from ddpm_jax import datasets
+from ddpm_jax import hosts
 from ddpm_jax import input_pipeline as ip
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.evaluation import features as features_lib
@@ -194,6 +195,31 @@ def test_reference_cache_reused_and_invalidated(setup, tmp_path, monkeypatch):
   assert len(os.listdir(cache_dir)) == 3
 
 
+def test_reference_of_the_first_examples_of_the_split(setup, train_images, tmp_path):
+  """eval.fid_reference_num_examples (LSUN: 50,000, as StyleGAN2's metric): the statistics
+  of the first N images in stored order, cached apart from those of the whole split."""
+  config, _, extractor = setup
+  first = _config(config.data.data_dir, fid_reference_num_examples=40)
+  mu, sigma = sq.reference_statistics(first, extractor, cache_dir=str(tmp_path))
+  features, _ = features_lib.extract_features(extractor, train_images[:40], batch_size=32)
+  expected_mu, expected_sigma = metrics.compute_statistics(features)
+  np.testing.assert_allclose(mu, expected_mu, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(sigma, expected_sigma, rtol=1e-4, atol=1e-4)
+  (name,) = os.listdir(tmp_path)
+  assert name.startswith("fid_stats_fashion_mnist_files_train_first40_small-cnn_")
+  with pytest.raises(ConfigError, match="num_examples=101 exceeds the 100 examples"):
+    sq.reference_statistics(_config(config.data.data_dir, fid_reference_num_examples=101),
+                            extractor, cache_dir=str(tmp_path))
+  # A cache file from before the count was recorded covers the whole split: reused.
+  whole = sq.reference_statistics(config, extractor, cache_dir=str(tmp_path))
+  path = str(tmp_path / name.replace("_first40", ""))
+  _, _, meta = metrics.load_stats(path)
+  del meta["first"]
+  metrics.save_stats(path, np.zeros_like(whole[0]), np.eye(len(whole[0])), meta)
+  np.testing.assert_array_equal(
+      sq.reference_statistics(config, extractor, cache_dir=str(tmp_path))[0], 0.0)
+
+
 # ------------------------------------------------------------------- evaluate_samples
 
 
@@ -221,26 +247,39 @@ def test_noise_has_large_fid(setup):
   assert held_out["num_samples"] == NUM["test"]
 
 
+class _TwoHosts:
+  """hosts.gather as process 0 of two sees it: its array, then what process 1 sent in the
+  same call (recorded by running process 1's side first with `record`)."""
+
+  def __init__(self):
+    self.sent, self.calls = [], 0
+
+  def record(self, array):
+    self.sent.append(np.array(array))
+    return array
+
+  def gather(self, array):
+    other = self.sent[self.calls]
+    self.calls += 1
+    return np.concatenate([array, other])
+
+
 def test_statistics_merged_across_processes(monkeypatch):
-  """Two processes' statistics (each of its slice) combine into those of the whole split."""
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  """Two processes' statistics (each of its share) combine into those of the whole set;
+  the float64 moments travel exactly."""
   rng = np.random.default_rng(7)
   features = rng.normal(size=(90, 5)) @ rng.normal(size=(5, 5)) + 3.0
   parts = [metrics.RunningStatistics(5), metrics.RunningStatistics(5)]
   parts[0].update(features[:50])
   parts[1].update(features[50:])
-
-  def fake_allgather(tree):  # What process 1 would contribute is parts[1].
-    other = dict(count=np.array(parts[1].count, np.int32),
-                 mean=(parts[1].mean.astype(np.float32),
-                       (parts[1].mean - parts[1].mean.astype(np.float32)).astype(np.float32)),
-                 m2=(parts[1].m2.astype(np.float32),
-                     (parts[1].m2 - parts[1].m2.astype(np.float32)).astype(np.float32)))
-    return jax.tree_util.tree_map(lambda a, b: np.stack([a, b]), tree, other)
-
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(multihost_utils, "process_allgather", fake_allgather)
-  mu, sigma = sq._merge_across_processes(parts[0]).statistics()  # pylint: disable=protected-access
+  hosts_pair = _TwoHosts()
+  monkeypatch.setattr(hosts, "multi", lambda: True)
+  monkeypatch.setattr(hosts, "gather", hosts_pair.record)
+  sq._merge_across_processes(parts[1])  # pylint: disable=protected-access
+  monkeypatch.setattr(hosts, "gather", hosts_pair.gather)
+  merged = sq._merge_across_processes(parts[0])  # pylint: disable=protected-access
+  mu, sigma = merged.statistics()
   expected_mu, expected_sigma = metrics.compute_statistics(features)
+  assert merged.count == 90
   np.testing.assert_allclose(mu, expected_mu, rtol=1e-12)
   np.testing.assert_allclose(sigma, expected_sigma, rtol=1e-12)

@@ -1,18 +1,24 @@
 """The feature-extractor interface of FID / IS: any network mapping uint8 images to
 (features, logits or None), jitted once and run in fixed-size batches sharded over the
-local devices; and `variables_fingerprint`, which identifies network weights in cache keys.
+local devices; `sample_statistics`, which streams images into the statistics FID and IS
+are computed from; and `variables_fingerprint`, which identifies network weights in cache
+keys.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ddpm_jax.evaluation import metrics
 
 # (variables, uint8 images [B, H, W, C]) -> (features [B, D], logits [B, K] or None).
 ApplyFn = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array | None]]
@@ -67,6 +73,14 @@ class FeatureExtractor:
           f"{self.name} needs images of size {tuple(self.image_hw)}, got {tuple(shape[1:3])}")
     if shape[3] not in self.channels:
       raise ValueError(f"{self.name} accepts {self.channels} channels, got {shape[3]}")
+
+  def num_logits(self, image_shape: tuple[int, ...]) -> int | None:
+    """K of the logits for images of shape [H, W, C] (traced, not run), or None."""
+    if self.logits_name is None:
+      return None
+    images = jax.ShapeDtypeStruct((1,) + tuple(image_shape), np.uint8)
+    _, logits = jax.eval_shape(self.apply_fn, self.variables, images)
+    return None if logits is None else int(logits.shape[-1])
 
   def __call__(self, images: np.ndarray) -> tuple[jax.Array, jax.Array | None]:
     """Runs the network on one batch, on the default device (no batching, no jit)."""
@@ -153,3 +167,56 @@ def extract_features(extractor: FeatureExtractor, images_uint8: np.ndarray,
   features = np.concatenate([f for f, _ in results])
   logits = None if results[0][1] is None else np.concatenate([l for _, l in results])
   return features, logits
+
+
+class Progress:
+  """A `progress` callback that logs "<label>: <done>[/<total>] images, <rate> images/s"
+  through ``log`` at most once every ``every_s`` seconds."""
+
+  def __init__(self, label: str, log: Callable[[str], Any], *, total: int | None = None,
+               every_s: float = 30.0):
+    self.label, self.log, self.total, self.every_s = label, log, total, every_s
+    self.started = self.last = time.monotonic()
+
+  def __call__(self, done: int) -> None:
+    now = time.monotonic()
+    if now - self.last >= self.every_s:
+      self.last = now
+      of = "" if self.total is None else f"/{self.total}"
+      self.log(f"{self.label}: {done}{of} images, {done / (now - self.started):.1f} images/s")
+
+
+def sample_statistics(extractor: FeatureExtractor,
+                      chunks: Iterable[tuple[np.ndarray, np.ndarray]], batch_size: int, *,
+                      image_shape: tuple[int, ...], num_samples: int, num_splits: int,
+                      progress: Callable[[int], None] | None = None
+                      ) -> tuple[metrics.RunningStatistics, metrics.InceptionScoreSums | None]:
+  """The FID statistics and Inception Score sums of images streamed through `extractor`.
+
+  `chunks` yields (global indices int64 [n], uint8 images [n, H, W, C]) in any order and of
+  any size (each is cut into batches of `batch_size`); the indices, in [0, num_samples),
+  place each image's logits in its Inception Score part. Neither the images, nor the
+  features, nor the logits are kept: the result merges across processes (a process may
+  have seen only its share, or nothing). `progress` is called with the count so far after
+  each batch.
+  """
+  running = metrics.RunningStatistics(extractor.feature_dim)
+  num_logits = extractor.num_logits(image_shape)
+  scores = None if num_logits is None else metrics.InceptionScoreSums(num_samples, num_splits,
+                                                                      num_logits)
+  pending: collections.deque = collections.deque()
+
+  def images() -> Iterator[np.ndarray]:
+    for indices, batch in chunks:
+      for start in range(0, len(indices), batch_size):
+        pending.append(indices[start:start + batch_size])
+        yield batch[start:start + batch_size]
+
+  for features, logits in iterate_features(extractor, images(), batch_size):
+    indices = pending.popleft()
+    running.update(features)
+    if scores is not None:
+      scores.update(logits, indices)
+    if progress is not None:
+      progress(running.count)
+  return running, scores

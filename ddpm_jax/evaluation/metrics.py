@@ -8,7 +8,8 @@ to uint8 first. This module holds the network-independent metrics:
 * `compute_statistics` / `RunningStatistics` / `frechet_distance`: Gaussian statistics of
   features (at once, or streamed batch by batch) and the Frechet distance between two
   Gaussians, in float64 with `scipy.linalg.sqrtm` as TTUR.
-* `inception_score`: exp(E_x KL(p(y|x) || p(y))) averaged over splits, as the OpenAI code.
+* `inception_score` / `InceptionScoreSums`: exp(E_x KL(p(y|x) || p(y))) averaged over
+  splits, as the OpenAI code, from per-split sums that merge across processes.
 * `save_stats` / `load_stats`: cached statistics (.npz) with a JSON meta record.
 
 The networks that produce the features are run by features.py.
@@ -17,7 +18,6 @@ The networks that produce the features are run by features.py.
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -91,29 +91,82 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
 
+def inception_score_parts(indices: np.ndarray, num_examples: int,
+                          num_splits: int) -> np.ndarray:
+  """The Inception Score part of each global example index: as the OpenAI code, part i of
+  N examples cut into `num_splits` consecutive parts holds indices [i N // s, (i+1) N // s)."""
+  bounds = np.arange(1, num_splits, dtype=np.int64) * num_examples // num_splits
+  return np.searchsorted(bounds, np.asarray(indices, np.int64), side="right")
+
+
+class InceptionScoreSums:
+  """The Inception Score (Salimans et al. 2016) of N examples from sums over each part.
+
+  For a part with n examples, mean_x KL(p(y|x) || p(y)) = (1/n) sum_x sum_y p(y|x) log
+  p(y|x) - sum_y p(y) log p(y), with p(y) = (1/n) sum_x p(y|x). So per part three sums
+  suffice: n, sum_x of the negative entropy of p(y|x), and sum_x p(y|x) [C]. They add up
+  in any order of the examples (each example is placed by its global index) and across
+  processes (`merge`), so the logits of N examples never have to be in one place; the
+  score equals that of all logits at once up to float64 rounding.
+  """
+
+  def __init__(self, num_examples: int, num_splits: int, num_classes: int):
+    if not 1 <= num_splits <= num_examples:
+      raise ValueError(f"num_splits must be in [1, N={num_examples}], got {num_splits}")
+    self.num_examples, self.num_splits = int(num_examples), int(num_splits)
+    # Columns: count, sum of sum_y p log p, then sum of p(y|x) per class.
+    self.sums = np.zeros((num_splits, num_classes + 2), np.float64)
+
+  def update(self, logits: np.ndarray, indices: np.ndarray) -> None:
+    """Adds examples with logits [B, C] and global indices [B] in [0, N)."""
+    logits, indices = np.asarray(logits), np.asarray(indices, np.int64)
+    if logits.ndim != 2 or logits.shape != (indices.shape[0], self.sums.shape[1] - 2):
+      raise ValueError(f"logits must have shape [B, {self.sums.shape[1] - 2}] for indices "
+                       f"[B], got {logits.shape} and {indices.shape}")
+    if indices.size and (indices.min() < 0 or indices.max() >= self.num_examples):
+      raise ValueError(f"indices must lie in [0, {self.num_examples})")
+    log_p = scipy.special.log_softmax(logits.astype(np.float64), axis=1)
+    p = np.exp(log_p)
+    neg_entropy = np.sum(np.where(p > 0, p * log_p, 0.0), axis=1)
+    parts = inception_score_parts(indices, self.num_examples, self.num_splits)
+    for part in np.unique(parts):
+      rows = parts == part
+      self.sums[part, 0] += rows.sum()
+      self.sums[part, 1] += neg_entropy[rows].sum()
+      self.sums[part, 2:] += p[rows].sum(axis=0)
+
+  def merge(self, sums: np.ndarray) -> None:
+    """Adds the `sums` of another set of examples (another process's share)."""
+    self.sums += np.asarray(sums, np.float64)
+
+  def score(self) -> tuple[float, float]:
+    """(mean, population std) over the parts of exp(mean_x KL(p(y|x) || p(y)))."""
+    counts = self.sums[:, 0]
+    expected = np.diff(np.arange(self.num_splits + 1) * self.num_examples // self.num_splits)
+    if not np.array_equal(counts, expected):
+      raise ValueError(f"the parts hold {counts.astype(int).tolist()} examples, expected "
+                       f"{expected.tolist()}: each of the N examples exactly once")
+    p_y = self.sums[:, 2:] / counts[:, None]
+    kl = self.sums[:, 1] / counts - np.sum(scipy.special.xlogy(p_y, p_y), axis=1)
+    scores = np.exp(kl)
+    return float(np.mean(scores)), float(np.std(scores))
+
+
 def inception_score(logits: np.ndarray, num_splits: int = 10) -> tuple[float, float]:
   """Inception Score (Salimans et al. 2016) from logits [N, C], as the OpenAI code.
 
   p(y|x) = softmax(logits) over all C classes (1008 for the Inception network); the N
   examples are cut into `num_splits` consecutive parts (part i: [i N // s, (i+1) N // s)),
   and for each part IS = exp(mean_x KL(p(y|x) || p(y))) with p(y) the part's mean of
-  p(y|x). Returns the mean and the (population) standard deviation over parts. Computed in
-  float64 through log-softmax, so underflowing probabilities contribute 0, not NaN.
+  p(y|x). Returns the mean and the (population) standard deviation over parts, computed
+  in float64 by `InceptionScoreSums`.
   """
   logits = np.asarray(logits)
   if logits.ndim != 2:
     raise ValueError(f"logits must have shape [N, C], got {logits.shape}")
-  if not 1 <= num_splits <= logits.shape[0]:
-    raise ValueError(f"num_splits must be in [1, N={logits.shape[0]}], got {num_splits}")
-  log_p = scipy.special.log_softmax(logits.astype(np.float64), axis=1)
-  n = log_p.shape[0]
-  scores = []
-  for i in range(num_splits):
-    part = log_p[i * n // num_splits:(i + 1) * n // num_splits]
-    log_py = scipy.special.logsumexp(part, axis=0) - math.log(part.shape[0])
-    kl = np.sum(np.exp(part) * (part - log_py[None, :]), axis=1)
-    scores.append(math.exp(float(np.mean(kl))))
-  return float(np.mean(scores)), float(np.std(scores))
+  sums = InceptionScoreSums(logits.shape[0], num_splits, logits.shape[1])
+  sums.update(logits, np.arange(logits.shape[0]))
+  return sums.score()
 
 
 class RunningStatistics:

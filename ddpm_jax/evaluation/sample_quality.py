@@ -13,9 +13,17 @@ with scipy.linalg.sqrtm as TTUR. `config.eval.feature_network` picks the network
   Optional fields `config.eval.classifier_<option>` (steps, batch_size, learning_rate, width,
   feature_dim, seed) override `classifier.DEFAULT_RECIPE`.
 
+The reference is the first `config.eval.fid_reference_num_examples` (-1: all) images of
+`config.eval.fid_reference_split` in stored order, unflipped: the whole CIFAR-10 training
+set for Table 1, 50,000 training images for LSUN as StyleGAN2's metric (Table 3).
+
+Each process reads and featurizes only its share of the reference and of the samples;
+the feature statistics and Inception Score sums merge exactly across processes, so at
+the paper's scale (50,000 samples of 256x256) no host holds another host's images.
+
 Both the classifier and the reference statistics are cached under `cache_dir`; the cache
-key of the statistics names the dataset, the split, the network and a fingerprint of its
-weights, so a changed network never reuses stale statistics.
+key of the statistics names the dataset, the split, the count, the network and a
+fingerprint of its weights, so a changed network never reuses stale statistics.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -81,68 +89,55 @@ def get_feature_extractor(config, *, cache_dir: str) -> features_lib.FeatureExtr
       classifier_cache=path))
 
 
-def _reference_batches(config, split: str, global_batch: int) -> Iterator[np.ndarray]:
-  """This process's real (unpadded) images of each eval batch of `split`, flattened."""
-  iterator = input_pipeline.create_eval_iterator(config.data, global_batch_size=global_batch,
-                                                 split=split)
-  started, last_log, done = time.time(), time.time(), 0
-  for images, mask in iterator:
-    real = images.reshape((-1,) + images.shape[2:])[mask.reshape(-1)]
-    done += real.shape[0]
-    if time.time() - last_log > _LOG_EVERY_S:
-      last_log = time.time()
-      logging.info("FID reference statistics of %s: %d images, %.1f images/s", split, done,
-                   done / (last_log - started))
-    yield real
-
-
 def _merge_across_processes(running: metrics.RunningStatistics) -> metrics.RunningStatistics:
-  """Combines each process's statistics (of its slice of the split) into the global ones."""
-  if jax.process_count() == 1:
+  """Combines each process's statistics (of its share) into the global ones (Chan et al.);
+  only the count, mean and M2 travel, exactly (hosts.gather_float64)."""
+  if not hosts.multi():
     return running
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-  def split64(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # float64 as 2 float32s.
-    high = x.astype(np.float32)
-    return high, (x - high).astype(np.float32)
-
-  gathered = multihost_utils.process_allgather(dict(
-      count=np.array(running.count, np.int32), mean=split64(running.mean),
-      m2=split64(running.m2)))
-  def join(pair: tuple[np.ndarray, np.ndarray], process: int) -> np.ndarray:
-    return pair[0][process].astype(np.float64) + pair[1][process].astype(np.float64)
-
-  merged = metrics.RunningStatistics(running.mean.shape[0])
-  for p in range(jax.process_count()):
-    merged.merge(int(gathered["count"][p]), join(gathered["mean"], p), join(gathered["m2"], p))
+  dim = running.mean.shape[0]
+  packed = np.concatenate([[running.count], running.mean, running.m2.reshape(-1)])
+  merged = metrics.RunningStatistics(dim)
+  for row in hosts.gather_float64(packed):
+    merged.merge(int(row[0]), row[1:1 + dim], row[1 + dim:].reshape(dim, dim))
   return merged
 
 
 def _reference(config, extractor: features_lib.FeatureExtractor,
                cache_dir: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-  """(mu, sigma, meta) of the reference split's features, from the cache or computed."""
+  """(mu, sigma, meta) of the features of the first eval.fid_reference_num_examples (-1:
+  all) of the reference split, from the cache or computed: each process reads and
+  featurizes only its share; the statistics are merged."""
   data, split = config.data, config.eval.fid_reference_split
-  key = dict(version=_STATS_VERSION, dataset=data.dataset, split=split,
+  first = int(config.eval.fid_reference_num_examples)
+  key = dict(version=_STATS_VERSION, dataset=data.dataset, split=split, first=first,
              image_shape=[data.image_size, data.image_size, data.num_channels],
-             network=extractor.name, fingerprint=features_lib.variables_fingerprint(extractor.variables))
-  path = os.path.join(cache_dir, f"fid_stats_{_tag(data.dataset)}_{_tag(split)}_"
+             network=extractor.name,
+             fingerprint=features_lib.variables_fingerprint(extractor.variables))
+  part = _tag(split) if first == -1 else f"{_tag(split)}_first{first}"
+  path = os.path.join(cache_dir, f"fid_stats_{_tag(data.dataset)}_{part}_"
                                  f"{_tag(extractor.name)}_{key['fingerprint']}.npz")
   if os.path.exists(path):
     mu, sigma, meta = metrics.load_stats(path)
-    if {name: meta.get(name) for name in key} != key:
-      raise ConfigError(f"reference statistics {path!r} were computed for "
-                       f"{ {name: meta.get(name) for name in key} }, not {key}; delete it")
+    saved = {name: meta.get(name, -1 if name == "first" else None) for name in key}
+    if saved != key:  # Files from before "first" cover the whole split.
+      raise ConfigError(f"reference statistics {path!r} were computed for {saved}, not {key}; "
+                        "delete it")
     return mu, sigma, meta
-  devices = jax.process_count() * jax.local_device_count()
-  global_batch = -(-int(config.eval.batch_size) // devices) * devices
-  logging.info("Computing FID reference statistics of %s:%s with %s (cached at %s).",
-               data.dataset, split, extractor.name, path)
+  logging.info("Computing FID reference statistics of %s:%s%s with %s (cached at %s).",
+               data.dataset, split, "" if first == -1 else f" (first {first})",
+               extractor.name, path)
+  batch = int(config.eval.batch_size)
+  chunks = input_pipeline.iterate_share(data, split, batch_size=batch, num_examples=first)
   running = metrics.RunningStatistics(extractor.feature_dim)
-  local_batch = global_batch // jax.process_count()
-  for features, _ in features_lib.iterate_features(
-      extractor, _reference_batches(config, split, global_batch), local_batch):
+  progress = features_lib.Progress(f"FID reference statistics of {split} here", logging.info,
+                                   every_s=_LOG_EVERY_S)
+  for features, _ in features_lib.iterate_features(extractor, chunks, batch):
     running.update(features)
+    progress(running.count)
   running = _merge_across_processes(running)
+  if first != -1 and running.count != first:
+    raise ConfigError(f"eval.fid_reference_num_examples={first} exceeds the {running.count} "
+                      f"examples of {data.dataset}:{split}")
   mu, sigma = running.statistics()
   meta = dict(key, num_examples=running.count)
   if hosts.is_chief():
@@ -152,20 +147,27 @@ def _reference(config, extractor: features_lib.FeatureExtractor,
 
 def reference_statistics(config, extractor: features_lib.FeatureExtractor, *,
                          cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
-  """mu [D], sigma [D, D] (float64) of the features of all of eval.fid_reference_split.
+  """mu [D], sigma [D, D] (float64) of the features of eval.fid_reference_split (its first
+  eval.fid_reference_num_examples, -1: all).
 
-  Computed once (streamed in batches of eval.batch_size) and cached as an .npz under
-  `cache_dir`, keyed by dataset, split, network name and weights fingerprint.
+  Computed once (streamed in batches of eval.batch_size, each process its share) and
+  cached as an .npz under `cache_dir`, keyed by dataset, split, count, network name and
+  weights fingerprint.
   """
   mu, sigma, _ = _reference(config, extractor, cache_dir)
   return mu, sigma
 
 
-def evaluate_samples(samples_uint8: np.ndarray, config, *, cache_dir: str) -> dict[str, Any]:
-  """FID (and IS) of uint8 samples [N, H, W, C] against the reference split.
+def score_samples(chunks: Iterable[tuple[np.ndarray, np.ndarray]], num_samples: int, config, *,
+                  cache_dir: str) -> dict[str, Any]:
+  """FID (and IS) of a set of num_samples uint8 samples against the reference split, where
+  each process passes only its share.
 
-  On a pod every process passes the same N samples and featurizes its contiguous share;
-  the statistics are merged exactly (Chan et al.) and the logits gathered.
+  `chunks` yields this process's (global indices int64 [n], uint8 images [n, H, W, C]): the
+  shares of all processes together hold every index of [0, num_samples) once. Each process
+  featurizes its own images; only the feature statistics (count, mean, M2) and the
+  Inception Score sums of each part travel between processes, so no host holds another
+  host's images, features or logits, and the images are never all in one place.
 
   Returns a JSON-ready dict: fid, inception_score / inception_score_std (over IS_SPLITS
   parts, or None without logits) and inception_score_logits (which logits: the Inception
@@ -176,40 +178,67 @@ def evaluate_samples(samples_uint8: np.ndarray, config, *, cache_dir: str) -> di
   """
   data = config.data
   shape = (data.image_size, data.image_size, data.num_channels)
-  dtype = getattr(samples_uint8, "dtype", None)
-  if dtype != np.uint8 or np.ndim(samples_uint8) != 4 or samples_uint8.shape[1:] != shape:
-    raise ValueError(f"samples must be uint8 [N, {', '.join(map(str, shape))}] (quantized, as "
-                     f"samples.npz), got {dtype} {np.shape(samples_uint8)}")
-  num = int(samples_uint8.shape[0])
-  if num < 2:
-    raise ValueError(f"FID needs at least 2 samples, got {num}")
+  if num_samples < 2:
+    raise ValueError(f"FID needs at least 2 samples, got {num_samples}")
   extractor = get_feature_extractor(config, cache_dir=cache_dir)
   mu_ref, sigma_ref, meta = _reference(config, extractor, cache_dir)
-  started = time.time()
-  share = hosts.my_slice(num)  # Each process featurizes its part; statistics are merged.
-  features, logits = features_lib.extract_features(extractor, samples_uint8[share],
-                                          config.eval.batch_size)
-  logging.info("Features of %d samples in %.1f s.", features.shape[0], time.time() - started)
-  running = metrics.RunningStatistics(extractor.feature_dim)
-  running.update(features)
-  mu, sigma = _merge_across_processes(running).statistics()
-  logits = None if logits is None else hosts.gather_ragged(logits)
+  started, splits = time.time(), min(IS_SPLITS, num_samples)
+  running, scores = features_lib.sample_statistics(
+      extractor, _checked(chunks, shape), int(config.eval.batch_size), image_shape=shape,
+      num_samples=num_samples, num_splits=splits,
+      progress=features_lib.Progress("FID samples here", logging.info, every_s=_LOG_EVERY_S))
+  logging.info("Features of %d samples here in %.1f s.", running.count, time.time() - started)
+  running = _merge_across_processes(running)
+  if running.count != num_samples:
+    raise ValueError(f"the processes' shares hold {running.count} samples, not {num_samples}")
+  mu, sigma = running.statistics()
   score = score_std = None
-  splits = min(IS_SPLITS, num)
-  if logits is not None:
-    score, score_std = metrics.inception_score(logits, num_splits=splits)
+  if scores is not None:
+    merged = metrics.InceptionScoreSums(num_samples, splits, scores.sums.shape[1] - 2)
+    for sums in hosts.gather_float64(scores.sums):
+      merged.merge(sums)
+    score, score_std = merged.score()
   return {
       "fid": metrics.frechet_distance(mu, sigma, mu_ref, sigma_ref),
       "inception_score": score,
       "inception_score_std": score_std,
-      "inception_score_splits": splits if logits is not None else None,
-      "inception_score_logits": extractor.logits_name if logits is not None else None,
+      "inception_score_splits": splits if scores is not None else None,
+      "inception_score_logits": extractor.logits_name if scores is not None else None,
       "feature_network": config.eval.feature_network,
       "feature_extractor": f"{extractor.name}@{meta['fingerprint']}",
       "feature_dim": extractor.feature_dim,
       "reference_dataset": data.dataset,
       "reference_split": config.eval.fid_reference_split,
-      "num_samples": num,
+      "num_samples": num_samples,
       "num_reference": int(meta["num_examples"]),
       "classifier_test_accuracy": extractor.info.get("classifier_test_accuracy"),
   }
+
+
+def _check_images(images: Any, shape: tuple[int, ...]) -> None:
+  """ValueError unless ``images`` are uint8 samples [n, *shape]."""
+  dtype = getattr(images, "dtype", None)
+  if dtype != np.uint8 or np.ndim(images) != 4 or np.shape(images)[1:] != shape:
+    raise ValueError(f"samples must be uint8 [N, {', '.join(map(str, shape))}] (quantized, as "
+                     f"sample sets), got {dtype} {np.shape(images)}")
+
+
+def _checked(chunks: Iterable[tuple[np.ndarray, np.ndarray]], shape: tuple[int, ...]
+             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """`chunks`, each checked by `_check_images`."""
+  for indices, images in chunks:
+    _check_images(images, shape)
+    yield indices, images
+
+
+def evaluate_samples(samples_uint8: np.ndarray, config, *, cache_dir: str) -> dict[str, Any]:
+  """`score_samples` of uint8 samples [n, H, W, C] held in memory: this process's
+  contiguous part of the set (on one process, all of it); the parts of processes 0, 1, ...
+  in order make the set."""
+  data = config.data
+  _check_images(samples_uint8, (data.image_size, data.image_size, data.num_channels))
+  counts = hosts.gather(np.array([samples_uint8.shape[0]], np.int32)).astype(np.int64)
+  offset = int(counts[:jax.process_index()].sum())
+  indices = offset + np.arange(samples_uint8.shape[0], dtype=np.int64)
+  return score_samples([(indices, samples_uint8)], int(counts.sum()), config,
+                       cache_dir=cache_dir)
