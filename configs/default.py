@@ -35,7 +35,6 @@ def get_config() -> ml_collections.ConfigDict:
   model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16".
   model.remat = False  # jax.checkpoint each res block.
   model.attn_impl = "jax"  # "jax" (jax.nn.dot_product_attention) or "explicit" (einsums).
-  model.conv_wgrad = "auto"  # 3x3 kernel gradients: "auto" (= "xla"), "xla" or "taps".
 
   # Diffusion process and objective (paper §2-3).
   config.diffusion = diffusion = ml_collections.ConfigDict()

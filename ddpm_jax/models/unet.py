@@ -21,11 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax.models import conv as conv_lib
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTN_IMPLS = ("jax", "explicit")
-CONV_WGRADS = ("auto", "xla", "taps")
 
 
 def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
@@ -74,20 +72,11 @@ def _norm(x: jax.Array, num_groups: int, name: str) -> jax.Array:
                       name=name)(x.astype(jnp.float32))
 
 
-def resolve_conv_wgrad(conv_wgrad: str) -> bool:
-  """True if 3x3 convolutions should use conv.conv_tap_wgrad ("taps"); "auto" is XLA's own."""
-  if conv_wgrad not in CONV_WGRADS:
-    raise ValueError(f"conv_wgrad={conv_wgrad!r}; allowed: {CONV_WGRADS}.")
-  return conv_wgrad == "taps"
-
-
 def _conv3x3(features: int, dtype: Any, name: str, *, init_scale: float = 1.0,
-             stride: int = 1, padding: Any = ((1, 1), (1, 1)), tap_wgrad: bool = False
-             ) -> nn.Conv:
+             stride: int = 1, padding: Any = ((1, 1), (1, 1))) -> nn.Conv:
   return nn.Conv(features, (3, 3), strides=(stride, stride), padding=padding, dtype=dtype,
                  param_dtype=jnp.float32, kernel_init=default_init(init_scale),
-                 bias_init=nn.initializers.zeros, name=name,
-                 conv_general_dilated=conv_lib.flax_conv_general_dilated if tap_wgrad else None)
+                 bias_init=nn.initializers.zeros, name=name)
 
 
 def _dense(features: int, dtype: Any, name: str, *, init_scale: float = 1.0) -> nn.Dense:
@@ -109,16 +98,15 @@ class ResBlock(nn.Module):
   num_groups: int
   dropout: float
   dtype: Any
-  tap_wgrad: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
     h = nn.swish(_norm(x, self.num_groups, "norm_0")).astype(self.dtype)
-    h = _conv3x3(self.out_ch, self.dtype, "conv_0", tap_wgrad=self.tap_wgrad)(h)
+    h = _conv3x3(self.out_ch, self.dtype, "conv_0")(h)
     h = h + _dense(self.out_ch, self.dtype, "temb_proj")(nn.swish(temb))[:, None, None, :]
     h = nn.swish(_norm(h, self.num_groups, "norm_1")).astype(self.dtype)
     h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
-    h = _conv3x3(self.out_ch, self.dtype, "conv_1", init_scale=0.0, tap_wgrad=self.tap_wgrad)(h)
+    h = _conv3x3(self.out_ch, self.dtype, "conv_1", init_scale=0.0)(h)
     if x.shape[-1] != self.out_ch:
       x = _dense(self.out_ch, self.dtype, "nin_shortcut")(x)
     return x.astype(self.dtype) + h
@@ -157,22 +145,19 @@ class Downsample(nn.Module):
   """Halves H and W: conv3x3 stride 2 with TF-'SAME' padding, or 2x2 average pooling."""
   with_conv: bool
   dtype: Any
-  tap_wgrad: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if not self.with_conv:
       return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
     pads = (tf_same_padding(x.shape[1], 3, 2), tf_same_padding(x.shape[2], 3, 2))
-    return _conv3x3(x.shape[-1], self.dtype, "conv", stride=2, padding=pads,
-                    tap_wgrad=self.tap_wgrad)(x)
+    return _conv3x3(x.shape[-1], self.dtype, "conv", stride=2, padding=pads)(x)
 
 
 class Upsample(nn.Module):
   """Doubles H and W by nearest-neighbour repetition, then (optionally) a 3x3 conv."""
   with_conv: bool
   dtype: Any
-  tap_wgrad: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -180,7 +165,7 @@ class Upsample(nn.Module):
     x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, height, 2, width, 2, c))
     x = x.reshape(b, 2 * height, 2 * width, c)
     if self.with_conv:
-      x = _conv3x3(c, self.dtype, "conv", tap_wgrad=self.tap_wgrad)(x)
+      x = _conv3x3(c, self.dtype, "conv")(x)
     return x
 
 
@@ -208,11 +193,9 @@ class UNet(nn.Module):
   blocks (active only with ``train=True``, drawing from the 'dropout' rng), strided-conv or
   average-pool down-sampling (``resamp_with_conv``), ``num_groups`` for GroupNorm,
   ``dtype`` the compute dtype, ``remat`` to rematerialise every res block in the backward
-  pass, ``attn_impl`` "jax" (jax.nn.dot_product_attention) or "explicit" (einsum formula),
-  ``conv_wgrad`` how 3x3 kernel gradients are computed: "xla" (XLA's own), "taps"
-  (models/conv.py, one matmul per tap; faster on an AVX2 CPU with YNNPACK convolutions) or
-  "auto" (XLA's own, the faster on every host measured with ddpm_jax.xla_flags'
-  defaults). Neither attn_impl nor conv_wgrad changes the parameters. ``t`` holds the
+  pass, ``attn_impl`` "jax" (jax.nn.dot_product_attention, which may use a fused kernel on
+  an accelerator) or "explicit" (the einsum formula; attention alone ran 2x faster on the
+  CPU, docs/performance.md). attn_impl does not change the parameters. ``t`` holds the
   0-based timesteps, integer or floating (a continuous-time solver's non-integer t).
   """
   ch: int = 128
@@ -226,7 +209,6 @@ class UNet(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   attn_impl: str = "jax"
-  conv_wgrad: str = "auto"
 
   def __post_init__(self) -> None:
     resolve_dtype(self.dtype)
@@ -245,7 +227,6 @@ class UNet(nn.Module):
                        f"num_groups={self.num_groups}.")
     if self.attn_impl not in ATTN_IMPLS:
       raise ValueError(f"attn_impl={self.attn_impl!r}; allowed: {ATTN_IMPLS}.")
-    resolve_conv_wgrad(self.conv_wgrad)
     super().__post_init__()
 
   def _check_inputs(self, x: jax.Array, t: jax.Array) -> None:
@@ -266,10 +247,9 @@ class UNet(nn.Module):
     self._check_inputs(x, t)
     dtype = resolve_dtype(self.dtype)
     block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
-    taps = resolve_conv_wgrad(self.conv_wgrad)
 
     def res_block(h: jax.Array, out_ch: int, name: str) -> jax.Array:
-      return block_cls(out_ch, self.num_groups, self.dropout, dtype, taps, name=name)(
+      return block_cls(out_ch, self.num_groups, self.dropout, dtype, name=name)(
           h, temb, train)
 
     def attn(h: jax.Array, name: str) -> jax.Array:
@@ -282,7 +262,7 @@ class UNet(nn.Module):
 
     # Down path; hs keeps every feature map the up path concatenates.
     levels = len(self.ch_mult)
-    hs = [_conv3x3(self.ch, dtype, "conv_in", tap_wgrad=taps)(x.astype(dtype))]
+    hs = [_conv3x3(self.ch, dtype, "conv_in")(x.astype(dtype))]
     for i in range(levels):
       for j in range(self.num_res_blocks):
         h = res_block(hs[-1], self.ch * self.ch_mult[i], f"down_{i}_block_{j}")
@@ -290,8 +270,7 @@ class UNet(nn.Module):
           h = attn(h, f"down_{i}_attn_{j}")
         hs.append(h)
       if i != levels - 1:
-        hs.append(Downsample(self.resamp_with_conv, dtype, taps,
-                             name=f"down_{i}_downsample")(hs[-1]))
+        hs.append(Downsample(self.resamp_with_conv, dtype, name=f"down_{i}_downsample")(hs[-1]))
 
     # Middle: res block, attention, res block.
     h = res_block(hs[-1], hs[-1].shape[-1], "mid_block_0")
@@ -306,11 +285,11 @@ class UNet(nn.Module):
         if h.shape[1] in self.attn_resolutions:
           h = attn(h, f"up_{i}_attn_{j}")
       if i != 0:
-        h = Upsample(self.resamp_with_conv, dtype, taps, name=f"up_{i}_upsample")(h)
+        h = Upsample(self.resamp_with_conv, dtype, name=f"up_{i}_upsample")(h)
 
     # Output head in float32: GN-swish-conv3x3 (zero init).
     h = nn.swish(_norm(h, self.num_groups, "norm_out"))
-    return _conv3x3(self.out_ch, jnp.float32, "conv_out", init_scale=0.0, tap_wgrad=taps)(h)
+    return _conv3x3(self.out_ch, jnp.float32, "conv_out", init_scale=0.0)(h)
 
 
 def create_model(model_config: Any, *, image_size: int, num_channels: int,
@@ -318,8 +297,7 @@ def create_model(model_config: Any, *, image_size: int, num_channels: int,
   """Builds the UNet from the ``config.model`` group (configs/default.py) and validates it.
 
   ``out_ch`` defaults to ``num_channels`` (eps / x0 prediction); use ``2 * num_channels``
-  for a learned variance. ``model_config.attn_impl`` and ``conv_wgrad`` are optional
-  (defaults "jax" and "auto").
+  for a learned variance. ``model_config.attn_impl`` is optional (default "jax").
   """
   if num_channels <= 0:
     raise ValueError(f"num_channels={num_channels} must be positive.")
@@ -332,8 +310,7 @@ def create_model(model_config: Any, *, image_size: int, num_channels: int,
                resamp_with_conv=bool(model_config.resamp_with_conv),
                out_ch=int(num_channels if out_ch is None else out_ch),
                num_groups=int(model_config.num_groups), dtype=model_config.dtype,
-               remat=bool(model_config.remat), attn_impl=get("attn_impl", "jax"),
-               conv_wgrad=get("conv_wgrad", "auto"))
+               remat=bool(model_config.remat), attn_impl=get("attn_impl", "jax"))
   validate_image_size(image_size, model.ch_mult, model.attn_resolutions)
   return model
 

@@ -1,6 +1,6 @@
 """What JAX does to the survivor when one process of a job dies, and what Python can change.
 
-  python -m bench.repro_jax_host_loss --trials=6
+  python scripts/repro_jax_host_loss.py --trials=6
 
 Runs jobs of 2 processes x 2 CPU devices on loopback (jax.distributed, heartbeat timeout
 --heartbeat_timeout s): both loop over a pmapped psum, and one of them SIGKILLs itself
@@ -43,7 +43,7 @@ ITERATIONS_BEFORE_DEATH = 300
 
 
 def _process(process_id: int, port: int, mode: str, victim: int, heartbeat: int) -> None:
-  """One process of a job (run as `python -m bench.repro_jax_host_loss --child=...`)."""
+  """One process of a job (run as `python scripts/repro_jax_host_loss.py --child=...`)."""
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
   import jax  # pylint: disable=import-outside-toplevel
   from jax._src import distributed  # pylint: disable=import-outside-toplevel
@@ -88,7 +88,7 @@ def _job(mode: str, victim: int) -> dict:
     # pylint: disable-next=consider-using-with
     errs = [open(os.path.join(tmp, f"p{i}.err"), "w+") for i in range(2)]
     procs = [subprocess.Popen(  # pylint: disable=consider-using-with
-        [sys.executable, "-m", "bench.repro_jax_host_loss",
+        [sys.executable, os.path.abspath(__file__),
          f"--child={i},{port},{mode},{victim},{FLAGS.heartbeat_timeout}"],
         stdout=subprocess.PIPE, stderr=errs[i], text=True) for i in range(2)]
     died = float("nan")

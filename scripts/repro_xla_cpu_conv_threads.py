@@ -1,7 +1,7 @@
 """Smallest reproducer: XLA:CPU's YNNPACK path runs this U-Net's convolutions on one core.
 
-  python -m bench.repro_xla_cpu_conv_threads --ynn_convolutions=True    # jaxlib's default
-  python -m bench.repro_xla_cpu_conv_threads --ynn_convolutions=False   # ddpm_jax's default
+  python scripts/repro_xla_cpu_conv_threads.py --ynn_convolutions=True    # jaxlib's default
+  python scripts/repro_xla_cpu_conv_threads.py --ynn_convolutions=False   # ddpm_jax's default
 
 Times one call of a 3x3 convolution and of its kernel gradient at the shapes of the
 Fashion-MNIST quick start (64 x 28 x 28 x 64), a 4x larger convolution and a matmul, and
