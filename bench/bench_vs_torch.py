@@ -4,7 +4,7 @@
   python -m bench.bench_vs_torch --model=fashion_mnist --batch=64 --rounds=2 --steps=3
 
 Each round runs the ddpm_jax step (bench/bench_train.py, run as ``python -m
-bench.bench_train``: the real pmapped train step on a synthetic batch) and then the PyTorch step (bench/torch_reference.py --mode=bench: forward at
+bench.bench_train``: the real pmapped train step on a synthetic batch) and then the PyTorch step (reference_torch/torch_reference.py --mode=bench: forward at
 random t, MSE on eps, backward, global-norm clip, Adam, EMA; float32), each in its own
 child process so they never share threads, alternating A B A B. Both read the same config
 flags (bench/common.layout_flags, random flips off), so both build the same

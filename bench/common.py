@@ -68,7 +68,7 @@ def emit(record: dict[str, Any], out_path: str = "") -> None:
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCH_REFERENCE = ["-m", "bench.torch_reference"]  # Run from REPO_ROOT.
+TORCH_REFERENCE = ["-m", "reference_torch.torch_reference"]  # Run from REPO_ROOT.
 MODELS = ("cifar10", "fashion_mnist")
 
 

@@ -139,8 +139,12 @@ def _expected(config: ml_collections.ConfigDict, kind: str) -> dict[str, tuple]:
 
 
 def _fitting_configs(found: dict[str, tuple[int, ...]], kind: str) -> list[str]:
-  """The files configs/<name>.py whose U-Net has exactly the tensors ``found``."""
-  import configs  # pylint: disable=import-outside-toplevel  (only to suggest one)
+  """The files configs/<name>.py whose U-Net has exactly the tensors ``found`` (none where
+  the repository's configs/ is not importable, e.g. run from outside the checkout)."""
+  try:
+    import configs  # noqa: PLC0415  (the repository's folder, only to suggest a config)
+  except ImportError:
+    return []
   fits = []
   for info in pkgutil.iter_modules(configs.__path__):
     if info.name.startswith("_") or info.name == "default":

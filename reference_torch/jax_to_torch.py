@@ -1,6 +1,6 @@
 """ddpm_jax's parameters and random draws, carried over to the PyTorch reference.
 
-With ``--draws=ddpm_jax`` bench/torch_reference.py starts from ddpm_jax's initial
+With ``--draws=ddpm_jax`` reference_torch/torch_reference.py starts from ddpm_jax's initial
 parameters for training.seed, trains on ddpm_jax's t, noise and flips of every step and
 samples from ddpm_jax's x_T of every sampling batch. Both sides then run the same
 computation on the same numbers, and what is left between them is the implementation

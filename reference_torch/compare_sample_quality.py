@@ -2,11 +2,11 @@
 
   # The full comparison (25-35 min per side alone on a 2-core CPU; --sides=jax or torch
   # runs one side, --seed=S another training seed):
-  python -m bench.compare_sample_quality --workdir=/tmp/sq_full --ema_warmup
+  python -m reference_torch.compare_sample_quality --workdir=/tmp/sq_full --ema_warmup
   # The same with one set of draws (ddpm_jax's init, t, noise and x_T on both sides):
-  python -m bench.compare_sample_quality --workdir=/tmp/sq_same --ema_warmup --torch_draws=ddpm_jax
+  python -m reference_torch.compare_sample_quality --workdir=/tmp/sq_same --ema_warmup --torch_draws=ddpm_jax
   # Smoke run (minutes): proves both sides end to end.
-  python -m bench.compare_sample_quality --workdir=/tmp/sq_smoke --steps=30 --num_samples=64
+  python -m reference_torch.compare_sample_quality --workdir=/tmp/sq_smoke --steps=30 --num_samples=64
 
 Both sides train the Fashion-MNIST layout of bench/common.layout_flags (ch 32, ch_mult
 1,2,2, one res block, attention only in the middle, dropout 0) with one recipe: Adam lr 2e-4
@@ -16,7 +16,7 @@ with 100 linear warm-up steps, batch 64, EMA 0.999 (constant, or warmed up with
 pipeline for (training.seed, step). Random flips are off on both sides
 (--random_flip=False); the initial weights, t, the noise and x_T are drawn by each side's
 own generator, or with --torch_draws=ddpm_jax the torch side takes ddpm_jax's
-(bench/jax_to_torch.py), so only the implementations differ. Then each side draws
+(reference_torch/jax_to_torch.py), so only the implementations differ. Then each side draws
 --num_samples samples from its EMA weights with DDIM (100 steps on the grid 0, 10, ..., 990,
 eta 0, x0 not clipped, as the DDIM reference code, unless --clip_x0), quantized as
 round((x + 1) * 127.5), and both are scored with the project's classifier-feature FID and
@@ -25,7 +25,7 @@ IS (ddpm_jax.evaluation.sample_quality, classifier and reference statistics cach
 
   ddpm_jax: python main.py --mode=train, then --mode=sample (each a child process; the
             workdir is <workdir>/jax); samples/step_<steps>/samples.json (its shards).
-  torch:    python -m bench.torch_reference --mode=train_sample (a child process, the same
+  torch:    python -m reference_torch.torch_reference --mode=train_sample (a child process, the same
             config flags); <workdir>/torch/samples.npz.
 
 Prints one JSON line per side: fid, inception_score, the class histogram of the samples
@@ -69,14 +69,14 @@ flags.DEFINE_bool("clip_x0", False, "Clip the x0 estimate to [-1, 1] in DDIM (bo
 flags.DEFINE_bool("random_flip", False, "Random horizontal flips (both sides, different draws).")
 flags.DEFINE_integer("num_groups", 8, "GroupNorm groups (both sides).")
 flags.DEFINE_enum("torch_sampler", "own", ("own", "diffusers"),
-                  "own: bench/torch_sampling.py's DDIM; diffusers: DDIMScheduler.")
+                  "own: reference_torch/torch_sampling.py's DDIM; diffusers: DDIMScheduler.")
 flags.DEFINE_enum("torch_init", "ddpm", ("ddpm", "torch"),
                   "ddpm: ddpm_jax's initialisation on the torch side; torch: diffusers' default.")
 flags.DEFINE_enum("torch_draws", "own", ("own", "ddpm_jax"),
                   "own: the torch side draws its init (--torch_init), t, noise and x_T from "
                   "torch generators; ddpm_jax: it takes ddpm_jax's initial parameters and "
                   "ddpm_jax's t, noise and x_T for the same seeds, so only the "
-                  "implementations differ (bench/jax_to_torch.py).")
+                  "implementations differ (reference_torch/jax_to_torch.py).")
 flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads of the torch side.")
 flags.DEFINE_string("cache_dir", "~/.cache/ddpm_jax/fashion_mnist_eval", "Cache of the FID "
                     "classifier and reference statistics.")

@@ -11,27 +11,27 @@ global norm (as optax.clip_by_global_norm), and an EMA of the weights. float32 t
 Modes:
 
   # Parameter count of the layout (no training):
-  python -m bench.torch_reference --mode=params --config=configs/cifar10.py
+  python -m reference_torch.torch_reference --mode=params --config=configs/cifar10.py
 
   # Median time of --steps train steps after --warmup steps, on a synthetic batch; one JSON line:
-  python -m bench.torch_reference --mode=bench --config=configs/cifar10.py \
+  python -m reference_torch.torch_reference --mode=bench --config=configs/cifar10.py \
       --config.training.batch_size=8 --steps=5 --warmup=1
 
   # Train on exactly the batches of ddpm_jax's input pipeline for (training.seed, step), then
   # sample config.sampling.num_samples images with DDIM from the EMA weights; writes
   # <workdir>/samples.npz (uint8 [N, H, W, C]) and prints one JSON line:
-  python -m bench.torch_reference --mode=train_sample --workdir=/tmp/torch_fm \
+  python -m reference_torch.torch_reference --mode=train_sample --workdir=/tmp/torch_fm \
       --config=configs/fashion_mnist.py --config.data.random_flip=False \
       --config.training.num_train_steps=30 --config.sampling.method=ddim \
       --config.sampling.ddim.num_steps=100 --config.sampling.num_samples=64
 
   # The same, but from ddpm_jax's initial parameters and with ddpm_jax's t, noise and x_T
-  # (bench/jax_to_torch.py): only the implementations differ.
-  python -m bench.torch_reference --mode=train_sample --draws=ddpm_jax ...
+  # (reference_torch/jax_to_torch.py): only the implementations differ.
+  python -m reference_torch.torch_reference --mode=train_sample --draws=ddpm_jax ...
 
   # One set of ddpm_jax parameters in both networks: max differences of the outputs, the
   # L_simple gradient and --ddim_batch DDIM samples from one x_T; one JSON line:
-  python -m bench.torch_reference --mode=equivalence --jax_workdir=/tmp/fashion_mnist \
+  python -m reference_torch.torch_reference --mode=equivalence --jax_workdir=/tmp/fashion_mnist \
       --config=configs/fashion_mnist.py --config.sampling.method=ddim
 
 With the default --draws=own only the data of train_sample comes from ddpm_jax
@@ -56,7 +56,8 @@ from ml_collections import config_flags
 import torch
 import torch.nn.functional as F
 
-from bench.torch_sampling import alphas_cumprod, ddim_own, generate
+from bench import common
+from reference_torch.torch_sampling import alphas_cumprod, ddim_own, generate
 
 MODES = ("params", "bench", "train_sample", "equivalence")
 DRAWS = ("own", "ddpm_jax")
@@ -80,7 +81,7 @@ flags.DEFINE_enum("init", "ddpm", INITS,
 flags.DEFINE_enum("draws", "own", DRAWS,
                   "train_sample: own: torch's init (--init), t, noise and x_T from torch "
                   "generators; ddpm_jax: main.py's initial parameters, t, noise, flips and "
-                  "x_T for the same seeds (bench/jax_to_torch.py), so only the "
+                  "x_T for the same seeds (reference_torch/jax_to_torch.py), so only the "
                   "implementations differ.")
 flags.DEFINE_string("jax_workdir", "", "equivalence: ddpm_jax workdir whose EMA parameters "
                     "(sampling.checkpoint_step) both networks load; empty: the initial ones.")
@@ -247,23 +248,18 @@ def to_model_input(images: np.ndarray) -> torch.Tensor:
 # ----------------------------------------------------------------------------- modes
 
 def environment() -> dict[str, Any]:
+  """The torch side's versions and threads, the host (bench.common.machine) and memory."""
   import diffusers  # pylint: disable=import-outside-toplevel
   return {"torch": torch.__version__, "diffusers": diffusers.__version__,
           "torch_threads": torch.get_num_threads(),
           "torch_interop_threads": torch.get_num_interop_threads(),
           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-          "host_cpus": os.cpu_count(), "machine": platform.machine(),
-          "load_avg_1m": os.getloadavg()[0],
-          "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-
-def emit(record: dict[str, Any]) -> None:
-  print(json.dumps(record), flush=True)
+          **common.machine(), **common.memory_report()}
 
 
 def run_params(config: Any) -> None:
   model = build_model(config, FLAGS.init)
-  emit({"bench": "torch_params", "num_params": num_params(model),
+  common.emit({"bench": "torch_params", "num_params": num_params(model),
         "unet2d_kwargs": unet_kwargs(config), **environment()})
 
 
@@ -285,7 +281,7 @@ def run_bench(config: Any) -> None:
     trainer.step(x0)
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
-  emit({"bench": "torch_train_step", "global_batch": batch, "num_params": num_params(model),
+  common.emit({"bench": "torch_train_step", "global_batch": batch, "num_params": num_params(model),
         "step_s": step_s, "steps_per_s": 1.0 / step_s, "images_per_s": batch / step_s,
         "step_s_min": min(times), "step_s_max": max(times), "timed_calls": FLAGS.steps,
         "warmup_calls": FLAGS.warmup, "dropout": float(config.model.dropout),
@@ -329,7 +325,7 @@ def run_train_sample(config: Any) -> None:
   path = os.path.join(FLAGS.workdir, "samples.npz")
   np.savez(path, samples=samples)
   tail = losses[-min(50, len(losses)):]
-  emit({"side": "torch", "steps": num_steps, "samples_path": path,
+  common.emit({"side": "torch", "steps": num_steps, "samples_path": path,
         "num_samples": int(samples.shape[0]), "num_params": num_params(model),
         "final_loss_mean_last_50": float(np.mean(tail)), "train_s": train_s,
         "sample_s": sample_s, "process_s": time.perf_counter() - started,
@@ -355,7 +351,7 @@ def run_equivalence(config: Any) -> None:
   ddim = lambda x: ddim_own(model, x, abar, int(smp.ddim.num_steps), 0.0, False, torch.Generator())
   result = jax_to_torch.equivalence(config, model, params, next(ddpm_jax_train_batches(config)),
                                     FLAGS.ddim_batch, ddim)
-  emit({"bench": "torch_equivalence", "params": source, "num_params": num_params(model),
+  common.emit({"bench": "torch_equivalence", "params": source, "num_params": num_params(model),
         "ddim_steps": int(smp.ddim.num_steps), **result, **environment()})
 
 

@@ -1,4 +1,4 @@
-"""The PyTorch reference's noise schedule and DDIM sampler (bench/torch_reference.py).
+"""The PyTorch reference's noise schedule and DDIM sampler (reference_torch/torch_reference.py).
 
 The grid and formulas are those of ddpm_jax.sampling.ddim_sample: timesteps 0, T/S, 2T/S,
 ..., final alpha 1, x0 optionally clipped with eps re-derived from it; samples quantized
