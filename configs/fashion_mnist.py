@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.training.num_train_steps = 1500
   config.training.learning_rate = 1e-3
   config.training.warmup_steps = 100
+  # The mean gradient is clipped once: one device's semantics (the paper configs clip each
+  # of 8 replicas' gradients, as the official TPU run; docs/training.md compares the two).
+  config.training.clip_mode = "global"
   config.training.ema_decay = 0.995  # 0.9999 would still average in the init after 1,500 steps.
   config.training.ema_warmup = True  # min(0.995, (1 + k) / (10 + k)): forgets the init early.
   config.training.log_every_steps = 50

@@ -61,8 +61,11 @@ class Progress:
 
   def line(self, step: int, metrics: dict[str, float]) -> str:
     eta = (self.num_steps - step) / max(metrics["steps_per_sec"], 1e-9)
+    replica = (f"replica_grad_norm {metrics['replica_grad_norm']:.3f} "
+               if "replica_grad_norm" in metrics else "")
     return (f"step {step}/{self.num_steps} loss {metrics['loss']:.5f} "
-            f"grad_norm {metrics['grad_norm']:.3f} lr {metrics['learning_rate']:.3g} "
+            f"grad_norm {metrics['grad_norm']:.3f} {replica}"
+            f"clipped {metrics['clip_fraction']:.0%} lr {metrics['learning_rate']:.3g} "
             f"{metrics['steps_per_sec']:.2f} steps/s {metrics['images_per_sec']:.1f} img/s "
             f"ETA {datetime.timedelta(seconds=int(eta))}")
 

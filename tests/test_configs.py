@@ -68,3 +68,14 @@ def test_256_configs_sample_with_the_posterior_variance(name):
   assert config.diffusion.model_var_type == "fixedsmall"
   assert importlib.import_module("configs.cifar10").get_config().diffusion.model_var_type == (
       "fixedlarge")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_paper_configs_clip_8_replicas_and_short_ones_the_mean(name):
+  """The paper's configs clip each of 8 replicas' gradients, as the official TPU v3-8 run;
+  the short CPU configs clip the mean gradient."""
+  training = importlib.import_module(f"configs.{name}").get_config().training
+  if name in ("fashion_mnist", "test_tiny"):
+    assert training.clip_mode == "global"
+  else:
+    assert (training.clip_mode, training.clip_replicas) == ("per_replica", 8)
