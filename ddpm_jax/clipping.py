@@ -52,15 +52,15 @@ class ClipPlan:
     mode: "global" (the mean, clipped by the optimizer) or "per_replica".
     grad_clip: the norm bound c.
     replicas: R (per_replica); devices: D, the devices of the pmap.
-    loop: how a device runs its R / D > 1 replicas: "scan" one micro-batch after another
-      (activations of one replica live at a time), "vmap" all at once (the activations of
-      the whole device batch, as "global", and R / D gradients).
+    loop: how a device runs its R / D > 1 replicas: "vmap" all at once (the activations of
+      the whole device batch, as "global", and R / D gradients), "scan" one micro-batch
+      after another (the activations of one replica).
   """
   mode: str
   grad_clip: float
   replicas: int
   devices: int
-  loop: str = "scan"
+  loop: str = "vmap"
 
   @classmethod
   def from_config(cls, training: ml_collections.ConfigDict, devices: int) -> "ClipPlan":
