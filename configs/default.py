@@ -68,7 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
   training.adam_b2 = 0.999
   training.adam_eps = 1e-8
   training.ema_decay = 0.9999
-  # Warm the decay up as min(ema_decay, (1 + step) / (10 + step)) (Improved DDPM, diffusers);
+  # Warm the decay up as min(ema_decay, (1 + step) / (10 + step)) (tf.train.
+  # ExponentialMovingAverage with num_updates, diffusers' EMAModel; improved-diffusion keeps
+  # a constant rate);
   # off for the paper's long runs (the official code's constant decay), on for short ones.
   training.ema_warmup = False
   training.seed = 0

@@ -3,7 +3,8 @@
 A small U-Net (686,769 parameters: ch 16, ch_mult 1,2,4, one res block per level,
 attention at 7x7) with the paper's diffusion (T=1000, linear betas, eps prediction,
 L_simple, fixedlarge) and a recipe shortened for a ~20-minute CPU run: lr 1e-3, 100
-warm-up steps, batch 32, EMA 0.995 warmed up as in Improved DDPM, 1,500 steps. Sample
+warm-up steps, batch 32, EMA 0.995 warmed up as TF's ExponentialMovingAverage with
+num_updates, 1,500 steps. Sample
 grids use DDIM with 100 steps (1000-step ancestral sampling of 64 images takes ~10x
 longer on a CPU); set --config.sampling.method=ancestral for the paper's sampler.
 

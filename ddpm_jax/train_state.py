@@ -84,8 +84,9 @@ def create_train_state(config: ml_collections.ConfigDict, model: unet_lib.UNet,
 def ema_decay_schedule(training_config: ml_collections.ConfigDict) -> optax.Schedule:
   """The EMA decay of the update after ``count`` steps: training.ema_decay throughout (the
   official code's tf.train.ExponentialMovingAverage), or with training.ema_warmup
-  min(ema_decay, (1 + count) / (10 + count)), the warm-up of Improved DDPM and diffusers'
-  EMAModel, which stops a short run's average from holding on to the random init."""
+  min(ema_decay, (1 + count) / (10 + count)), the warm-up of tf.train.ExponentialMovingAverage
+  given num_updates and of diffusers' EMAModel (improved-diffusion keeps a constant rate),
+  which stops a short run's average from holding on to the random init."""
   decay = float(training_config.ema_decay)
   if not training_config.ema_warmup:
     return optax.constant_schedule(decay)

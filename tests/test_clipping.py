@@ -23,9 +23,11 @@ from ddpm_jax import train_step
 from ddpm_jax.errors import ConfigError
 
 BATCH, DIM, CLIP = 16, 5, 2.0
-# Example i pulls the parameters towards x_i; replicas of 2 examples, some far, some near.
-X = (np.arange(BATCH * DIM, dtype=np.float32).reshape(BATCH, DIM) % 7 - 3.0) * np.repeat(
-    np.array([0.2, 1.5, 0.3, 2.0, 0.1, 1.0, 0.4, 3.0], np.float32), 2)[:, None]
+# Example i pulls the parameters towards x_i: a common direction, scaled so that with 2, 4
+# or 8 replicas some replicas' gradients exceed CLIP and some do not.
+X = (np.repeat(np.array([0.2, 0.1, 0.3, 0.2, 1.0, 0.4, 3.0, 1.5], np.float32), 2)[:, None]
+     * (np.array([1.0, 2.0, 3.0, 1.0, 2.0], np.float32)
+        + 0.3 * np.random.default_rng(0).standard_normal((BATCH, DIM), np.float32)))
 
 
 def _quadratic_loss_grad(batch: tuple, dropout_key: jax.Array) -> tuple:

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from ddpm_jax import datasets
 from ddpm_jax import hosts
 from ddpm_jax import input_pipeline
 from ddpm_jax.errors import ConfigError
@@ -123,7 +124,11 @@ def _reference(config, extractor: fid.FeatureExtractor,
   key = dict(version=_STATS_VERSION, dataset=data.dataset, split=split,
              image_shape=[data.image_size, data.image_size, data.num_channels],
              network=extractor.name, fingerprint=fid.variables_fingerprint(extractor.variables))
+  preparation = datasets.get(data.dataset).preparation
+  if preparation:  # E.g. LSUN's official crop and Lanczos resize: not the same images.
+    key["preparation"] = preparation
   path = os.path.join(cache_dir, f"fid_stats_{_tag(data.dataset)}_{_tag(split)}_"
+                                 f"{_tag(preparation) + '_' if preparation else ''}"
                                  f"{_tag(extractor.name)}_{key['fingerprint']}.npz")
   if os.path.exists(path):
     mu, sigma, meta = fid.load_stats(path)
