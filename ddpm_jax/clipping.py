@@ -1,13 +1,14 @@
 """Which gradient is clipped: the batch mean once, or each of R replicas' before the mean.
 
-The paper clips gradients at global norm 1 (App. B). Its official code ran on a TPU v3-8
-with CrossShardOptimizer: each of the 8 replicas took the gradient of its loss / 8, clipped
-it at grad_clip / 8 and the cross-replica sum applied the result, so the update is
+The paper's training (App. B) clips gradients at global norm 1; its official code ran on a
+TPU v3-8 with CrossShardOptimizer: each of the 8 replicas took the gradient of its loss / 8,
+clipped it at grad_clip / 8 and the cross-replica sum applied the result, so the update is
 sum_r clip(g_r / R, c / R) = mean_r clip(g_r, c), with g_r the gradient of the mean loss
 of replica r's B / R examples. A ``ClipPlan`` reproduces that for any R on any device count
-D: with D dividing R each device computes the gradients of its R / D replicas in turn
-(micro-batches), with R dividing D a replica spans D / R devices (grouped all-reduce).
-"global" clips the mean gradient once (the optimizer does it), one device's semantics.
+D: with D dividing R each device computes the gradients of its R / D replicas (micro-batches
+of B / R examples, vmapped or scanned), with R dividing D a replica spans D / R devices
+(grouped all-reduce). "global" clips the mean gradient once (the optimizer does it), one
+device's semantics.
 
 Replica r holds global examples [r B/R, (r+1) B/R): the same examples, timesteps, noise and
 flips on every D (they are keyed by global example index, rng.py). Dropout masks are drawn
