@@ -81,7 +81,10 @@ def main(argv: list[str]) -> None:
   record = {
       "bench": "train_step", "config": config_flags.get_config_filename(FLAGS["config"]),
       "global_batch": global_batch, "dtype": dtype, "remat": bool(config.model.remat),
-      "attn_impl": str(config.model.attn_impl), "steps_per_call": steps_per_call,
+      "attn_impl": str(config.model.attn_impl), "conv_wgrad": str(config.model.conv_wgrad),
+      "steps_per_call": steps_per_call, "clip_mode": str(config.training.clip_mode),
+      "clip_replicas": int(config.training.clip_replicas),
+      "replica_loop": str(config.training.replica_loop),
       "num_params": train_state.num_params(parallel.unreplicate(p_state.params)),
       "step_s": step_s, "steps_per_s": 1.0 / step_s, "images_per_s": global_batch / step_s,
       "step_s_min": min(times) / steps_per_call, "step_s_max": max(times) / steps_per_call,

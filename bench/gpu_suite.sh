@@ -8,7 +8,9 @@
 # 1. train steps/s, MFU and peak memory at global batch 128 (median of 50 steps);
 # 2. 256 samples with 1000 ancestral steps (seconds; scan overhead vs one forward pass);
 # 3. 256 samples with DPM-Solver++ 2M at 20 network evaluations (images/s);
-# 4. the settings that may pay there: steps_per_call 4 and 8, explicit attention, remat.
+# 4. the settings that may pay there: steps_per_call 4 and 8, explicit attention, remat;
+# 5. the cost of the paper configs' per-replica clipping (8 replicas on one device, vmap):
+#    against global clipping and against running the replicas in a scan.
 set -euo pipefail
 OUT="${1:-bench/results/gpu.jsonl}"
 CFG=(--config=configs/cifar10.py --config.model.dtype=bfloat16 --config.training.batch_size=128)
@@ -26,3 +28,5 @@ train --config.training.steps_per_call=4
 train --config.training.steps_per_call=8
 train --config.model.attn_impl=explicit
 train --config.model.remat=True
+train --config.training.clip_mode=global
+train --config.training.replica_loop=scan

@@ -3,7 +3,8 @@
 A small U-Net (686,769 parameters: ch 16, ch_mult 1,2,4, one res block per level,
 attention at 7x7) with the paper's diffusion (T=1000, linear betas, eps prediction,
 L_simple, fixedlarge) and a recipe shortened for a ~20-minute CPU run: lr 1e-3, 100
-warm-up steps, batch 32, EMA 0.995 warmed up as in Improved DDPM, 1,500 steps. Sample
+warm-up steps, batch 32, EMA 0.995 warmed up as TF's ExponentialMovingAverage with
+num_updates, 1,500 steps. Sample
 grids use DDIM with 100 steps (1000-step ancestral sampling of 64 images takes ~10x
 longer on a CPU); set --config.sampling.method=ancestral for the paper's sampler.
 
@@ -32,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.training.num_train_steps = 1500
   config.training.learning_rate = 1e-3
   config.training.warmup_steps = 100
+  # The mean gradient is clipped once: one device's semantics (the paper configs clip each
+  # of 8 replicas' gradients, as the official TPU run; docs/training.md compares the two).
+  config.training.clip_mode = "global"
   config.training.ema_decay = 0.995  # 0.9999 would still average in the init after 1,500 steps.
   config.training.ema_warmup = True  # min(0.995, (1 + k) / (10 + k)): forgets the init early.
   config.training.log_every_steps = 50

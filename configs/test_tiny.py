@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.training.num_train_steps = 200
   config.training.learning_rate = 1e-3
   config.training.warmup_steps = 0  # Constant lr: the first step already moves the params.
+  config.training.clip_mode = "global"  # Any device count, any batch.
   config.training.ema_decay = 0.99
   config.training.log_every_steps = 20
   config.training.checkpoint_every_steps = 100

@@ -18,13 +18,13 @@ import jax
 import ml_collections
 import numpy as np
 
+from ddpm_jax import clipping
 from ddpm_jax import data_sources
 from ddpm_jax import datasets
 from ddpm_jax import diffusion
 from ddpm_jax import factories
 from ddpm_jax import samplers
 from ddpm_jax import schedules
-from ddpm_jax import train_state
 from ddpm_jax.errors import ConfigError
 
 MODES = ("train", "sample", "eval")
@@ -209,13 +209,18 @@ def check_training(tr: ml_collections.ConfigDict) -> None:
   number("training.adam_eps", tr.adam_eps, 0.0, float("inf"), low_open=True)
   number("training.peak_tflops", tr.peak_tflops, 0.0, float("inf"))
   choice("training.nonfinite", tr.nonfinite, NONFINITE_MODES)
-  choice("training.clip_mode", tr.clip_mode, train_state.CLIP_MODES)
+  if choice("training.clip_mode", tr.clip_mode, clipping.CLIP_MODES) != "global":
+    integer("training.clip_replicas", tr.clip_replicas, 0)
+    choice("training.replica_loop", tr.replica_loop, clipping.REPLICA_LOOPS)
   k = tr.steps_per_call
   for name in ("log_every_steps", "checkpoint_every_steps", "sample_every_steps"):
     if tr[name] % k:
       raise ConfigError(f"training.{name}={tr[name]} must be a multiple of "
                         f"training.steps_per_call={k} (or 0 where 0 disables it).")
   divides_devices("training.batch_size", tr.batch_size)
+  _library_rule(f"training.clip_mode={tr.clip_mode!r}, training.clip_replicas="
+                f"{tr.clip_replicas}", lambda: clipping.ClipPlan.from_config(
+                    tr, jax.device_count()))
   if tr.sample_every_steps:
     divides_devices("training.num_grid_samples", tr.num_grid_samples)
 

@@ -3,8 +3,8 @@
 "idx_files" parses Debian's dataset-fashion-mnist idx files (images and labels), falling
 back to tfds "fashion_mnist" when they are absent; "tfds" reads small datasets (cifar10,
 fashion_mnist) whole into host memory and opens large ones (celeb_a_hq/256, lsun/*) as
-tf.data streams of encoded images, LSUN centre-cropped and resized; "synthetic" needs no
-files. Images are uint8 0..255, the paper's data before the [-1, 1] scaling (Ho et al.
+tf.data streams of encoded images, LSUN prepared as the official runs' data (centre crop,
+PIL Lanczos resize: `stylegan_crop_resize`); "synthetic" needs no files. Images are uint8 0..255, the paper's data before the [-1, 1] scaling (Ho et al.
 2020, §3.3). Only the tfds readers import TensorFlow, lazily.
 """
 
@@ -297,19 +297,20 @@ def labeled_arrays(data_config, split: str, num_examples: int) -> tuple[np.ndarr
   return np.ascontiguousarray(images), labels.astype(np.int32)
 
 
-def center_crop_and_resize(image, size: int):
-  """Center-crops a [H, W, C] tf image to a square and area-resizes it to size x size uint8.
+def stylegan_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+  """The LSUN preparation of the official runs: uint8 [H, W, 3] -> [size, size, 3].
 
-  LSUN images vary in size; the paper trains on them at 256x256 (§4). The shorter side is
-  kept whole, the longer one is cropped symmetrically; the area resize averages (antialiases).
+  The paper's LSUN models (§4, Table 3) trained on StyleGAN2's dataset_tool output
+  (create_lsun): the centre square of side min(H, W), rows and columns
+  [(n - side) // 2, (n + side) // 2), resized with PIL's Lanczos filter ("ANTIALIAS" in
+  older Pillow). A square image of the target size passes through unchanged.
   """
-  tf, _ = _import_tfds()
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
-  side = tf.minimum(height, width)
-  image = tf.image.crop_to_bounding_box(image, (height - side) // 2, (width - side) // 2,
-                                        side, side)
-  image = tf.image.resize(image, [size, size], method="area", antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  height, width = image.shape[:2]
+  side = min(height, width)
+  top, left = (height - side) // 2, (width - side) // 2
+  square = np.ascontiguousarray(image[top:top + side, left:left + side])
+  return np.asarray(Image.fromarray(square, "RGB").resize((size, size), Image.LANCZOS))
 
 
 def tfds_stream(data_config, split: str, per_process: bool = False):
@@ -325,11 +326,13 @@ def tfds_stream(data_config, split: str, per_process: bool = False):
                  shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
   ds = ds.map(lambda example: example["image"])
   size, channels = data_config.image_size, data_config.num_channels
-  resize = data_config.dataset.startswith("lsun/")
+  prepare_lsun = datasets.get(data_config.dataset).preparation == datasets.STYLEGAN_LSUN
 
   def decode(encoded):
     image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
-    image = center_crop_and_resize(image, size) if resize else image
+    if prepare_lsun:  # PIL on the host, in tf.data's parallel map (Pillow drops the GIL).
+      image = tf.numpy_function(lambda x: stylegan_crop_resize(x, size), [image], tf.uint8,
+                                stateful=False)
     return tf.ensure_shape(image, [size, size, channels])
 
   return tf, tfds, ds, decode

@@ -15,6 +15,9 @@ import re
 from ddpm_jax.errors import ConfigError
 
 READERS = ("tfds", "idx_files", "synthetic")
+# LSUN as the official runs read it: StyleGAN2 dataset_tool's create_lsun (centre square,
+# PIL Lanczos resize to data.image_size; data_sources.stylegan_crop_resize).
+STYLEGAN_LSUN = "stylegan_center_crop_lanczos"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +34,8 @@ class DatasetSpec:
     streamed: read through a tf.data stream (large datasets) rather than held in memory.
     labeled: has class labels (synthetic: index % 10, a stand-in that lets the pipeline run).
     tfds_name: the tfds dataset the reader loads (default: ``name``).
+    preparation: what is done to each decoded image before use ("" nothing; STYLEGAN_LSUN).
+      Part of the FID reference statistics' cache key.
   """
   name: str
   reader: str
@@ -40,6 +45,7 @@ class DatasetSpec:
   streamed: bool = False
   labeled: bool = False
   tfds_name: str | None = None
+  preparation: str = ""
 
   def check_split(self, split: str, field: str) -> None:
     """ConfigError unless ``split`` names a split (tfds readers: optionally sliced)."""
@@ -51,7 +57,7 @@ class DatasetSpec:
                         f"{', '.join(self.splits)}{how}")
 
 
-_LSUN = dict(reader="tfds", num_channels=3, streamed=True)
+_LSUN = dict(reader="tfds", num_channels=3, streamed=True, preparation=STYLEGAN_LSUN)
 SPECS = (
     DatasetSpec("cifar10", "tfds", ("train", "test"), 32, 3, labeled=True),
     DatasetSpec("celeb_a_hq/256", "tfds", ("train",), 256, 3, streamed=True),

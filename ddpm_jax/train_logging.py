@@ -61,10 +61,35 @@ class Progress:
 
   def line(self, step: int, metrics: dict[str, float]) -> str:
     eta = (self.num_steps - step) / max(metrics["steps_per_sec"], 1e-9)
+    replica = (f"replica_grad_norm {metrics['replica_grad_norm']:.3f} "
+               if "replica_grad_norm" in metrics else "")
     return (f"step {step}/{self.num_steps} loss {metrics['loss']:.5f} "
-            f"grad_norm {metrics['grad_norm']:.3f} lr {metrics['learning_rate']:.3g} "
+            f"grad_norm {metrics['grad_norm']:.3f} {replica}"
+            f"clipped {metrics['clip_fraction']:.0%} lr {metrics['learning_rate']:.3g} "
             f"{metrics['steps_per_sec']:.2f} steps/s {metrics['images_per_sec']:.1f} img/s "
             f"ETA {datetime.timedelta(seconds=int(eta))}")
+
+
+def read_scalars(folder: str) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value)]} of the TensorBoard event files in ``folder``, in file order.
+
+  Event files are TFRecord-framed (length, its CRC, an Event proto, its CRC); they are read
+  with tensorboardX's protos, so neither TensorFlow nor TensorBoard is needed.
+  """
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  out: dict[str, list[tuple[int, float]]] = {}
+  for name in sorted(os.listdir(folder)):
+    with open(os.path.join(folder, name), "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      length = int.from_bytes(data[pos:pos + 8], "little")
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for value in event.summary.value:
+        if value.HasField("simple_value"):
+          out.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return out
 
 
 CPU_WARNING_HOURS = 12.0

@@ -45,21 +45,18 @@ def learning_rate_schedule(training_config: ml_collections.ConfigDict) -> optax.
   return lambda count: lr * jnp.minimum(count / warmup, 1.0)
 
 
-CLIP_MODES = ("global", "per_device")
-
-
 def create_optimizer(training_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Global-norm clipping, then Adam with the warm-up schedule (paper App. B).
 
-  With training.clip_mode="per_device" the train step clips each device's gradient before
-  the cross-device mean (train_step.combine_gradients) and the optimizer's first stage is
-  the identity: the optimizer state has the same structure in both modes, so a resumed run
+  With training.clip_mode "per_replica" or "per_device" the train step clips each
+  replica's gradient before the mean (clipping.ClipPlan) and the optimizer's first stage is
+  the identity: the optimizer state has the same structure in every mode, so a resumed run
   may switch between them.
   """
   adam = optax.adam(learning_rate_schedule(training_config), b1=float(training_config.adam_b1),
                     b2=float(training_config.adam_b2), eps=float(training_config.adam_eps))
-  clip = (optax.identity() if training_config.clip_mode == "per_device"
-          else optax.clip_by_global_norm(float(training_config.grad_clip)))
+  clip = (optax.clip_by_global_norm(float(training_config.grad_clip))
+          if training_config.clip_mode == "global" else optax.identity())
   return optax.chain(clip, adam)
 
 
@@ -97,8 +94,9 @@ def create_train_state(config: ml_collections.ConfigDict, model: unet_lib.UNet,
 def ema_decay_schedule(training_config: ml_collections.ConfigDict) -> optax.Schedule:
   """The EMA decay of the update after ``count`` steps: training.ema_decay throughout (the
   official code's tf.train.ExponentialMovingAverage), or with training.ema_warmup
-  min(ema_decay, (1 + count) / (10 + count)), the warm-up of Improved DDPM and diffusers'
-  EMAModel, which stops a short run's average from holding on to the random init."""
+  min(ema_decay, (1 + count) / (10 + count)), the warm-up of tf.train.ExponentialMovingAverage
+  given num_updates and of diffusers' EMAModel (improved-diffusion keeps a constant rate),
+  which stops a short run's average from holding on to the random init."""
   decay = float(training_config.ema_decay)
   if not training_config.ema_warmup:
     return optax.constant_schedule(decay)

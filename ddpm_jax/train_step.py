@@ -2,10 +2,10 @@
 
 Randomness is a pure function of (seed, step): the timestep and noise of example i of
 global batch `step` come from its own key (rng.py) whatever the device count, and a
-resumed run repeats an uninterrupted one bit for bit. Dropout masks are drawn per device
-from (seed, step, device index), so with dropout 0 a step on 8 devices equals the step on
-1 device at the same global batch (up to float reduction order); with dropout the masks,
-not the expectation, depend on the device count.
+resumed run repeats an uninterrupted one bit for bit. Dropout masks are drawn per forward
+pass from (seed, step, device or replica index) (clipping.py), so with dropout 0 a step on
+8 devices equals the step on 1 device at the same global batch (up to float reduction
+order); with dropout the masks, not the expectation, may depend on the device count.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from ddpm_jax import clipping
 from ddpm_jax import diffusion
 from ddpm_jax import factories
 from ddpm_jax import input_pipeline
@@ -44,31 +45,16 @@ def example_flips(flip_key: jax.Array, first_index: jnp.ndarray, batch: int) -> 
   return jax.vmap(jax.random.bernoulli)(rng_lib.example_keys(flip_key, first_index, batch))
 
 
-def combine_gradients(grads: Any, *, clip_mode: str, grad_clip: float) -> tuple[Any, jnp.ndarray]:
-  """The cross-device gradient the optimizer applies, and the norm of the plain mean.
-
-  "global": the mean over devices (the optimizer clips it at grad_clip, one device's
-  semantics); "per_device": each device's gradient clipped at grad_clip, then averaged, as
-  the official TPU code (each replica clips the gradient of loss / replicas at
-  grad_clip / replicas before the cross-replica sum). Call under pmap(axis_name=AXIS).
-  """
-  mean = jax.lax.pmean(grads, AXIS)
-  if clip_mode == "global":
-    return mean, optax.tree.norm(mean)
-  clipped, _ = optax.clip_by_global_norm(grad_clip).update(grads, optax.EmptyState())
-  return jax.lax.pmean(clipped, AXIS), optax.tree.norm(mean)
-
-
 def train_step(state: TrainState, images: jnp.ndarray, *, model: unet_lib.UNet,
                schedule: diffusion.DiffusionSchedule, tx: optax.GradientTransformation,
                lr_fn: optax.Schedule, diffusion_config: ml_collections.ConfigDict,
-               ema_decay: optax.Schedule, random_flip: bool = False, clip_mode: str = "global",
-               grad_clip: float = 1.0) -> tuple[TrainState, dict[str, jnp.ndarray]]:
+               ema_decay: optax.Schedule, clip_plan: clipping.ClipPlan, random_flip: bool = False
+               ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
   """One step of Algorithm 1 on this device's uint8 batch; call under pmap(axis_name=AXIS).
 
   ``random_flip`` mirrors each example with probability 1/2 (the paper's augmentation,
-  App. B), keyed like the noise by (seed, step, global example index). ``clip_mode`` and
-  ``grad_clip``: see `combine_gradients`.
+  App. B), keyed like the noise by (seed, step, global example index). ``clip_plan`` says
+  which gradients are clipped before the optimizer (clipping.ClipPlan.gradient).
   """
   key = rng_lib.step_key(state.rng, state.step)
   device = jax.lax.axis_index(AXIS)
@@ -79,24 +65,26 @@ def train_step(state: TrainState, images: jnp.ndarray, *, model: unet_lib.UNet,
   x_start = input_pipeline.to_model_input(images)
   t, noise = example_noise(rng_lib.stream(key, rng_lib.StepStream.NOISE), device * batch,
                            batch, x_start.shape[1:], schedule.num_timesteps)
-  dropout_key = jax.random.fold_in(rng_lib.stream(key, rng_lib.StepStream.DROPOUT), device)
 
-  def loss_fn(params: Any) -> jnp.ndarray:
+  def loss_fn(params: Any, batch: tuple, dropout_key: jax.Array) -> jnp.ndarray:
+    x, t_batch, eps = batch
     losses = diffusion.training_losses(
-        schedule, factories.model_fn(model, params, dropout_rng=dropout_key), x_start, t, noise,
+        schedule, factories.model_fn(model, params, dropout_rng=dropout_key), x, t_batch, eps,
         model_mean_type=diffusion_config.model_mean_type,
         model_var_type=diffusion_config.model_var_type, loss_type=diffusion_config.loss_type)
     return jnp.mean(losses)
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  grads, grad_norm = combine_gradients(grads, clip_mode=clip_mode, grad_clip=grad_clip)
-  loss = jax.lax.pmean(loss, AXIS)
+  def loss_grad(batch: tuple, dropout_key: jax.Array) -> tuple[jnp.ndarray, Any]:
+    return jax.value_and_grad(loss_fn)(state.params, batch, dropout_key)
+
+  loss, grads, clip_metrics = clip_plan.gradient(
+      loss_grad, (x_start, t, noise), rng_lib.stream(key, rng_lib.StepStream.DROPOUT))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # A step with a non-finite loss or gradient keeps the old params, optimizer state and EMA
   # (the selects fuse into the update) and is counted; the loop raises or goes on according
   # to training.nonfinite. Identical pmean'd values on every device: they all agree.
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  finite = jnp.isfinite(loss) & jnp.isfinite(clip_metrics["grad_norm"])
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(
       step=state.step + 1, params=keep(params, state.params),
@@ -105,9 +93,8 @@ def train_step(state: TrainState, images: jnp.ndarray, *, model: unet_lib.UNet,
                       state.ema_params),
       nonfinite_steps=state.nonfinite_steps + jnp.where(finite, 0, 1).astype(jnp.int32),
       last_nonfinite_step=jnp.where(finite, state.last_nonfinite_step, state.step + 1))
-  metrics = dict(loss=loss, grad_norm=grad_norm,
-                 learning_rate=lr_fn(schedule_count(state.opt_state)),
-                 nonfinite_steps=new_state.nonfinite_steps)
+  metrics = dict(loss=loss, learning_rate=lr_fn(schedule_count(state.opt_state)),
+                 nonfinite_steps=new_state.nonfinite_steps, **clip_metrics)
   return new_state, metrics
 
 
@@ -120,20 +107,21 @@ def make_p_train_step(config: ml_collections.ConfigDict, model: unet_lib.UNet,
 
   With ``num_steps`` k > 1 (default: training.steps_per_call) one call runs k steps in a
   lax.scan over uint8 batches stacked as [devices, k, per_device, H, W, C] and returns the
-  metrics of the last step: the same result as k calls of the one-step version, with one
-  dispatch and one host round trip instead of k.
+  metrics of the last step (clip_fraction: the mean over the k steps): the same result as
+  k calls of the one-step version, with one dispatch and one host round trip instead of k.
   """
+  num_devices = len(devices) if devices is not None else jax.device_count()
   step = functools.partial(train_step, model=model, schedule=schedule, tx=tx,
                            lr_fn=learning_rate_schedule(config.training),
                            diffusion_config=config.diffusion,
                            ema_decay=ema_decay_schedule(config.training),
-                           random_flip=bool(config.data.random_flip),
-                           clip_mode=str(config.training.clip_mode),
-                           grad_clip=float(config.training.grad_clip))
+                           clip_plan=clipping.ClipPlan.from_config(config.training, num_devices),
+                           random_flip=bool(config.data.random_flip))
   k = int(config.training.steps_per_call) if num_steps is None else int(num_steps)
   if k > 1:
     def scanned(state: TrainState, images: jnp.ndarray) -> tuple[TrainState, dict]:
       state, metrics = jax.lax.scan(step, state, images)
-      return state, jax.tree.map(lambda m: m[-1], metrics)
+      last = jax.tree.map(lambda m: m[-1], metrics)
+      return state, dict(last, clip_fraction=jnp.mean(metrics["clip_fraction"]))
     return jax.pmap(scanned, axis_name=AXIS, donate_argnums=(0,), devices=devices)
   return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,), devices=devices)

@@ -57,8 +57,8 @@ flags.DEFINE_float("learning_rate", 2e-4, "Adam learning rate (after warm-up).")
 flags.DEFINE_integer("warmup_steps", 100, "Linear learning-rate warm-up steps.")
 flags.DEFINE_float("ema_decay", 0.999, "EMA decay.")
 flags.DEFINE_bool("ema_warmup", False, "training.ema_warmup on both sides: EMA decay "
-                  "min(decay, (1 + k) / (10 + k)) at update k (Improved DDPM, diffusers' "
-                  "EMAModel) instead of a constant decay.")
+                  "min(decay, (1 + k) / (10 + k)) at update k (tf.train.ExponentialMovingAverage "
+                  "with num_updates, diffusers' EMAModel) instead of a constant decay.")
 flags.DEFINE_float("grad_clip", 1.0, "Global-norm gradient clipping.")
 flags.DEFINE_integer("seed", 0, "training.seed: the data order (both sides) and each side's RNG.")
 flags.DEFINE_integer("sample_seed", 0, "sampling.seed.")

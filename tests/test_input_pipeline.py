@@ -259,16 +259,42 @@ def test_lsun_streams_deterministically_and_resumes(mock_tfds):
                                 np.arange(MOCK_EXAMPLES))
 
 
-def test_center_crop_and_resize_keeps_the_middle_square(mock_tfds):
-  del mock_tfds  # Only for the single TensorFlow import.
-  image = np.zeros((8, 16, 3), np.uint8)
-  image[:, 4:12] = 200  # The centered 8x8 square; the side bands must be cropped away.
-  image[:4, 4:12, 0] = 100
-  out = np.asarray(ds.center_crop_and_resize(image, 4))
-  assert out.dtype == np.uint8 and out.shape == (4, 4, 3)
-  np.testing.assert_array_equal(out[:, :, 1], 200)
-  np.testing.assert_array_equal(out[:2, :, 0], 100)  # Area averages 2x2 blocks exactly.
-  np.testing.assert_array_equal(out[2:, :, 0], 200)
+@pytest.mark.parametrize("shape,size", [((7, 10), 4), ((10, 7), 4), ((9, 13), 6),
+                                        ((12, 12), 12), ((5, 8), 16)])
+def test_stylegan_crop_resize_equals_pil_on_the_centre_square(shape, size):
+  """dataset_tool's create_lsun: rows/columns [(n - side) // 2, (n + side) // 2) of the
+  shorter side, then PIL's Lanczos resize (down, identity and up), done here with PIL."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  image = np.random.default_rng(sum(shape) + size).integers(0, 256, shape + (3,), np.uint8)
+  side = min(shape)
+  rows = slice((shape[0] - side) // 2, (shape[0] + side) // 2)
+  cols = slice((shape[1] - side) // 2, (shape[1] + side) // 2)
+  expected = np.asarray(Image.fromarray(np.ascontiguousarray(image[rows, cols])).resize(
+      (size, size), Image.Resampling.LANCZOS))
+  out = ds.stylegan_crop_resize(image, size)
+  assert out.dtype == np.uint8 and out.shape == (size, size, 3)
+  np.testing.assert_array_equal(out, expected)
+  if shape == (size, size):
+    np.testing.assert_array_equal(out, image)
+
+
+def test_stylegan_crop_keeps_the_middle_square():
+  """The side bands are cut away: an image whose centre square is uniform stays uniform
+  (with an odd excess, the extra column goes to the right band, as dataset_tool's)."""
+  image = np.zeros((8, 17, 3), np.uint8)
+  image[:, 4:12] = 200  # Columns [(17 - 8) // 2, (17 + 8) // 2) = [4, 12).
+  np.testing.assert_array_equal(ds.stylegan_crop_resize(image, 4), 200)
+
+
+def test_lsun_stream_serves_the_stylegan_preparation(mock_tfds):
+  """The LSUN train and eval streams (and so the FID reference) decode each image and
+  apply stylegan_crop_resize to it."""
+  del mock_tfds
+  config = _config("lsun/church_outdoor", image_size=8, eval_split="validation")
+  tf, _, encoded, decode = ds.tfds_stream(config, "train")
+  for raw in encoded.take(3):
+    image = tf.io.decode_image(raw, channels=3, expand_animations=False).numpy()
+    np.testing.assert_array_equal(decode(raw).numpy(), ds.stylegan_crop_resize(image, 8))
 
 
 # ----------------------------------------------------------------------------- device

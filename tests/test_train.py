@@ -20,6 +20,7 @@ from ddpm_jax import diffusion
 from ddpm_jax import factories
 from ddpm_jax import input_pipeline
 from ddpm_jax import train
+from ddpm_jax import train_logging
 from ddpm_jax import train_state
 from ddpm_jax.errors import ConfigError
 
@@ -128,27 +129,12 @@ def test_profiler_window_and_utilization_scalars(tmp_path, make_config):
   traces = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "profile") for f in files
             if f.endswith(".xplane.pb")]
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
-  scalars = _scalars(tmp_path / "tensorboard")
+  scalars = train_logging.read_scalars(str(tmp_path / "tensorboard"))
   tflops, mfu = scalars["train/tflops_per_device"], scalars["train/mfu"]
   assert [step for step, _ in mfu] == [2, 4, 6]
+  assert [step for step, _ in scalars["train/clip_fraction"]] == [2, 4, 6]
   assert all(value > 0 for _, value in tflops)
   np.testing.assert_allclose([v for _, v in mfu], np.array([v for _, v in tflops]) / 0.157,
                              rtol=1e-5)
 
 
-def _scalars(folder) -> dict[str, list[tuple[int, float]]]:
-  """{tag: [(step, value)]} of the TensorBoard event files in ``folder`` (TFRecord framing:
-  length, its CRC, the Event proto, its CRC), read with tensorboardX's protos."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
-  out: dict[str, list[tuple[int, float]]] = {}
-  for name in sorted(os.listdir(folder)):
-    data = (folder / name).read_bytes()
-    pos = 0
-    while pos < len(data):
-      length = int.from_bytes(data[pos:pos + 8], "little")
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-      pos += 12 + length + 4
-      for value in event.summary.value:
-        if value.HasField("simple_value"):
-          out.setdefault(value.tag, []).append((event.step, value.simple_value))
-  return out

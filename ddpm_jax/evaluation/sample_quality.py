@@ -37,6 +37,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from ddpm_jax import datasets
 from ddpm_jax import hosts
 from ddpm_jax import input_pipeline
 from ddpm_jax.errors import ConfigError
@@ -113,8 +114,12 @@ def _reference(config, extractor: features_lib.FeatureExtractor,
              image_shape=[data.image_size, data.image_size, data.num_channels],
              network=extractor.name,
              fingerprint=features_lib.variables_fingerprint(extractor.variables))
+  preparation = datasets.get(data.dataset).preparation
+  if preparation:  # E.g. LSUN's official crop and Lanczos resize: not the same images.
+    key["preparation"] = preparation
   part = _tag(split) if first == -1 else f"{_tag(split)}_first{first}"
   path = os.path.join(cache_dir, f"fid_stats_{_tag(data.dataset)}_{part}_"
+                                 f"{_tag(preparation) + '_' if preparation else ''}"
                                  f"{_tag(extractor.name)}_{key['fingerprint']}.npz")
   if os.path.exists(path):
     mu, sigma, meta = metrics.load_stats(path)
