@@ -75,7 +75,7 @@ def test_device_flip_equals_flipping_the_input(initial, make_config):
 def test_per_device_clipping_changes_the_step_when_a_device_exceeds_the_norm(initial,
                                                                               make_config):
   """At the tiny config's first step the device-mean gradient norm is ~0.6 < grad_clip = 1,
-  so "global" does not clip, while single devices (batch 2) exceed it and "per_device"
+  so "global" does not clip, while some single devices (batch 2) exceed it and "per_device"
   clips them: the two steps differ, and the logged metrics say so."""
   config, model, _, schedule, state = initial
   after, metrics = {}, {}
@@ -87,7 +87,7 @@ def test_per_device_clipping_changes_the_step_when_a_device_exceeds_the_norm(ini
     after[mode] = jax.device_get(parallel.unreplicate(new_state)).params
     metrics[mode] = {k: float(v) for k, v in parallel.unreplicate(p_metrics).items()}
   assert metrics["global"]["grad_norm"] < 1.0 and metrics["global"]["clip_fraction"] == 0.0
-  assert metrics["per_device"]["replica_grad_norm"] > 1.0
+  assert metrics["per_device"]["replica_grad_norm"] > metrics["global"]["grad_norm"]
   assert metrics["per_device"]["clip_fraction"] > 0.0
   diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(after["global"]),
                                                        jax.tree.leaves(after["per_device"])))
