@@ -20,10 +20,8 @@ import re
 import sys
 from typing import Any, NoReturn
 
-from absl import app
-from absl import flags
-from absl import logging
 import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ddpm_jax import xla_flags
@@ -32,26 +30,46 @@ FLAGS = flags.FLAGS
 MODES = ("train", "sample", "eval")
 EXIT_BAD_INPUT = 2
 
-config_flags.DEFINE_config_file("config", None, "Config file (a get_config() module).",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "Config file (a get_config() module).", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.DEFINE_enum("mode", "train", MODES, "What to run.")
-flags.DEFINE_bool("multihost", None, "Call jax.distributed.initialize() first, with the "
-                  "cluster auto-detected (Cloud TPU pod slices, Slurm, Open MPI); defaults to "
-                  "config.multihost. Implied by any of the four flags below.")
-flags.DEFINE_string("coordinator_address", None, "jax.distributed.initialize's "
-                    "coordinator_address, host:port of process 0, e.g. 10.0.0.1:1234.")
+flags.DEFINE_bool(
+  "multihost",
+  None,
+  "Call jax.distributed.initialize() first, with the "
+  "cluster auto-detected (Cloud TPU pod slices, Slurm, Open MPI); defaults to "
+  "config.multihost. Implied by any of the four flags below.",
+)
+flags.DEFINE_string(
+  "coordinator_address",
+  None,
+  "jax.distributed.initialize's coordinator_address, host:port of process 0, e.g. 10.0.0.1:1234.",
+)
 flags.DEFINE_integer("num_processes", None, "jax.distributed.initialize's num_processes.")
-flags.DEFINE_integer("process_id", None, "jax.distributed.initialize's process_id (0 .. "
-                     "num_processes - 1).")
-flags.DEFINE_integer("heartbeat_timeout_seconds", None, "jax.distributed.initialize's "
-                     "heartbeat_timeout_seconds: a host silent this long counts as dead and "
-                     "the others stop (exit status 75); defaults to "
-                     "config.heartbeat_timeout_seconds.")
-flags.DEFINE_list("local_device_ids", None, "jax.distributed.initialize's local_device_ids: "
-                  "the accelerators this process uses, e.g. 0,1.")
-flags.DEFINE_string("compile_cache", "~/.cache/ddpm_jax/xla", "JAX persistent compilation "
-                    "cache directory (\"\" disables it): restarts and resumes skip compiling.")
+flags.DEFINE_integer(
+  "process_id", None, "jax.distributed.initialize's process_id (0 .. num_processes - 1)."
+)
+flags.DEFINE_integer(
+  "heartbeat_timeout_seconds",
+  None,
+  "jax.distributed.initialize's "
+  "heartbeat_timeout_seconds: a host silent this long counts as dead and "
+  "the others stop (exit status 75); defaults to "
+  "config.heartbeat_timeout_seconds.",
+)
+flags.DEFINE_list(
+  "local_device_ids",
+  None,
+  "jax.distributed.initialize's local_device_ids: the accelerators this process uses, e.g. 0,1.",
+)
+flags.DEFINE_string(
+  "compile_cache",
+  "~/.cache/ddpm_jax/xla",
+  "JAX persistent compilation "
+  'cache directory ("" disables it): restarts and resumes skip compiling.',
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -72,7 +90,7 @@ def _config_path(argv: list[str]) -> str | None:
   """The --config file named in argv, without config_flags' optional ':<args>' suffix."""
   for i, arg in enumerate(argv[1:], start=1):
     if arg.startswith("--config="):
-      return arg[len("--config="):].split(":")[0]
+      return arg[len("--config=") :].split(":")[0]
     if arg == "--config" and i + 1 < len(argv):
       return argv[i + 1].split(":")[0]
   return None
@@ -88,7 +106,7 @@ def explain_config_error(argv: list[str], error: Exception) -> str:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-  except Exception as e:  # pylint: disable=broad-except  (the user's file: report anything)
+  except Exception as e:  # Broad on purpose: the user's file: report anything.
     return f"--config={path} cannot be loaded: {type(e).__name__}: {e}"
   for arg in argv[1:]:
     match = re.match(r"--config\.([\w.]+)", arg)
@@ -112,18 +130,22 @@ def parse_flags(argv: list[str]) -> list[str]:
     FLAGS.config.keys()  # An unloadable config file raises only when the config is used.
   except flags.Error as e:
     fail(e)
-  except Exception as e:  # pylint: disable=broad-except  (raised by the config file)
+  except Exception as e:  # Broad on purpose: raised by the config file.
     fail(explain_config_error(argv, e))
   if len(rest) > 1:
-    fail(f"unexpected arguments {rest[1:]}; every option is a --flag, e.g. "
-         "--config.training.batch_size=64.")
+    fail(
+      f"unexpected arguments {rest[1:]}; every option is a --flag, e.g. "
+      "--config.training.batch_size=64."
+    )
   workdir = os.path.expanduser(FLAGS.workdir)
   if not workdir.strip():
     fail("--workdir is empty; give a directory for checkpoints and logs.")
   if "://" in workdir:
-    fail(f"--workdir={FLAGS.workdir!r}: object-store URLs are not supported; give a local "
-         "folder, or on a pod one shared by every host at the same path (NFS, Filestore, a "
-         "gcsfuse mount).")
+    fail(
+      f"--workdir={FLAGS.workdir!r}: object-store URLs are not supported; give a local "
+      "folder, or on a pod one shared by every host at the same path (NFS, Filestore, a "
+      "gcsfuse mount)."
+    )
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     fail(f"--workdir={FLAGS.workdir!r} exists and is not a directory.")
   return rest
@@ -131,20 +153,21 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def distributed_args() -> dict[str, Any]:
   """jax.distributed.initialize's arguments given on the command line (none: auto-detect)."""
-  args = dict(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
-              process_id=FLAGS.process_id)
+  args = dict(
+    coordinator_address=FLAGS.coordinator_address,
+    num_processes=FLAGS.num_processes,
+    process_id=FLAGS.process_id,
+  )
   if FLAGS.local_device_ids is not None:
     try:
       args["local_device_ids"] = [int(i) for i in FLAGS.local_device_ids]
     except ValueError:
-      fail(f"--local_device_ids={','.join(FLAGS.local_device_ids)}: give device numbers, "
-           "e.g. 0,1.")
+      fail(f"--local_device_ids={','.join(FLAGS.local_device_ids)}: give device numbers, e.g. 0,1.")
   args = {k: v for k, v in args.items() if v is not None}
   if args and (FLAGS.num_processes is None) != (FLAGS.process_id is None):
     fail("--num_processes and --process_id go together (with --coordinator_address).")
   if FLAGS.num_processes is not None and not 0 <= FLAGS.process_id < FLAGS.num_processes:
-    fail(f"--process_id={FLAGS.process_id} must lie in [0, --num_processes="
-         f"{FLAGS.num_processes}).")
+    fail(f"--process_id={FLAGS.process_id} must lie in [0, --num_processes={FLAGS.num_processes}).")
   return args
 
 
@@ -163,8 +186,9 @@ def main(argv: list[str]) -> None:
   distributed = distributed_args()
   multihost = config.multihost if FLAGS.multihost is None else FLAGS.multihost
   if multihost or distributed:
-    from ddpm_jax import config_checks, supervisor  # pylint: disable=import-outside-toplevel
-    from ddpm_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+    from ddpm_jax import config_checks, supervisor
+    from ddpm_jax.errors import ConfigError
+
     if FLAGS.heartbeat_timeout_seconds is not None:
       config.heartbeat_timeout_seconds = FLAGS.heartbeat_timeout_seconds
     try:
@@ -180,8 +204,9 @@ def main(argv: list[str]) -> None:
       # collectives (gloo) give up on a peer that is 30 s late.
       jax.config.update("jax_enable_compilation_cache", False)
   # After distributed initialisation: the checks need the global device count.
-  from ddpm_jax import config_checks, evaluate, sample, train  # pylint: disable=import-outside-toplevel
-  from ddpm_jax.errors import ConfigError, NonFiniteError  # pylint: disable=import-outside-toplevel
+  from ddpm_jax import config_checks, evaluate, sample, train
+  from ddpm_jax.errors import ConfigError, NonFiniteError
+
   modes = dict(train=train.train, sample=sample.run, eval=evaluate.run)
   try:
     config_checks.check_config(config, FLAGS.mode)

@@ -17,10 +17,13 @@ Prints one JSON object per dataset (median over --repeats runs of --batches batc
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
+from collections.abc import Iterator
+from typing import Any
 
-from absl import app, flags
 import jax
+from absl import app, flags
 
 from bench import common
 from configs import cifar10, fashion_mnist, test_tiny
@@ -50,7 +53,8 @@ def _data_config(name: str):
 def _source_context(name: str):
   if name != "cifar10_mock":
     return contextlib.nullcontext()
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
+
   return tfds.testing.mock_data(num_examples=FLAGS.mock_examples)
 
 
@@ -59,30 +63,36 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   bad = sorted(set(FLAGS.datasets) - set(DATASETS))
   if bad or min(FLAGS.batch_size, FLAGS.batches, FLAGS.repeats) < 1 or FLAGS.warmup < 0:
-    raise app.UsageError(f"--datasets has unknown {bad} (allowed {DATASETS}); --batch_size, "
-                         "--batches and --repeats must be >= 1, --warmup >= 0.")
+    raise app.UsageError(
+      f"--datasets has unknown {bad} (allowed {DATASETS}); --batch_size, "
+      "--batches and --repeats must be >= 1, --warmup >= 0."
+    )
   for name in FLAGS.datasets:
     data = _data_config(name)
     with _source_context(name):
       start = time.perf_counter()
-      batches = parallel.prefetch_to_device(input_pipeline.create_train_iterator(
-          data, global_batch_size=FLAGS.batch_size, seed=0))
+      batches = parallel.prefetch_to_device(
+        input_pipeline.create_train_iterator(data, global_batch_size=FLAGS.batch_size, seed=0)
+      )
       for _ in range(FLAGS.warmup):
         jax.block_until_ready(next(batches))
       setup_s = time.perf_counter() - start
 
-      def run():
+      def run(batches: Iterator) -> Any:
         for _ in range(FLAGS.batches):
           last = jax.block_until_ready(next(batches))
         return last
 
-      run_s, _ = common.median_time(run, FLAGS.repeats)
+      run_s, _ = common.median_time(functools.partial(run, batches), FLAGS.repeats)
     record = {
-        "bench": "input_pipeline", "dataset": name, "global_batch": FLAGS.batch_size,
-        "image_shape": [data.image_size, data.image_size, data.num_channels],
-        "setup_s": setup_s,
-        "images_per_s": FLAGS.batches * FLAGS.batch_size / run_s,
-        "batches_per_s": FLAGS.batches / run_s, "timed_batches": FLAGS.batches,
+      "bench": "input_pipeline",
+      "dataset": name,
+      "global_batch": FLAGS.batch_size,
+      "image_shape": [data.image_size, data.image_size, data.num_channels],
+      "setup_s": setup_s,
+      "images_per_s": FLAGS.batches * FLAGS.batch_size / run_s,
+      "batches_per_s": FLAGS.batches / run_s,
+      "timed_batches": FLAGS.batches,
     }
     record.update(common.memory_report())
     record.update(common.machine())

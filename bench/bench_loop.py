@@ -24,17 +24,20 @@ import re
 import tempfile
 import time
 
-from absl import app, flags
 import jax
 import numpy as np
+from absl import app, flags
 from ml_collections import config_flags
 
 from bench import common
 from ddpm_jax import config_checks, factories, parallel, train, train_state, train_step
 
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
-flags.DEFINE_integer("loop_steps", 200, "Steps the loop trains (its first log interval, "
-                     "which includes compilation, is not counted).")
+flags.DEFINE_integer(
+  "loop_steps",
+  200,
+  "Steps the loop trains (its first log interval, which includes compilation, is not counted).",
+)
 flags.DEFINE_integer("bare_steps", 20, "Timed bare-step calls; the median is reported.")
 flags.DEFINE_string("out", "", "Append the JSON line to this file.")
 flags.mark_flags_as_required(["config"])
@@ -64,7 +67,8 @@ def bare_step_s(config) -> float:
   devices, batch = jax.local_device_count(), int(config.training.batch_size)
   size, channels = int(config.data.image_size), int(config.data.num_channels)
   images = np.random.default_rng(0).integers(
-      0, 256, (devices, batch // devices, size, size, channels), dtype=np.uint8)
+    0, 256, (devices, batch // devices, size, size, channels), dtype=np.uint8
+  )
   images = next(parallel.prefetch_to_device(iter([images]), size=1))
   compiled = step.lower(p_state, images).compile()
 
@@ -90,8 +94,9 @@ def loop_step_s(config) -> tuple[float, int]:
     absl_logger.removeHandler(handler)
   (t0, s0), (t1, s1) = handler.points[0], handler.points[-1]
   if s1 <= s0:
-    raise app.UsageError("The loop logged once: raise --loop_steps or lower "
-                         "--config.training.log_every_steps.")
+    raise app.UsageError(
+      "The loop logged once: raise --loop_steps or lower --config.training.log_every_steps."
+    )
   return (t1 - t0) / (s1 - s0), s1 - s0
 
 
@@ -104,13 +109,19 @@ def main(argv: list[str]) -> None:
   loop, timed = loop_step_s(config)
   tr = config.training
   record = {
-      "bench": "train_loop", "config": config_flags.get_config_filename(FLAGS["config"]),
-      "global_batch": int(tr.batch_size), "steps_per_call": int(tr.steps_per_call),
-      "log_every_steps": int(tr.log_every_steps),
-      "checkpoint_every_steps": int(tr.checkpoint_every_steps),
-      "sample_every_steps": int(tr.sample_every_steps), "loop_steps_timed": timed,
-      "bare_step_s": bare, "loop_step_s": loop, "bare_steps_per_s": 1 / bare,
-      "loop_steps_per_s": 1 / loop, "overhead": loop / bare - 1.0,
+    "bench": "train_loop",
+    "config": config_flags.get_config_filename(FLAGS["config"]),
+    "global_batch": int(tr.batch_size),
+    "steps_per_call": int(tr.steps_per_call),
+    "log_every_steps": int(tr.log_every_steps),
+    "checkpoint_every_steps": int(tr.checkpoint_every_steps),
+    "sample_every_steps": int(tr.sample_every_steps),
+    "loop_steps_timed": timed,
+    "bare_step_s": bare,
+    "loop_step_s": loop,
+    "bare_steps_per_s": 1 / bare,
+    "loop_steps_per_s": 1 / loop,
+    "overhead": loop / bare - 1.0,
   }
   record.update(common.machine())
   common.emit(record, FLAGS.out)

@@ -28,9 +28,9 @@ from ddpm_jax import utilization
 from ddpm_jax.models import unet as unet_lib
 
 MODELS = {
-    # name: (image_size, ch_mult, attn_resolutions)
-    "cifar10": (32, (1, 2, 2, 2), (16,)),
-    "256": (256, (1, 1, 2, 2, 4, 4), (16,)),
+  # name: (image_size, ch_mult, attn_resolutions)
+  "cifar10": (32, (1, 2, 2, 2), (16,)),
+  "256": (256, (1, 1, 2, 2, 4, 4), (16,)),
 }
 
 
@@ -53,28 +53,36 @@ def bench(model_name: str, batch_size: int, dtype: str, remat: bool, repeats: in
     def loss_fn(p):
       out = model.apply({"params": p}, x, t, train=True, rngs={"dropout": key})
       return jnp.mean((out - x) ** 2)
+
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   fwd_args = (params, x, t)
   step_args = (params, opt_state, x, t, key)
-  fwd, step = (jax.jit(f).lower(*a).compile() for f, a in ((forward, fwd_args),
-                                                          (train_step, step_args)))
+  fwd, step = (
+    jax.jit(f).lower(*a).compile() for f, a in ((forward, fwd_args), (train_step, step_args))
+  )
   fwd_stats, step_stats = utilization.compiled_cost(fwd), utilization.compiled_cost(step)
   jax.block_until_ready((fwd(*fwd_args), step(*step_args)))  # Warm-up: first transfers.
   fwd_s, _ = common.median_time(lambda: fwd(*fwd_args), repeats)
   step_s, _ = common.median_time(lambda: step(*step_args), repeats)
   record = {
-      "model": model_name, "image_size": image_size, "batch_size": batch_size,
-      "dtype": dtype, "remat": remat, "repeats": repeats,
-      "num_params": unet_lib.count_params(model, image_size=image_size, num_channels=3),
-      "forward_s": fwd_s, "forward_images_per_s": batch_size / fwd_s,
-      "train_step_s": step_s, "train_images_per_s": batch_size / step_s,
-      "forward_gflop_per_image": fwd_stats["flops"] / batch_size / 1e9,
-      "train_step_gflop_per_image": step_stats["flops"] / batch_size / 1e9,
-      "forward_xla_mib": fwd_stats.get("xla_mib"),
-      "train_step_xla_mib": step_stats.get("xla_mib"),
+    "model": model_name,
+    "image_size": image_size,
+    "batch_size": batch_size,
+    "dtype": dtype,
+    "remat": remat,
+    "repeats": repeats,
+    "num_params": unet_lib.count_params(model, image_size=image_size, num_channels=3),
+    "forward_s": fwd_s,
+    "forward_images_per_s": batch_size / fwd_s,
+    "train_step_s": step_s,
+    "train_images_per_s": batch_size / step_s,
+    "forward_gflop_per_image": fwd_stats["flops"] / batch_size / 1e9,
+    "train_step_gflop_per_image": step_stats["flops"] / batch_size / 1e9,
+    "forward_xla_mib": fwd_stats.get("xla_mib"),
+    "train_step_xla_mib": step_stats.get("xla_mib"),
   }
   record.update(common.memory_report())
   record.update(common.machine())

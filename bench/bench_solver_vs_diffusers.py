@@ -29,8 +29,9 @@ from ml_collections import config_flags
 
 from bench import common
 
-config_flags.DEFINE_config_file("config", None, "Config file (its model and diffusion).",
-                                lock_config=False)
+config_flags.DEFINE_config_file(
+  "config", None, "Config file (its model and diffusion).", lock_config=False
+)
 flags.DEFINE_string("workdir", "", "A trained workdir whose EMA weights both sides load.")
 flags.DEFINE_integer("batch", 64, "Images per sampler call, both sides.")
 flags.DEFINE_integer("steps", 20, "Solver steps (network evaluations per sample).")
@@ -45,12 +46,14 @@ FLAGS = flags.FLAGS
 
 
 def _params(config: Any) -> Any:
-  from ddpm_jax import checkpointing, factories, train_state  # pylint: disable=import-outside-toplevel
+  from ddpm_jax import checkpointing, factories, train_state
+
   if FLAGS.workdir:
     return checkpointing.restore_ema_params(config, FLAGS.workdir, -1)[0]
   model = factories.create_model(config)
   return train_state.create_train_state(
-      config, model, train_state.create_optimizer(config.training)).ema_params
+    config, model, train_state.create_optimizer(config.training)
+  ).ema_params
 
 
 def _solver_config(config: Any) -> Any:
@@ -62,45 +65,66 @@ def _solver_config(config: Any) -> Any:
 
 
 def run_jax() -> dict[str, Any]:
-  import jax  # pylint: disable=import-outside-toplevel
-  from ddpm_jax import config_checks, factories, generation, parallel  # pylint: disable=import-outside-toplevel
+  import jax
+
+  from ddpm_jax import config_checks, factories, generation, parallel
+
   config = _solver_config(FLAGS.config)
   config_checks.check_config(config, "sample")
   model, schedule = factories.create_model(config), factories.create_schedule(config.diffusion)
-  sampler = generation.make_pmapped_sampler(config, model, schedule,
-                                            FLAGS.batch // jax.device_count())
+  sampler = generation.make_pmapped_sampler(
+    config, model, schedule, FLAGS.batch // jax.device_count()
+  )
   params = parallel.replicate(_params(config))
   rng = jax.random.key(0)
   jax.block_until_ready(sampler(params, rng))
   seconds, _ = common.median_time(lambda: sampler(params, rng), FLAGS.repeats)
-  return {"side": "jax", "call_s": seconds, "images_per_s": FLAGS.batch / seconds,
-          "jax": jax.__version__, "devices": jax.device_count()}
+  return {
+    "side": "jax",
+    "call_s": seconds,
+    "images_per_s": FLAGS.batch / seconds,
+    "jax": jax.__version__,
+    "devices": jax.device_count(),
+  }
 
 
 def run_torch() -> dict[str, Any]:
-  import time  # pylint: disable=import-outside-toplevel
-  import diffusers  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
-  from ddpm_jax import pretrained, pretrained_names  # pylint: disable=import-outside-toplevel
+  import time
+
+  import diffusers
+  import torch
+
+  from ddpm_jax import pretrained, pretrained_names
+
   torch.set_num_threads(FLAGS.torch_threads)
   config = _solver_config(FLAGS.config)
   unet = diffusers.UNet2DModel(**pretrained_names.diffusers_config(config))
-  state = {k: torch.from_numpy(v) for k, v in
-           pretrained.diffusers_tensors(_params(config), config).items()}
+  state = {
+    k: torch.from_numpy(v) for k, v in pretrained.diffusers_tensors(_params(config), config).items()
+  }
   unet.load_state_dict(state, strict=True)
   unet.eval()
   diff = config.diffusion
   scheduler = diffusers.DPMSolverMultistepScheduler(
-      num_train_timesteps=int(diff.num_timesteps), beta_start=float(diff.beta_start),
-      beta_end=float(diff.beta_end), beta_schedule="linear", algorithm_type="dpmsolver++",
-      solver_order=FLAGS.order, lower_order_final=True)
+    num_train_timesteps=int(diff.num_timesteps),
+    beta_start=float(diff.beta_start),
+    beta_end=float(diff.beta_end),
+    beta_schedule="linear",
+    algorithm_type="dpmsolver++",
+    solver_order=FLAGS.order,
+    lower_order_final=True,
+  )
   pipe = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
   pipe.set_progress_bar_config(disable=True)
 
   def call() -> None:
     with torch.no_grad():
-      pipe(batch_size=FLAGS.batch, num_inference_steps=FLAGS.steps, output_type="np",
-           generator=torch.Generator().manual_seed(0))
+      pipe(
+        batch_size=FLAGS.batch,
+        num_inference_steps=FLAGS.steps,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+      )
 
   call()
   times = []
@@ -109,9 +133,14 @@ def run_torch() -> dict[str, Any]:
     call()
     times.append(time.perf_counter() - start)
   seconds = statistics.median(times)
-  return {"side": "torch", "call_s": seconds, "images_per_s": FLAGS.batch / seconds,
-          "torch": torch.__version__, "diffusers": diffusers.__version__,
-          "torch_threads": torch.get_num_threads()}
+  return {
+    "side": "torch",
+    "call_s": seconds,
+    "images_per_s": FLAGS.batch / seconds,
+    "torch": torch.__version__,
+    "diffusers": diffusers.__version__,
+    "torch_threads": torch.get_num_threads(),
+  }
 
 
 def child_argv(side: str) -> list[str]:
@@ -135,15 +164,29 @@ def main(argv: list[str]) -> None:
     for side in ("jax", "torch"):
       record, wall = common.run_json_child(child_argv(side))
       rates[side].append(record["images_per_s"])
-      common.emit({"bench": "solver_vs_diffusers_measurement", "round": round_index,
-                   "process_wall_s": wall, **record}, FLAGS.out)
+      common.emit(
+        {
+          "bench": "solver_vs_diffusers_measurement",
+          "round": round_index,
+          "process_wall_s": wall,
+          **record,
+        },
+        FLAGS.out,
+      )
   jax_rate, torch_rate = (statistics.median(rates[s]) for s in ("jax", "torch"))
-  record = {"bench": "solver_vs_diffusers",
-            "config": config_flags.get_config_filename(FLAGS["config"]),
-            "workdir": FLAGS.workdir, "batch": FLAGS.batch, "steps": FLAGS.steps,
-            "order": FLAGS.order, "jax_images_per_s": jax_rate,
-            "torch_images_per_s": torch_rate, "ratio_jax_over_torch": jax_rate / torch_rate,
-            "load_avg_start": load_start, "load_avg_end": common.load_avg()}
+  record = {
+    "bench": "solver_vs_diffusers",
+    "config": config_flags.get_config_filename(FLAGS["config"]),
+    "workdir": FLAGS.workdir,
+    "batch": FLAGS.batch,
+    "steps": FLAGS.steps,
+    "order": FLAGS.order,
+    "jax_images_per_s": jax_rate,
+    "torch_images_per_s": torch_rate,
+    "ratio_jax_over_torch": jax_rate / torch_rate,
+    "load_avg_start": load_start,
+    "load_avg_end": common.load_avg(),
+  }
   record.update(common.machine())
   common.emit(record, FLAGS.out)
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import time
 
-from absl import app, flags
 import jax
 import numpy as np
+from absl import app, flags
 from ml_collections import config_flags
 
 from bench import common
@@ -79,21 +79,31 @@ def main(argv: list[str]) -> None:
   dtype = str(config.model.dtype)
   peak = utilization.peak_tflops(jax.local_devices()[0], dtype, FLAGS.peak_tflops)
   record = {
-      "bench": "train_step", "config": config_flags.get_config_filename(FLAGS["config"]),
-      "global_batch": global_batch, "dtype": dtype, "remat": bool(config.model.remat),
-      "attn_impl": str(config.model.attn_impl), "conv_wgrad": str(config.model.conv_wgrad),
-      "steps_per_call": steps_per_call, "clip_mode": str(config.training.clip_mode),
-      "clip_replicas": int(config.training.clip_replicas),
-      "replica_loop": str(config.training.replica_loop),
-      "num_params": train_state.num_params(parallel.unreplicate(p_state.params)),
-      "step_s": step_s, "steps_per_s": 1.0 / step_s, "images_per_s": global_batch / step_s,
-      "step_s_min": min(times) / steps_per_call, "step_s_max": max(times) / steps_per_call,
-      "timed_calls": FLAGS.steps, "compile_s": compile_s,
-      "gflop_per_step": flops_per_step / 1e9,
-      "gflop_per_image": flops_per_step / global_batch / 1e9,
-      "achieved_tflops": tflops, "peak_tflops_per_device": peak,
-      "mfu": tflops / (peak * devices) if peak else None,
-      "xla_mib_per_device": cost.get("xla_mib"),
+    "bench": "train_step",
+    "config": config_flags.get_config_filename(FLAGS["config"]),
+    "global_batch": global_batch,
+    "dtype": dtype,
+    "remat": bool(config.model.remat),
+    "attn_impl": str(config.model.attn_impl),
+    "conv_wgrad": str(config.model.conv_wgrad),
+    "steps_per_call": steps_per_call,
+    "clip_mode": str(config.training.clip_mode),
+    "clip_replicas": int(config.training.clip_replicas),
+    "replica_loop": str(config.training.replica_loop),
+    "num_params": train_state.num_params(parallel.unreplicate(p_state.params)),
+    "step_s": step_s,
+    "steps_per_s": 1.0 / step_s,
+    "images_per_s": global_batch / step_s,
+    "step_s_min": min(times) / steps_per_call,
+    "step_s_max": max(times) / steps_per_call,
+    "timed_calls": FLAGS.steps,
+    "compile_s": compile_s,
+    "gflop_per_step": flops_per_step / 1e9,
+    "gflop_per_image": flops_per_step / global_batch / 1e9,
+    "achieved_tflops": tflops,
+    "peak_tflops_per_device": peak,
+    "mfu": tflops / (peak * devices) if peak else None,
+    "xla_mib_per_device": cost.get("xla_mib"),
   }
   record.update(common.memory_report())
   record.update(common.machine())

@@ -14,6 +14,7 @@ many were. Nothing is asserted.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -29,7 +30,7 @@ FLAGS = flags.FLAGS
 
 
 def _series(scalars: dict, tag: str) -> dict[int, float]:
-  return {step: value for step, value in scalars.get(tag, [])}  # A resumed step: the last.
+  return dict(scalars.get(tag, []))  # A resumed step: the last.
 
 
 def clip_stats(workdir: str, edges: list[int]) -> dict:
@@ -52,21 +53,29 @@ def clip_stats(workdir: str, edges: list[int]) -> dict:
   def summary(lo: int, hi: int) -> dict:
     chosen = steps[(steps > lo) & (steps <= hi)]
     f = np.array([fraction[s] for s in chosen])
-    out = {"steps": f"{lo + 1}-{hi}", "logged_steps": int(len(chosen)),
-           "mean_clip_fraction": float(f.mean()), "steps_with_clipping": float((f > 0).mean()),
-           "mean_grad_norm": float(np.mean([grad_norm[s] for s in chosen]))}
+    out = {
+      "steps": f"{lo + 1}-{hi}",
+      "logged_steps": len(chosen),
+      "mean_clip_fraction": float(f.mean()),
+      "steps_with_clipping": float((f > 0).mean()),
+      "mean_grad_norm": float(np.mean([grad_norm[s] for s in chosen])),
+    }
     if replica:
       out["mean_replica_grad_norm"] = float(np.mean([replica[s] for s in chosen]))
     return out
 
   clipped = steps[np.array([fraction[s] > 0 for s in steps])]
   return {
-      "bench": "clip_stats", "workdir": workdir, "clip_mode": training["clip_mode"],
-      "clip_replicas": training.get("clip_replicas"), "grad_clip": training["grad_clip"],
-      "batch_size": training["batch_size"], "source": source,
-      "last_clipped_step": int(clipped.max()) if len(clipped) else None,
-      "all": summary(0, int(steps.max())),
-      "windows": [summary(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo],
+    "bench": "clip_stats",
+    "workdir": workdir,
+    "clip_mode": training["clip_mode"],
+    "clip_replicas": training.get("clip_replicas"),
+    "grad_clip": training["grad_clip"],
+    "batch_size": training["batch_size"],
+    "source": source,
+    "last_clipped_step": int(clipped.max()) if len(clipped) else None,
+    "all": summary(0, int(steps.max())),
+    "windows": [summary(lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo],
   }
 
 

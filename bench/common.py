@@ -15,7 +15,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -38,8 +39,7 @@ def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]
 
 def memory_report() -> dict[str, Any]:
   """Peak host RSS (includes the compiler on CPU) and device memory_stats where available."""
-  out: dict[str, Any] = {
-      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+  out: dict[str, Any] = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
   stats = jax.local_devices()[0].memory_stats()
   if stats:
     for key in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit"):
@@ -50,11 +50,16 @@ def memory_report() -> dict[str, Any]:
 
 def machine() -> dict[str, Any]:
   device = jax.local_devices()[0]
-  return {"backend": jax.default_backend(), "device": device.device_kind,
-          "num_devices": jax.device_count(), "host_cpus": os.cpu_count(),
-          "machine": platform.machine(), "jax": jax.__version__,
-          # Other load on the host distorts CPU timings: recorded so it can be judged.
-          "load_avg_1m": os.getloadavg()[0]}
+  return {
+    "backend": jax.default_backend(),
+    "device": device.device_kind,
+    "num_devices": jax.device_count(),
+    "host_cpus": os.cpu_count(),
+    "machine": platform.machine(),
+    "jax": jax.__version__,
+    # Other load on the host distorts CPU timings: recorded so it can be judged.
+    "load_avg_1m": os.getloadavg()[0],
+  }
 
 
 def emit(record: dict[str, Any], out_path: str = "") -> None:
@@ -79,11 +84,15 @@ def layout_flags(model: str, num_groups: int = 8) -> list[str]:
   if model == "cifar10":
     return [f"--config={os.path.join(REPO_ROOT, 'configs', 'cifar10.py')}"]
   if model == "fashion_mnist":
-    return [f"--config={os.path.join(REPO_ROOT, 'configs', 'fashion_mnist.py')}",
-            "--config.model.ch=32",
-            "--config.model.ch_mult=(1,2,2)", "--config.model.num_res_blocks=1",
-            "--config.model.attn_resolutions=()", f"--config.model.num_groups={num_groups}",
-            "--config.model.dropout=0.0"]
+    return [
+      f"--config={os.path.join(REPO_ROOT, 'configs', 'fashion_mnist.py')}",
+      "--config.model.ch=32",
+      "--config.model.ch_mult=(1,2,2)",
+      "--config.model.num_res_blocks=1",
+      "--config.model.attn_resolutions=()",
+      f"--config.model.num_groups={num_groups}",
+      "--config.model.dropout=0.0",
+    ]
   raise ValueError(f"model={model!r}; allowed: {MODELS}")
 
 
@@ -91,19 +100,28 @@ def load_avg() -> list[float]:
   return [round(x, 2) for x in os.getloadavg()]
 
 
-def run_json_child(argv: list[str], *, env: dict[str, str] | None = None,
-                   timeout_s: float | None = None) -> tuple[dict[str, Any], float]:
+def run_json_child(
+  argv: list[str], *, env: dict[str, str] | None = None, timeout_s: float | None = None
+) -> tuple[dict[str, Any], float]:
   """Runs ``python argv...`` in the repository root; returns (its last stdout JSON line, wall
   seconds). Its stderr streams through to ours. Raises RuntimeError if it fails."""
   cmd = [sys.executable] + argv
   start = time.perf_counter()
-  proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
-                        env={**os.environ, **(env or {})}, timeout=timeout_s, check=False)
+  proc = subprocess.run(
+    cmd,
+    cwd=REPO_ROOT,
+    stdout=subprocess.PIPE,
+    text=True,
+    env={**os.environ, **(env or {})},
+    timeout=timeout_s,
+    check=False,
+  )
   wall = time.perf_counter() - start
   lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
   if proc.returncode != 0 or not lines:
-    raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}; stdout tail: "
-                       f"{proc.stdout[-2000:]}")
+    raise RuntimeError(
+      f"{' '.join(cmd)} exited with {proc.returncode}; stdout tail: {proc.stdout[-2000:]}"
+    )
   return json.loads(lines[-1]), wall
 
 

@@ -30,8 +30,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from bench import common
-from ddpm_jax import (checkpointing, config_checks, factories, generation, parallel,
-                      samplers)
+from ddpm_jax import checkpointing, config_checks, factories, generation, parallel, samplers
 from ddpm_jax import rng as rng_lib
 from ddpm_jax.evaluation import sample_quality
 
@@ -45,8 +44,11 @@ def _rows() -> dict[str, dict[str, Any]]:
   for clip in (False, True):
     for steps in (10, 20, 50, 100, 1000):
       rows[f"ddim{steps}{'_clip' if clip else ''}"] = {
-          "method": "ddim", "ddim.num_steps": steps, "ddim.eta": 0.0,
-          "ddim.clip_denoised": clip}
+        "method": "ddim",
+        "ddim.num_steps": steps,
+        "ddim.eta": 0.0,
+        "ddim.clip_denoised": clip,
+      }
   for thresholding in (False, True):
     for third in ("reference", "taylor"):
       for order in (2, 3):
@@ -54,12 +56,18 @@ def _rows() -> dict[str, dict[str, Any]]:
           for steps in (10, 15, 20, 50):
             if order == 2 and third == "taylor":
               continue  # The third-order weight does not touch 2M.
-            name = (f"dpm{order}{'t' if third == 'taylor' else ''}_{spacing}_{steps}"
-                    f"{'_thr' if thresholding else ''}")
-            rows[name] = {"method": "dpm_solver", "dpm_solver.order": order,
-                          "dpm_solver.spacing": spacing, "dpm_solver.num_steps": steps,
-                          "dpm_solver.third_order": third,
-                          "dpm_solver.thresholding": thresholding}
+            name = (
+              f"dpm{order}{'t' if third == 'taylor' else ''}_{spacing}_{steps}"
+              f"{'_thr' if thresholding else ''}"
+            )
+            rows[name] = {
+              "method": "dpm_solver",
+              "dpm_solver.order": order,
+              "dpm_solver.spacing": spacing,
+              "dpm_solver.num_steps": steps,
+              "dpm_solver.third_order": third,
+              "dpm_solver.thresholding": thresholding,
+            }
   return rows
 
 
@@ -94,8 +102,7 @@ def sample_timed(config: Any, params: Any, num: int) -> tuple[np.ndarray, float,
   """(uint8 samples, compile + first-call seconds, steady-state images/s)."""
   batch, seed = int(config.sampling.batch_size), int(config.sampling.seed)
   model, schedule = factories.create_model(config), factories.create_schedule(config.diffusion)
-  sampler = generation.make_pmapped_sampler(config, model, schedule,
-                                            batch // jax.device_count())
+  sampler = generation.make_pmapped_sampler(config, model, schedule, batch // jax.device_count())
   replicated = parallel.replicate(params)
   start = time.perf_counter()
   first = np.asarray(sampler(replicated, rng_lib.batch_key(seed, 0)))
@@ -111,16 +118,22 @@ def sample_timed(config: Any, params: Any, num: int) -> tuple[np.ndarray, float,
 
 def ode_distance(samples: np.ndarray) -> dict[str, Any]:
   """RMS pixel difference (0..255) to the --ode_reference samples kept in --samples_dir."""
-  found = sorted(f for f in os.listdir(FLAGS.samples_dir)
-                 if f.startswith(FLAGS.ode_reference + "_n") and f.endswith(".npz"))
+  found = sorted(
+    f
+    for f in os.listdir(FLAGS.samples_dir)
+    if f.startswith(FLAGS.ode_reference + "_n") and f.endswith(".npz")
+  )
   if not found:
     return {}
   with np.load(os.path.join(FLAGS.samples_dir, found[-1])) as saved:
     reference = saved["samples"]
   n = min(len(reference), len(samples))
   diff = samples[:n].astype(np.float64) - reference[:n].astype(np.float64)
-  return {"ode_reference": FLAGS.ode_reference,
-          "ode_rms_levels": float(np.sqrt(np.mean(diff**2))), "ode_compared": n}
+  return {
+    "ode_reference": FLAGS.ode_reference,
+    "ode_rms_levels": float(np.sqrt(np.mean(diff**2))),
+    "ode_compared": n,
+  }
 
 
 def main(argv: list[str]) -> None:
@@ -140,19 +153,26 @@ def main(argv: list[str]) -> None:
     distance = {}
     if FLAGS.samples_dir:
       os.makedirs(FLAGS.samples_dir, exist_ok=True)
-      np.savez(os.path.join(FLAGS.samples_dir, f"{name}_n{FLAGS.num_samples}.npz"),
-               samples=samples)
+      np.savez(os.path.join(FLAGS.samples_dir, f"{name}_n{FLAGS.num_samples}.npz"), samples=samples)
       distance = ode_distance(samples)
-    record = {"bench": "sampler_quality", "row": name, "step": step,
-              "sampler": samplers.settings(options),
-              "nfe": options.nfe(int(config.diffusion.num_timesteps)),
-              "num_samples": FLAGS.num_samples, "seed": int(config.sampling.seed),
-              "batch_size": int(config.sampling.batch_size), "images_per_s": rate,
-              "first_call_s": first_call_s, "fid": scores["fid"],
-              "inception_score": scores["inception_score"],
-              "inception_score_std": scores["inception_score_std"],
-              "feature_network": scores["feature_network"],
-              "num_reference": scores["num_reference"], **distance}
+    record = {
+      "bench": "sampler_quality",
+      "row": name,
+      "step": step,
+      "sampler": samplers.settings(options),
+      "nfe": options.nfe(int(config.diffusion.num_timesteps)),
+      "num_samples": FLAGS.num_samples,
+      "seed": int(config.sampling.seed),
+      "batch_size": int(config.sampling.batch_size),
+      "images_per_s": rate,
+      "first_call_s": first_call_s,
+      "fid": scores["fid"],
+      "inception_score": scores["inception_score"],
+      "inception_score_std": scores["inception_score_std"],
+      "feature_network": scores["feature_network"],
+      "num_reference": scores["num_reference"],
+      **distance,
+    }
     record.update(common.machine())
     common.emit(record, FLAGS.out)
 

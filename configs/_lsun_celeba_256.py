@@ -5,8 +5,9 @@ import ml_collections
 from configs import default
 
 
-def get_config(dataset: str, *, num_train_steps: int, eval_split: str,
-               random_flip: bool = True) -> ml_collections.ConfigDict:
+def get_config(
+  dataset: str, *, num_train_steps: int, eval_split: str, random_flip: bool = True
+) -> ml_collections.ConfigDict:
   """The 113,673,219-parameter U-Net (ch_mult 1,1,2,2,4,4, attention at 16x16), dropout 0,
   Adam 2e-5, batch 64, EMA 0.9999, sampling with the posterior variance ('fixedsmall');
   only the dataset, flips and length differ."""

@@ -7,5 +7,5 @@ from configs import _lsun_celeba_256
 
 def get_config() -> ml_collections.ConfigDict:
   return _lsun_celeba_256.get_config(
-      "celeb_a_hq/256", eval_split="train",
-      num_train_steps=500_000, random_flip=True)
+    "celeb_a_hq/256", eval_split="train", num_train_steps=500_000, random_flip=True
+  )

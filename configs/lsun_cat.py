@@ -13,5 +13,5 @@ from configs import _lsun_celeba_256
 
 def get_config() -> ml_collections.ConfigDict:
   return _lsun_celeba_256.get_config(
-      "lsun/cat", eval_split="train",
-      num_train_steps=1_800_000, random_flip=False)
+    "lsun/cat", eval_split="train", num_train_steps=1_800_000, random_flip=False
+  )

@@ -7,5 +7,5 @@ from configs import _lsun_celeba_256
 
 def get_config() -> ml_collections.ConfigDict:
   return _lsun_celeba_256.get_config(
-      "lsun/church_outdoor", eval_split="validation",
-      num_train_steps=1_200_000, random_flip=True)
+    "lsun/church_outdoor", eval_split="validation", num_train_steps=1_200_000, random_flip=True
+  )

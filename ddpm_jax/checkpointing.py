@@ -17,12 +17,12 @@ import os
 from typing import Any, TypeVar
 
 import flax.serialization
-from flax import traverse_util
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import traverse_util
 
 from ddpm_jax import hosts
 from ddpm_jax import workdir as workdir_lib
@@ -54,8 +54,9 @@ def check_finite(state_dict: Any, step: int) -> None:
   """NonFiniteError naming the first leaf of ``state_dict`` holding a NaN or inf."""
   for path, leaf in _flat_leaves(state_dict).items():
     if np.issubdtype(leaf.dtype, np.inexact) and not np.all(np.isfinite(leaf)):
-      raise NonFiniteError(f"The state of step {step} holds non-finite values in {path}; "
-                               "not saving it.")
+      raise NonFiniteError(
+        f"The state of step {step} holds non-finite values in {path}; not saving it."
+      )
 
 
 class Checkpointer:
@@ -68,8 +69,9 @@ class Checkpointer:
   of checkpoints kept.
   """
 
-  def __init__(self, workdir: str, *, keep: int | None = None, keep_every: int = 0,
-               read_only: bool = False):
+  def __init__(
+    self, workdir: str, *, keep: int | None = None, keep_every: int = 0, read_only: bool = False
+  ):
     """``keep``: the newest checkpoints kept; ``keep_every`` > 0 also keeps every step that
     is a multiple of it, permanently (the checkpoints a minimum-FID sweep scores)."""
     if read_only == (keep is not None):
@@ -86,11 +88,15 @@ class Checkpointer:
     if keep_every:
       policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
     options = ocp.CheckpointManagerOptions(
-        create=not read_only, enable_async_checkpointing=False,
-        preservation_policy=(ocp.checkpoint_managers.AnyPreservationPolicy(policies)
-                             if policies else None))
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=(STATE_ITEM, FINGERPRINT_ITEM))
+      create=not read_only,
+      enable_async_checkpointing=False,
+      preservation_policy=(
+        ocp.checkpoint_managers.AnyPreservationPolicy(policies) if policies else None
+      ),
+    )
+    self._manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=(STATE_ITEM, FINGERPRINT_ITEM)
+    )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -109,8 +115,12 @@ class Checkpointer:
       return False
     state_dict = flax.serialization.to_state_dict(jax.device_get(state))
     check_finite(state_dict, step)
-    args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state_dict),
-                                 FINGERPRINT_ITEM: ocp.args.JsonSave(fingerprint(state_dict))})
+    args = ocp.args.Composite(
+      **{
+        STATE_ITEM: ocp.args.StandardSave(state_dict),
+        FINGERPRINT_ITEM: ocp.args.JsonSave(fingerprint(state_dict)),
+      }
+    )
     saved = self._manager.save(step, args=args, force=True)
     self._manager.wait_until_finished()
     return bool(saved)
@@ -120,11 +130,15 @@ class Checkpointer:
     step_dir = os.path.join(self.directory, str(step))
     if not os.path.isdir(os.path.join(step_dir, FINGERPRINT_ITEM)):
       old = os.path.isdir(os.path.join(step_dir, "default"))
-      raise ValueError("no fingerprint item" + (" (an unverifiable checkpoint of an older "
-                                                "ddpm_jax)" if old else ""))
+      raise ValueError(
+        "no fingerprint item"
+        + (" (an unverifiable checkpoint of an older ddpm_jax)" if old else "")
+      )
     state_args = ocp.args.StandardRestore(abstract)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        **{STATE_ITEM: state_args, FINGERPRINT_ITEM: ocp.args.JsonRestore()}))
+    restored = self._manager.restore(
+      step,
+      args=ocp.args.Composite(**{STATE_ITEM: state_args, FINGERPRINT_ITEM: ocp.args.JsonRestore()}),
+    )
     expected, state_dict = restored[FINGERPRINT_ITEM], restored[STATE_ITEM]
     actual = fingerprint(state_dict)
     if not isinstance(expected, dict) or expected != actual:
@@ -144,49 +158,62 @@ class Checkpointer:
     os.rename(os.path.join(self.directory, str(step)), target)
     return target
 
-  def _find_intact(self, step: int | None, abstract: Any | None
-                   ) -> tuple[Any, int, list[tuple[int, str, str]]] | None:
+  def _find_intact(
+    self, step: int | None, abstract: Any | None
+  ) -> tuple[Any, int, list[tuple[int, str, str]]] | None:
     """(state dict, its step, the failures of newer steps): ``step`` exactly, or the newest
     intact one when ``step`` is None; None when there is no checkpoint at all."""
     available = self.all_steps()
     if step is not None:
       if step not in available:
-        raise ConfigError(f"No checkpoint at step {step} in {self.directory!r}; "
-                          f"available: {available}.")
+        raise ConfigError(
+          f"No checkpoint at step {step} in {self.directory!r}; available: {available}."
+        )
       try:
         return self._restore_verified(step, abstract), step, []
       except jax.errors.JaxRuntimeError:
         raise  # A failed collective of Orbax's (a lost host), not a bad checkpoint.
-      except Exception as e:  # pylint: disable=broad-except
-        raise ConfigError(f"Checkpoint {os.path.join(self.directory, str(step))} is corrupt or "
-                          f"unreadable ({_one_line(e)}); choose another step of {available}."
-                          ) from e
+      except Exception as e:
+        raise ConfigError(
+          f"Checkpoint {os.path.join(self.directory, str(step))} is corrupt or "
+          f"unreadable ({_one_line(e)}); choose another step of {available}."
+        ) from e
     failures = []
     for candidate in sorted(available, reverse=True):
       try:
         return self._restore_verified(candidate, abstract), candidate, failures
       except jax.errors.JaxRuntimeError:
         raise  # As above: every host must not give up a good checkpoint for a lost peer.
-      except Exception as e:  # pylint: disable=broad-except  (any failure: try the next)
+      except Exception as e:  # Broad on purpose: any failure: try the next.
         path = os.path.join(self.directory, str(candidate))
         failures.append((candidate, path, _one_line(e)))
-        logging.warning("Checkpoint step %d (%s) is corrupt or unreadable: %s; trying the "
-                        "previous one.", candidate, path, _one_line(e))
+        logging.warning(
+          "Checkpoint step %d (%s) is corrupt or unreadable: %s; trying the previous one.",
+          candidate,
+          path,
+          _one_line(e),
+        )
     if failures:
-      raise ConfigError(f"No intact checkpoint in {self.directory!r}: " + "; ".join(
-          f"step {s}: {why}" for s, _, why in failures) + ". Nothing was moved or deleted.")
+      raise ConfigError(
+        f"No intact checkpoint in {self.directory!r}: "
+        + "; ".join(f"step {s}: {why}" for s, _, why in failures)
+        + ". Nothing was moved or deleted."
+      )
     return None
 
-  def _restore_with_fallback(self, step: int | None,
-                             abstract: Any | None) -> tuple[Any, int] | None:
+  def _restore_with_fallback(
+    self, step: int | None, abstract: Any | None
+  ) -> tuple[Any, int] | None:
     """`_find_intact` on every host, which must all find the same step; then (unless
     read-only) process 0 moves the corrupt newer steps aside while the others wait, so no
     host reads a folder that is being moved."""
     found = hosts.agree(lambda: self._find_intact(step, abstract))
     chosen = hosts.gather(np.array([-1 if found is None else found[1]], np.int32))
     if len(set(chosen.tolist())) > 1:
-      raise ConfigError(f"The hosts found different intact checkpoints in {self.directory!r} "
-                        f"({chosen.tolist()} by process); is the workdir shared?")
+      raise ConfigError(
+        f"The hosts found different intact checkpoints in {self.directory!r} "
+        f"({chosen.tolist()} by process); is the workdir shared?"
+      )
     if found is None:
       return None
     state_dict, step, failures = found
@@ -194,14 +221,19 @@ class Checkpointer:
       hosts.barrier("checkpoints_restored")
       if hosts.is_chief():
         for bad_step, path, _ in failures:
-          logging.warning("Moved the corrupt checkpoint of step %d from %s to %s (kept for "
-                          "inspection; delete it yourself).", bad_step, path,
-                          self._move_aside(bad_step))
+          logging.warning(
+            "Moved the corrupt checkpoint of step %d from %s to %s (kept for "
+            "inspection; delete it yourself).",
+            bad_step,
+            path,
+            self._move_aside(bad_step),
+          )
       hosts.barrier("corrupt_checkpoints_moved")
       self._manager.reload()
     if failures:
-      logging.warning("Restored step %d instead of the corrupt step(s) %s.", step,
-                      [s for s, _, _ in failures])
+      logging.warning(
+        "Restored step %d instead of the corrupt step(s) %s.", step, [s for s, _, _ in failures]
+      )
     return state_dict, step
 
   def restore(self, target: T, step: int | None = None) -> T | None:
@@ -211,7 +243,8 @@ class Checkpointer:
     workdir/checkpoints_corrupt/ with a warning (unless read-only); an explicit bad ``step``
     is a ConfigError."""
     abstract = flax.serialization.to_state_dict(
-        jax.tree.map(lambda x: np.zeros(np.shape(x), x.dtype), target))
+      jax.tree.map(lambda x: np.zeros(np.shape(x), x.dtype), target)
+    )
     found = self._restore_with_fallback(step, abstract)
     return None if found is None else flax.serialization.from_state_dict(target, found[0])
 
@@ -232,8 +265,9 @@ class Checkpointer:
     self._manager.close()
 
 
-def restore_ema_params(config: ml_collections.ConfigDict, workdir: str,
-                       step: int) -> tuple[Any, int]:
+def restore_ema_params(
+  config: ml_collections.ConfigDict, workdir: str, step: int
+) -> tuple[Any, int]:
   """(EMA parameters of ``step`` (-1: the latest intact one), that step) of a workdir
   whose config.json fits ``config``, for sampling and evaluation; nothing is written."""
   workdir = workdir_lib.resolve(workdir)

@@ -18,7 +18,8 @@ per forward pass: per replica when D divides R, so they do not depend on D eithe
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +42,9 @@ def clip_by_norm(grads: Any, max_norm: float) -> tuple[Any, jnp.ndarray]:
   arithmetic, written to vmap over replicas."""
   norm = optax.tree.norm(grads)
   keep = norm < max_norm
-  return jax.tree.map(lambda g: jnp.where(keep, g, g / norm.astype(g.dtype) * max_norm),
-                      grads), norm
+  return jax.tree.map(
+    lambda g: jnp.where(keep, g, g / norm.astype(g.dtype) * max_norm), grads
+  ), norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,7 @@ class ClipPlan:
       the whole device batch, as "global", and R / D gradients), "scan" one micro-batch
       after another (the activations of one replica).
   """
+
   mode: str
   grad_clip: float
   replicas: int
@@ -64,7 +67,7 @@ class ClipPlan:
   loop: str = "vmap"
 
   @classmethod
-  def from_config(cls, training: ml_collections.ConfigDict, devices: int) -> "ClipPlan":
+  def from_config(cls, training: ml_collections.ConfigDict, devices: int) -> ClipPlan:
     """The plan of config.training on ``devices`` devices; ValueError (one line) when the
     replicas cannot be laid out on them or do not split the global batch evenly."""
     mode, grad_clip = str(training.clip_mode), float(training.grad_clip)
@@ -75,12 +78,14 @@ class ClipPlan:
     if replicas % devices and devices % replicas:
       allowed = [d for d in range(1, replicas + 1) if replicas % d == 0]
       raise ValueError(
-          f"{replicas} replicas cannot be laid out on {devices} devices; allowed device "
-          f"counts: {', '.join(map(str, allowed))} or a multiple of {replicas} (or set "
-          "training.clip_mode='global')")
+        f"{replicas} replicas cannot be laid out on {devices} devices; allowed device "
+        f"counts: {', '.join(map(str, allowed))} or a multiple of {replicas} (or set "
+        "training.clip_mode='global')"
+      )
     if int(training.batch_size) % replicas:
-      raise ValueError(f"training.batch_size={training.batch_size} does not split into "
-                       f"{replicas} equal replicas")
+      raise ValueError(
+        f"training.batch_size={training.batch_size} does not split into {replicas} equal replicas"
+      )
     return cls("per_replica", grad_clip, replicas, devices, loop)
 
   @property
@@ -96,8 +101,9 @@ class ClipPlan:
       return None
     return [list(range(r * span, (r + 1) * span)) for r in range(self.replicas)]
 
-  def gradient(self, loss_grad: LossGrad, batch: tuple, dropout_key: jax.Array
-               ) -> tuple[jnp.ndarray, Any, dict[str, jnp.ndarray]]:
+  def gradient(
+    self, loss_grad: LossGrad, batch: tuple, dropout_key: jax.Array
+  ) -> tuple[jnp.ndarray, Any, dict[str, jnp.ndarray]]:
     """(mean loss, the gradient for the optimizer, metrics) of this device's ``batch``.
 
     Metrics: grad_norm, the norm of that gradient (global: before the optimizer's clip);
@@ -111,8 +117,11 @@ class ClipPlan:
       loss, grads = loss_grad(batch, jax.random.fold_in(dropout_key, device))
       grads = jax.lax.pmean(grads, AXIS)
       norm = optax.tree.norm(grads)
-      return jax.lax.pmean(loss, AXIS), grads, dict(
-          grad_norm=norm, clip_fraction=(norm > self.grad_clip).astype(jnp.float32))
+      return (
+        jax.lax.pmean(loss, AXIS),
+        grads,
+        dict(grad_norm=norm, clip_fraction=(norm > self.grad_clip).astype(jnp.float32)),
+      )
     if self.per_device == 1:  # One replica per device, or one spread over a device group.
       loss, grads = loss_grad(batch, jax.random.fold_in(dropout_key, device))
       if self.groups is not None:
@@ -122,14 +131,19 @@ class ClipPlan:
     else:
       losses, clipped, norms = self._micro_batches(loss_grad, batch, dropout_key, device)
     update = jax.lax.pmean(clipped, AXIS)
-    return jax.lax.pmean(jnp.mean(losses), AXIS), update, dict(
+    return (
+      jax.lax.pmean(jnp.mean(losses), AXIS),
+      update,
+      dict(
         grad_norm=optax.tree.norm(update),
         replica_grad_norm=jax.lax.pmean(jnp.mean(norms), AXIS),
-        clip_fraction=jax.lax.pmean(jnp.mean((norms > self.grad_clip).astype(jnp.float32)),
-                                    AXIS))
+        clip_fraction=jax.lax.pmean(jnp.mean((norms > self.grad_clip).astype(jnp.float32)), AXIS),
+      ),
+    )
 
-  def _micro_batches(self, loss_grad: LossGrad, batch: tuple, dropout_key: jax.Array,
-                     device: jnp.ndarray) -> tuple[jnp.ndarray, Any, jnp.ndarray]:
+  def _micro_batches(
+    self, loss_grad: LossGrad, batch: tuple, dropout_key: jax.Array, device: jnp.ndarray
+  ) -> tuple[jnp.ndarray, Any, jnp.ndarray]:
     """(losses [m], mean of the m clipped gradients, norms [m]) of this device's m replicas
     (replica device * m + j is micro-batch j)."""
     m = self.per_device
@@ -149,7 +163,9 @@ class ClipPlan:
       loss, clipped, norm = one(*xs)
       return jax.tree.map(jnp.add, total, clipped), (loss, norm)
 
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-        lambda: one(jax.tree.map(lambda x: x[0], micro), keys[0])[1]))
+    zeros = jax.tree.map(
+      lambda s: jnp.zeros(s.shape, s.dtype),
+      jax.eval_shape(lambda: one(jax.tree.map(lambda x: x[0], micro), keys[0])[1]),
+    )
     total, (losses, norms) = jax.lax.scan(body, zeros, (micro, keys))
     return losses, jax.tree.map(lambda g: g / m, total), norms

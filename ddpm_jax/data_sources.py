@@ -1,11 +1,11 @@
 """Readers of DDPM's image sources, one per `DatasetSpec.reader` (datasets.py).
 
-"idx_files" parses Debian's dataset-fashion-mnist idx files (images and labels), falling
-back to tfds "fashion_mnist" when they are absent; "tfds" reads small datasets (cifar10,
-fashion_mnist) whole into host memory and opens large ones (celeb_a_hq/256, lsun/*) as
-tf.data streams of encoded images, LSUN prepared as the official runs' data (centre crop,
-PIL Lanczos resize: `stylegan_crop_resize`); "synthetic" needs no files. Images are uint8 0..255, the paper's data before the [-1, 1] scaling (Ho et al.
-2020, §3.3). Only the tfds readers import TensorFlow, lazily.
+"idx_files" parses Debian's dataset-fashion-mnist idx files (images and labels), falling back to
+tfds "fashion_mnist" when they are absent; "tfds" reads small datasets (cifar10, fashion_mnist)
+whole into host memory and opens large ones (celeb_a_hq/256, lsun/*) as tf.data streams of encoded
+images, LSUN prepared as the official runs' data (centre crop, PIL Lanczos resize:
+`stylegan_crop_resize`); "synthetic" needs no files. Images are uint8 0..255, the paper's data
+before the [-1, 1] scaling (Ho et al. 2020, §3.3). Only the tfds readers import TensorFlow, lazily.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -31,8 +32,9 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}
 APT_HINT = "install the Debian package with `apt-get install dataset-fashion-mnist`"
 SYNTHETIC_NUM_EXAMPLES = {"train": 50_000, "test": 10_000}
-OFFLINE_QUICK_START = ("python main.py --config=configs/fashion_mnist.py "
-                       "--workdir=workdirs/fashion_mnist")
+OFFLINE_QUICK_START = (
+  "python main.py --config=configs/fashion_mnist.py --workdir=workdirs/fashion_mnist"
+)
 _PROBE_TIMEOUT_S = 5.0
 # idx magic numbers: 0x08 (unsigned bytes) << 8 | number of dimensions.
 _IDX_IMAGES, _IDX_LABELS = 2051, 2049
@@ -46,13 +48,16 @@ def image_shape(data_config) -> tuple[int, int, int]:
 def fashion_mnist_path(data_dir: str, split: str, kind: str = "images") -> str:
   """The idx file of a split's images or labels, under data_dir or else FASHION_MNIST_DIR."""
   name = FASHION_MNIST_FILES[split]
-  return os.path.join(data_dir or FASHION_MNIST_DIR,
-                      name if kind == "images" else name.replace("images-idx3", "labels-idx1"))
+  return os.path.join(
+    data_dir or FASHION_MNIST_DIR,
+    name if kind == "images" else name.replace("images-idx3", "labels-idx1"),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class ArraySource:
   """A random-access split: `gather(int64 indices [n]) -> uint8 [n, H, W, C]`."""
+
   num_examples: int
   gather: Callable[[np.ndarray], np.ndarray]
 
@@ -68,17 +73,22 @@ def _read_idx(path: str, magic: int) -> np.ndarray:
   ndim = magic & 0xFF
   header = 4 * (1 + ndim)
   if len(data) < header:
-    raise ConfigError(f"{path} is corrupt: {len(data)} bytes, shorter than the {header}-byte "
-                      "idx header")
+    raise ConfigError(
+      f"{path} is corrupt: {len(data)} bytes, shorter than the {header}-byte idx header"
+    )
   found, *dims = (int(v) for v in np.frombuffer(data[:header], dtype=">u4"))
   if found != magic:
     kind = "images" if magic == _IDX_IMAGES else "labels"
-    raise ConfigError(f"{path} has magic number {found}, expected {magic} (idx uint8 {kind}); "
-                      "the file is corrupt or of another kind")
+    raise ConfigError(
+      f"{path} has magic number {found}, expected {magic} (idx uint8 {kind}); "
+      "the file is corrupt or of another kind"
+    )
   expected = header + int(np.prod(dims))
   if len(data) != expected:
-    raise ConfigError(f"{path} is corrupt: its header says {'x'.join(map(str, dims))} "
-                      f"({expected} bytes) but it holds {len(data)} bytes")
+    raise ConfigError(
+      f"{path} is corrupt: its header says {'x'.join(map(str, dims))} "
+      f"({expected} bytes) but it holds {len(data)} bytes"
+    )
   return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -95,12 +105,11 @@ def read_idx_labels(path: str) -> np.ndarray:
 def _import_tfds():
   """Imports TensorFlow and tfds lazily; keeps TF off the accelerators JAX uses."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ INFO / WARNING lines.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+
+  with contextlib.suppress(RuntimeError):  # TF already initialised its devices.
     tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:  # TF already initialised its devices.
-    pass
   return tf, tfds
 
 
@@ -121,8 +130,9 @@ def _unreachable(url: str) -> str | None:
   A HEAD request through the environment's proxies, timing out after _PROBE_TIMEOUT_S:
   offline, tfds' own download retries for minutes before it gives up."""
   try:
-    urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),  # noqa: S310
-                           timeout=_PROBE_TIMEOUT_S).close()
+    urllib.request.urlopen(
+      urllib.request.Request(url, method="HEAD"), timeout=_PROBE_TIMEOUT_S
+    ).close()
   except urllib.error.HTTPError:
     return None
   except (urllib.error.URLError, OSError, ValueError) as e:
@@ -134,27 +144,37 @@ def _tfds_problem(name: str, data_dir: str) -> tuple[Any, str | None]:
   """(builder, why the dataset can be neither read nor downloaded here, or None).
 
   Needs tensorflow_datasets only: TensorFlow itself is not imported by this check."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
+
   with _quiet_absl():
     builder = tfds.builder(name, data_dir=data_dir or None)
     prepared = builder.is_prepared()
   if prepared:
     return builder, None
-  where = (f"data.data_dir={data_dir!r}" if data_dir else
-           f"tfds' default data_dir {os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')}")
-  build = (f"run `tfds build {name} --data_dir=DIR` on a machine with internet, copy DIR here "
-           "and pass --config.data.data_dir=DIR")
+  where = (
+    f"data.data_dir={data_dir!r}"
+    if data_dir
+    else f"tfds' default data_dir {os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')}"
+  )
+  build = (
+    f"run `tfds build {name} --data_dir=DIR` on a machine with internet, copy DIR here "
+    "and pass --config.data.data_dir=DIR"
+  )
   if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-    return builder, (f"tfds dataset {name!r} is not prepared in {where} and needs a manual "
-                     f"download: {build.replace('tfds build', 'tfds build --manual_dir=...')} "
-                     f"(see the tfds catalog page of {name})")
+    return builder, (
+      f"tfds dataset {name!r} is not prepared in {where} and needs a manual "
+      f"download: {build.replace('tfds build', 'tfds build --manual_dir=...')} "
+      f"(see the tfds catalog page of {name})"
+    )
   urls = list(getattr(builder, "url_infos", None) or {})
   why = _unreachable(urls[0]) if urls else None
   if why is None:
     return builder, None
-  return builder, (f"tfds dataset {name!r} is not prepared in {where} and its download site "
-                   f"{urllib.parse.urlparse(urls[0]).netloc} cannot be reached ({why}): "
-                   f"{build}; or, offline, start with Fashion-MNIST: {OFFLINE_QUICK_START}")
+  return builder, (
+    f"tfds dataset {name!r} is not prepared in {where} and its download site "
+    f"{urllib.parse.urlparse(urls[0]).netloc} cannot be reached ({why}): "
+    f"{build}; or, offline, start with Fashion-MNIST: {OFFLINE_QUICK_START}"
+  )
 
 
 def prepare(data_config, splits: Sequence[str]) -> None:
@@ -170,18 +190,26 @@ def prepare(data_config, splits: Sequence[str]) -> None:
     return
   name, data_dir = spec.tfds_name or spec.name, data_config.data_dir
   if spec.reader == "idx_files":
-    missing = [fashion_mnist_path(data_dir, s) for s in splits
-               if not os.path.isfile(fashion_mnist_path(data_dir, s))]
+    missing = [
+      fashion_mnist_path(data_dir, s)
+      for s in splits
+      if not os.path.isfile(fashion_mnist_path(data_dir, s))
+    ]
     if not missing:
       return
     if data_dir:
-      raise ConfigError(f"Fashion-MNIST file {missing[0]} not found; {APT_HINT} or set "
-                        "data.data_dir to the folder of the idx files")
+      raise ConfigError(
+        f"Fashion-MNIST file {missing[0]} not found; {APT_HINT} or set "
+        "data.data_dir to the folder of the idx files"
+      )
     data_dir = ""  # Without the Debian files, tfds' fashion_mnist is the fallback.
   builder, problem = _tfds_problem(name, data_dir)
   if problem is not None:
-    prefix = (f"Fashion-MNIST files not found under {FASHION_MNIST_DIR} ({APT_HINT}) and "
-              if spec.reader == "idx_files" else "")
+    prefix = (
+      f"Fashion-MNIST files not found under {FASHION_MNIST_DIR} ({APT_HINT}) and "
+      if spec.reader == "idx_files"
+      else ""
+    )
     raise ConfigError(prefix + problem)
   with _quiet_absl():
     prepared = builder.is_prepared()
@@ -189,15 +217,17 @@ def prepare(data_config, splits: Sequence[str]) -> None:
     return
   try:
     builder.download_and_prepare()
-  except Exception as e:  # pylint: disable=broad-except  (any download or build failure)
+  except Exception as e:  # Broad on purpose: any download or build failure.
     first_line = (str(e).strip().splitlines() or [""])[0][:300]
-    raise ConfigError(f"tfds could not download and prepare {name!r} into "
-                      f"{data_dir or 'its default data_dir'}: {type(e).__name__}: {first_line}"
-                      ) from e
+    raise ConfigError(
+      f"tfds could not download and prepare {name!r} into "
+      f"{data_dir or 'its default data_dir'}: {type(e).__name__}: {first_line}"
+    ) from e
 
 
-def _read_tfds(name: str, split: str, data_dir: str,
-               labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_tfds(
+  name: str, split: str, data_dir: str, labels: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
   """A whole (small) tfds split in memory, in its stored order: images (and labels)."""
   _, tfds = _import_tfds()
   ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
@@ -208,26 +238,31 @@ def _read_tfds(name: str, split: str, data_dir: str,
   return images, (np.concatenate([b["label"] for b in batches]) if labels else None)
 
 
-def _read_idx_files(data_dir: str, split: str,
-                    labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_idx_files(
+  data_dir: str, split: str, labels: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
   """Fashion-MNIST from its idx files; without them and without a data_dir, from tfds."""
   path = fashion_mnist_path(data_dir, split)
   if os.path.isfile(path):
     label_path = fashion_mnist_path(data_dir, split, "labels")
     if labels and not os.path.isfile(label_path):
-      raise ConfigError(f"Fashion-MNIST label file {label_path} not found next to the images; "
-                        f"{APT_HINT}")
+      raise ConfigError(
+        f"Fashion-MNIST label file {label_path} not found next to the images; {APT_HINT}"
+      )
     return read_idx_images(path), (read_idx_labels(label_path) if labels else None)
-  message = (f"Fashion-MNIST file {path} not found; {APT_HINT} or set data.data_dir to the "
-             "folder of the idx files")
+  message = (
+    f"Fashion-MNIST file {path} not found; {APT_HINT} or set data.data_dir to the "
+    "folder of the idx files"
+  )
   if data_dir:
     raise ConfigError(message)
   try:  # Without the Debian files, tfds may still have (or download) fashion_mnist.
     return _read_tfds("fashion_mnist", split, "", labels)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     first_line = (str(e).strip().splitlines() or [""])[0]
-    raise ConfigError(f"{message}; the tfds 'fashion_mnist' fallback failed too: "
-                      f"{type(e).__name__}: {first_line}") from e
+    raise ConfigError(
+      f"{message}; the tfds 'fashion_mnist' fallback failed too: {type(e).__name__}: {first_line}"
+    ) from e
 
 
 def _synthetic_source(split: str, shape: tuple[int, int, int]) -> ArraySource:
@@ -256,14 +291,21 @@ def _read_arrays(data_config, split: str, labels: bool) -> tuple[np.ndarray, np.
   elif spec.reader == "idx_files":
     images, label_array = _read_idx_files(data_config.data_dir, split, labels)
   else:
-    images, label_array = _read_tfds(spec.tfds_name or spec.name, split, data_config.data_dir,
-                                     labels)
-  if images.dtype != np.uint8 or images.shape[1:] != shape or not len(images) or (
-      labels and label_array.shape != images.shape[:1]):
+    images, label_array = _read_tfds(
+      spec.tfds_name or spec.name, split, data_config.data_dir, labels
+    )
+  if (
+    images.dtype != np.uint8
+    or images.shape[1:] != shape
+    or not len(images)
+    or (labels and label_array.shape != images.shape[:1])
+  ):
     got = f"labels of shape {label_array.shape} and " if labels else ""
-    raise ConfigError(f"{spec.name}:{split} holds {got}{images.dtype} images of shape "
-                      f"{images.shape}; expected uint8 [N>0, {', '.join(map(str, shape))}]"
-                      + (" and labels [N]" if labels else ""))
+    raise ConfigError(
+      f"{spec.name}:{split} holds {got}{images.dtype} images of shape "
+      f"{images.shape}; expected uint8 [N>0, {', '.join(map(str, shape))}]"
+      + (" and labels [N]" if labels else "")
+    )
   return images, label_array
 
 
@@ -284,14 +326,16 @@ def labeled_arrays(data_config, split: str, num_examples: int) -> tuple[np.ndarr
     source = _synthetic_source(split, image_shape(data_config))
     count = source.num_examples if num_examples == -1 else num_examples
     if count > source.num_examples:
-      raise ConfigError(f"num_examples={count} exceeds the {source.num_examples} examples "
-                        f"of {split!r}")
+      raise ConfigError(
+        f"num_examples={count} exceeds the {source.num_examples} examples of {split!r}"
+      )
     indices = np.arange(count, dtype=np.int64)
     return source.gather(indices), (indices % 10).astype(np.int32)
   images, labels = _read_arrays(data_config, split, labels=True)
   if num_examples > len(images):
-    raise ConfigError(f"num_examples={num_examples} exceeds the {len(images)} examples of "
-                      f"{split!r}")
+    raise ConfigError(
+      f"num_examples={num_examples} exceeds the {len(images)} examples of {split!r}"
+    )
   if num_examples != -1:
     images, labels = images[:num_examples], labels[:num_examples]
   return np.ascontiguousarray(images), labels.astype(np.int32)
@@ -305,11 +349,12 @@ def stylegan_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
   [(n - side) // 2, (n + side) // 2), resized with PIL's Lanczos filter ("ANTIALIAS" in
   older Pillow). A square image of the target size passes through unchanged.
   """
-  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from PIL import Image
+
   height, width = image.shape[:2]
   side = min(height, width)
   top, left = (height - side) // 2, (width - side) // 2
-  square = np.ascontiguousarray(image[top:top + side, left:left + side])
+  square = np.ascontiguousarray(image[top : top + side, left : left + side])
   return np.asarray(Image.fromarray(square, "RGB").resize((size, size), Image.LANCZOS))
 
 
@@ -320,10 +365,16 @@ def tfds_stream(data_config, split: str, per_process: bool = False):
   """
   tf, tfds = _import_tfds()
   if per_process and jax.process_count() > 1:
-    split = tfds.split_for_jax_process(split, process_index=jax.process_index(),
-                                       process_count=jax.process_count())
-  ds = tfds.load(data_config.dataset, split=split, data_dir=data_config.data_dir or None,
-                 shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+    split = tfds.split_for_jax_process(
+      split, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+  ds = tfds.load(
+    data_config.dataset,
+    split=split,
+    data_dir=data_config.data_dir or None,
+    shuffle_files=False,
+    decoders={"image": tfds.decode.SkipDecoding()},
+  )
   ds = ds.map(lambda example: example["image"])
   size, channels = data_config.image_size, data_config.num_channels
   prepare_lsun = datasets.get(data_config.dataset).preparation == datasets.STYLEGAN_LSUN
@@ -331,8 +382,9 @@ def tfds_stream(data_config, split: str, per_process: bool = False):
   def decode(encoded):
     image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
     if prepare_lsun:  # PIL on the host, in tf.data's parallel map (Pillow drops the GIL).
-      image = tf.numpy_function(lambda x: stylegan_crop_resize(x, size), [image], tf.uint8,
-                                stateful=False)
+      image = tf.numpy_function(
+        lambda x: stylegan_crop_resize(x, size), [image], tf.uint8, stateful=False
+      )
     return tf.ensure_shape(image, [size, size, channels])
 
   return tf, tfds, ds, decode

@@ -37,6 +37,7 @@ class DatasetSpec:
     preparation: what is done to each decoded image before use ("" nothing; STYLEGAN_LSUN).
       Part of the FID reference statistics' cache key.
   """
+
   name: str
   reader: str
   splits: tuple[str, ...]
@@ -53,21 +54,29 @@ class DatasetSpec:
     match = re.fullmatch(r"([A-Za-z_]+)(\[[^\]]*\])?", split) if isinstance(split, str) else None
     if match is None or match.group(1) not in self.splits or (match.group(2) and not sliceable):
       how = " (optionally sliced, e.g. train[:1000])" if sliceable else ""
-      raise ConfigError(f"{field}={split!r} is not a split of {self.name!r}; allowed: "
-                        f"{', '.join(self.splits)}{how}")
+      raise ConfigError(
+        f"{field}={split!r} is not a split of {self.name!r}; allowed: {', '.join(self.splits)}{how}"
+      )
 
 
 _LSUN = dict(reader="tfds", num_channels=3, streamed=True, preparation=STYLEGAN_LSUN)
 SPECS = (
-    DatasetSpec("cifar10", "tfds", ("train", "test"), 32, 3, labeled=True),
-    DatasetSpec("celeb_a_hq/256", "tfds", ("train",), 256, 3, streamed=True),
-    DatasetSpec("lsun/church_outdoor", splits=("train", "validation"), **_LSUN),
-    DatasetSpec("lsun/bedroom", splits=("train", "validation"), **_LSUN),
-    DatasetSpec("lsun/cat", splits=("train",), **_LSUN),
-    DatasetSpec("fashion_mnist", "tfds", ("train", "test"), 28, 1, labeled=True),
-    DatasetSpec("fashion_mnist_files", "idx_files", ("train", "test"), 28, 1, labeled=True,
-                tfds_name="fashion_mnist"),
-    DatasetSpec("synthetic", "synthetic", ("train", "test"), labeled=True),
+  DatasetSpec("cifar10", "tfds", ("train", "test"), 32, 3, labeled=True),
+  DatasetSpec("celeb_a_hq/256", "tfds", ("train",), 256, 3, streamed=True),
+  DatasetSpec("lsun/church_outdoor", splits=("train", "validation"), **_LSUN),
+  DatasetSpec("lsun/bedroom", splits=("train", "validation"), **_LSUN),
+  DatasetSpec("lsun/cat", splits=("train",), **_LSUN),
+  DatasetSpec("fashion_mnist", "tfds", ("train", "test"), 28, 1, labeled=True),
+  DatasetSpec(
+    "fashion_mnist_files",
+    "idx_files",
+    ("train", "test"),
+    28,
+    1,
+    labeled=True,
+    tfds_name="fashion_mnist",
+  ),
+  DatasetSpec("synthetic", "synthetic", ("train", "test"), labeled=True),
 )
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in SPECS}
 

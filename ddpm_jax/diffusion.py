@@ -9,14 +9,18 @@ Argument validation happens at trace time, from static shapes and names only.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax.likelihoods import (approx_standard_normal_cdf,  # noqa: F401 (re-export)
-                                  discretized_gaussian_log_likelihood, mean_flat, normal_kl)
-from ddpm_jax.schedules import DiffusionSchedule  # noqa: F401 (re-export: the core's pytree)
+from ddpm_jax.likelihoods import (  # noqa: F401 (re-export)
+  approx_standard_normal_cdf,
+  discretized_gaussian_log_likelihood,
+  mean_flat,
+  normal_kl,
+)
+from ddpm_jax.schedules import DiffusionSchedule
 
 MEAN_TYPES = ("eps", "xstart", "xprev", "v")
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
@@ -33,8 +37,9 @@ def _check_choice(kind: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def _check_t(t: jnp.ndarray, x: jnp.ndarray) -> None:
   if t.ndim != 1 or t.shape[0] != x.shape[0]:
-    raise ValueError(f"t must have shape [B]=[{x.shape[0]}] to match x of shape {x.shape}, "
-                     f"got {t.shape}")
+    raise ValueError(
+      f"t must have shape [B]=[{x.shape[0]}] to match x of shape {x.shape}, got {t.shape}"
+    )
   if not jnp.issubdtype(t.dtype, jnp.integer):
     raise ValueError(f"t must be an integer array (int32 timesteps in [0, T)), got {t.dtype}")
 
@@ -49,92 +54,121 @@ def _extract(table: jnp.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
   return table[t].reshape(t.shape + (1,) * (ndim - 1))
 
 
-def q_mean_variance(schedule: DiffusionSchedule, x_start: jnp.ndarray,
-                    t: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+def q_mean_variance(
+  schedule: DiffusionSchedule, x_start: jnp.ndarray, t: jnp.ndarray
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
   """Mean, variance and log-variance of q(x_t | x_0) = N(sqrt(abar_t) x_0, (1-abar_t) I) (Eq. 4)."""
   _check_t(t, x_start)
   mean = _extract(schedule.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
-  variance = jnp.broadcast_to(_extract(1.0 - schedule.alphas_cumprod, t, x_start.ndim),
-                              x_start.shape)
+  variance = jnp.broadcast_to(
+    _extract(1.0 - schedule.alphas_cumprod, t, x_start.ndim), x_start.shape
+  )
   log_variance = jnp.broadcast_to(
-      _extract(schedule.log_one_minus_alphas_cumprod, t, x_start.ndim), x_start.shape)
+    _extract(schedule.log_one_minus_alphas_cumprod, t, x_start.ndim), x_start.shape
+  )
   return mean, variance, log_variance
 
 
-def q_sample(schedule: DiffusionSchedule, x_start: jnp.ndarray, t: jnp.ndarray,
-             noise: jnp.ndarray) -> jnp.ndarray:
-  """Draws x_t ~ q(x_t | x_0) by reparameterisation: sqrt(abar_t) x_0 + sqrt(1-abar_t) eps (Eq. 4)."""
+def q_sample(
+  schedule: DiffusionSchedule, x_start: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray
+) -> jnp.ndarray:
+  """Draws x_t ~ q(x_t | x_0) by reparameterisation: sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
+  (Eq. 4)."""
   _check_t(t, x_start)
   _check_same_shape("noise", noise, "x_start", x_start)
-  return (_extract(schedule.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
-          + _extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * noise)
+  return (
+    _extract(schedule.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
+    + _extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * noise
+  )
 
 
 def q_posterior_mean_variance(
-    schedule: DiffusionSchedule, x_start: jnp.ndarray, x_t: jnp.ndarray,
-    t: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  schedule: DiffusionSchedule, x_start: jnp.ndarray, x_t: jnp.ndarray, t: jnp.ndarray
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
   """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (Eq. 6-7)."""
   _check_same_shape("x_start", x_start, "x_t", x_t)
   _check_t(t, x_t)
-  mean = (_extract(schedule.posterior_mean_coef1, t, x_t.ndim) * x_start
-          + _extract(schedule.posterior_mean_coef2, t, x_t.ndim) * x_t)
+  mean = (
+    _extract(schedule.posterior_mean_coef1, t, x_t.ndim) * x_start
+    + _extract(schedule.posterior_mean_coef2, t, x_t.ndim) * x_t
+  )
   variance = jnp.broadcast_to(_extract(schedule.posterior_variance, t, x_t.ndim), x_t.shape)
   log_variance = jnp.broadcast_to(
-      _extract(schedule.posterior_log_variance_clipped, t, x_t.ndim), x_t.shape)
+    _extract(schedule.posterior_log_variance_clipped, t, x_t.ndim), x_t.shape
+  )
   return mean, variance, log_variance
 
 
-def predict_xstart_from_eps(schedule: DiffusionSchedule, x_t: jnp.ndarray, t: jnp.ndarray,
-                            eps: jnp.ndarray) -> jnp.ndarray:
+def predict_xstart_from_eps(
+  schedule: DiffusionSchedule, x_t: jnp.ndarray, t: jnp.ndarray, eps: jnp.ndarray
+) -> jnp.ndarray:
   """x_0 = (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t), the inverse of Eq. 4 (cf. Eq. 15)."""
   _check_same_shape("eps", eps, "x_t", x_t)
   _check_t(t, x_t)
-  return (_extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
-          - _extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps)
+  return (
+    _extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
+    - _extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps
+  )
 
 
-def predict_eps_from_xstart(schedule: DiffusionSchedule, x_t: jnp.ndarray, t: jnp.ndarray,
-                            pred_xstart: jnp.ndarray) -> jnp.ndarray:
+def predict_eps_from_xstart(
+  schedule: DiffusionSchedule, x_t: jnp.ndarray, t: jnp.ndarray, pred_xstart: jnp.ndarray
+) -> jnp.ndarray:
   """eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1/abar_t - 1), Eq. 4 solved for eps."""
   _check_same_shape("pred_xstart", pred_xstart, "x_t", x_t)
   _check_t(t, x_t)
-  return ((_extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - pred_xstart)
-          / _extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim))
+  return (_extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - pred_xstart) / _extract(
+    schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim
+  )
 
 
-def predict_xstart_from_xprev(schedule: DiffusionSchedule, x_t: jnp.ndarray, t: jnp.ndarray,
-                              xprev: jnp.ndarray) -> jnp.ndarray:
+def predict_xstart_from_xprev(
+  schedule: DiffusionSchedule, x_t: jnp.ndarray, t: jnp.ndarray, xprev: jnp.ndarray
+) -> jnp.ndarray:
   """x_0 = (mu~_t - coef2 x_t) / coef1: Eq. 7 solved for x_0, given the posterior mean."""
   _check_same_shape("xprev", xprev, "x_t", x_t)
   _check_t(t, x_t)
-  return (_extract(1.0 / schedule.posterior_mean_coef1, t, x_t.ndim) * xprev
-          - _extract(schedule.posterior_mean_coef2 / schedule.posterior_mean_coef1, t, x_t.ndim)
-          * x_t)
+  return (
+    _extract(1.0 / schedule.posterior_mean_coef1, t, x_t.ndim) * xprev
+    - _extract(schedule.posterior_mean_coef2 / schedule.posterior_mean_coef1, t, x_t.ndim) * x_t
+  )
 
 
-def predict_xstart_from_v(schedule: DiffusionSchedule, x_t: jnp.ndarray, t: jnp.ndarray,
-                          v: jnp.ndarray) -> jnp.ndarray:
+def predict_xstart_from_v(
+  schedule: DiffusionSchedule, x_t: jnp.ndarray, t: jnp.ndarray, v: jnp.ndarray
+) -> jnp.ndarray:
   """x_0 = sqrt(abar_t) x_t - sqrt(1-abar_t) v, for v = sqrt(abar_t) eps - sqrt(1-abar_t) x_0.
 
   The v-parameterisation of Salimans & Ho (2022, §4).
   """
   _check_same_shape("v", v, "x_t", x_t)
   _check_t(t, x_t)
-  return (_extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim) * x_t
-          - _extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * v)
+  return (
+    _extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim) * x_t
+    - _extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * v
+  )
 
 
-def v_target(schedule: DiffusionSchedule, x_start: jnp.ndarray, t: jnp.ndarray,
-             noise: jnp.ndarray) -> jnp.ndarray:
+def v_target(
+  schedule: DiffusionSchedule, x_start: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray
+) -> jnp.ndarray:
   """v = sqrt(abar_t) eps - sqrt(1-abar_t) x_0 (Salimans & Ho 2022, §4)."""
   _check_same_shape("noise", noise, "x_start", x_start)
   _check_t(t, x_start)
-  return (_extract(schedule.sqrt_alphas_cumprod, t, x_start.ndim) * noise
-          - _extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * x_start)
+  return (
+    _extract(schedule.sqrt_alphas_cumprod, t, x_start.ndim) * noise
+    - _extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * x_start
+  )
 
 
-def predict_xstart(schedule: DiffusionSchedule, mean_output: jnp.ndarray, x_t: jnp.ndarray,
-                   t: jnp.ndarray, *, model_mean_type: str) -> jnp.ndarray:
+def predict_xstart(
+  schedule: DiffusionSchedule,
+  mean_output: jnp.ndarray,
+  x_t: jnp.ndarray,
+  t: jnp.ndarray,
+  *,
+  model_mean_type: str,
+) -> jnp.ndarray:
   """The x_0 implied by the network's mean output for each parameterisation (unclipped).
 
   eps: Eq. 4 inverted (cf. Eq. 15); xstart: the output itself; xprev: Eq. 7 inverted; v:
@@ -151,8 +185,15 @@ def predict_xstart(schedule: DiffusionSchedule, mean_output: jnp.ndarray, x_t: j
   return predict_xstart_from_v(schedule, x_t, t, mean_output)
 
 
-def mean_target(schedule: DiffusionSchedule, x_start: jnp.ndarray, x_t: jnp.ndarray,
-                t: jnp.ndarray, noise: jnp.ndarray, *, model_mean_type: str) -> jnp.ndarray:
+def mean_target(
+  schedule: DiffusionSchedule,
+  x_start: jnp.ndarray,
+  x_t: jnp.ndarray,
+  t: jnp.ndarray,
+  noise: jnp.ndarray,
+  *,
+  model_mean_type: str,
+) -> jnp.ndarray:
   """What the network's mean output should be at (x_t, t): the target of L_simple (Eq. 14).
 
   The mirror of `predict_xstart`: eps, x_0, the posterior mean mu~_t (Eq. 7) or v.
@@ -167,8 +208,9 @@ def mean_target(schedule: DiffusionSchedule, x_start: jnp.ndarray, x_t: jnp.ndar
   return v_target(schedule, x_start, t, noise)
 
 
-def split_model_output(model_output: jnp.ndarray, x_t: jnp.ndarray, *,
-                       model_var_type: str) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+def split_model_output(
+  model_output: jnp.ndarray, x_t: jnp.ndarray, *, model_var_type: str
+) -> tuple[jnp.ndarray, jnp.ndarray | None]:
   """Splits the network output into its mean part and (for learned variances) variance part.
 
   Learned variance types need twice the image channels on the last axis: [mean | variance].
@@ -178,18 +220,28 @@ def split_model_output(model_output: jnp.ndarray, x_t: jnp.ndarray, *,
   if model_var_type in LEARNED_VAR_TYPES:
     expected = x_t.shape[:-1] + (2 * channels,)
     if model_output.shape != expected:
-      raise ValueError(f"model_var_type {model_var_type!r} needs a model output of shape "
-                       f"{expected} (2x the {channels} image channels), got {model_output.shape}")
+      raise ValueError(
+        f"model_var_type {model_var_type!r} needs a model output of shape "
+        f"{expected} (2x the {channels} image channels), got {model_output.shape}"
+      )
     return model_output[..., :channels], model_output[..., channels:]
   if model_output.shape != x_t.shape:
-    raise ValueError(f"model_var_type {model_var_type!r} needs a model output of the image's "
-                     f"shape {x_t.shape}, got {model_output.shape}")
+    raise ValueError(
+      f"model_var_type {model_var_type!r} needs a model output of the image's "
+      f"shape {x_t.shape}, got {model_output.shape}"
+    )
   return model_output, None
 
 
-def score(schedule: DiffusionSchedule, model_output: jnp.ndarray, x_t: jnp.ndarray,
-          t: jnp.ndarray, *, model_mean_type: str,
-          model_var_type: str = "fixedlarge") -> jnp.ndarray:
+def score(
+  schedule: DiffusionSchedule,
+  model_output: jnp.ndarray,
+  x_t: jnp.ndarray,
+  t: jnp.ndarray,
+  *,
+  model_mean_type: str,
+  model_var_type: str = "fixedlarge",
+) -> jnp.ndarray:
   """The score grad_x log q(x_t) that the network output implies (Song et al. 2021, §4.3).
 
   eps: s = -eps_theta / sqrt(1 - abar_t), since x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
@@ -210,12 +262,18 @@ def score(schedule: DiffusionSchedule, model_output: jnp.ndarray, x_t: jnp.ndarr
   if model_mean_type == "eps":  # Exact for the paper's parameterisation, no round trip.
     return -mean_out / _extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
   pred_xstart = predict_xstart(schedule, mean_out, x_t, t, model_mean_type=model_mean_type)
-  return ((_extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim) * pred_xstart - x_t)
-          / _extract(jnp.square(schedule.sqrt_one_minus_alphas_cumprod), t, x_t.ndim))
+  return (_extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim) * pred_xstart - x_t) / _extract(
+    jnp.square(schedule.sqrt_one_minus_alphas_cumprod), t, x_t.ndim
+  )
 
 
-def _model_log_variance(schedule: DiffusionSchedule, var_values: jnp.ndarray | None,
-                        x_t: jnp.ndarray, t: jnp.ndarray, model_var_type: str) -> jnp.ndarray:
+def _model_log_variance(
+  schedule: DiffusionSchedule,
+  var_values: jnp.ndarray | None,
+  x_t: jnp.ndarray,
+  t: jnp.ndarray,
+  model_var_type: str,
+) -> jnp.ndarray:
   """log Sigma_theta(x_t, t) for each variance type (paper §3.2; Nichol & Dhariwal Eq. 15)."""
   if model_var_type == "learned":
     return var_values
@@ -225,14 +283,24 @@ def _model_log_variance(schedule: DiffusionSchedule, var_values: jnp.ndarray | N
     max_log = _extract(schedule.log_betas, t, x_t.ndim)
     frac = (var_values + 1.0) / 2.0
     return frac * max_log + (1.0 - frac) * min_log
-  table = (schedule.fixedlarge_log_variance if model_var_type == "fixedlarge"
-           else schedule.posterior_log_variance_clipped)
+  table = (
+    schedule.fixedlarge_log_variance
+    if model_var_type == "fixedlarge"
+    else schedule.posterior_log_variance_clipped
+  )
   return jnp.broadcast_to(_extract(table, t, x_t.ndim), x_t.shape)
 
 
-def p_mean_variance(schedule: DiffusionSchedule, model_output: jnp.ndarray, x_t: jnp.ndarray,
-                    t: jnp.ndarray, *, model_mean_type: str, model_var_type: str,
-                    clip_denoised: bool) -> dict[str, jnp.ndarray]:
+def p_mean_variance(
+  schedule: DiffusionSchedule,
+  model_output: jnp.ndarray,
+  x_t: jnp.ndarray,
+  t: jnp.ndarray,
+  *,
+  model_mean_type: str,
+  model_var_type: str,
+  clip_denoised: bool,
+) -> dict[str, jnp.ndarray]:
   """Mean and variance of the reverse step p_theta(x_{t-1} | x_t) (paper Eq. 1, §3.2).
 
   Args:
@@ -259,8 +327,9 @@ def p_mean_variance(schedule: DiffusionSchedule, model_output: jnp.ndarray, x_t:
   def process_xstart(x: jnp.ndarray) -> jnp.ndarray:
     return jnp.clip(x, -1.0, 1.0) if clip_denoised else x
 
-  pred_xstart = process_xstart(predict_xstart(schedule, mean_out, x_t, t,
-                                              model_mean_type=model_mean_type))
+  pred_xstart = process_xstart(
+    predict_xstart(schedule, mean_out, x_t, t, model_mean_type=model_mean_type)
+  )
   if model_mean_type == "xprev":  # The network outputs the mean itself.
     mean = mean_out
   else:
@@ -268,9 +337,17 @@ def p_mean_variance(schedule: DiffusionSchedule, model_output: jnp.ndarray, x_t:
   return dict(mean=mean, variance=variance, log_variance=log_variance, pred_xstart=pred_xstart)
 
 
-def vb_terms_bpd(schedule: DiffusionSchedule, model_output: jnp.ndarray, x_start: jnp.ndarray,
-                 x_t: jnp.ndarray, t: jnp.ndarray, *, model_mean_type: str, model_var_type: str,
-                 clip_denoised: bool) -> dict[str, jnp.ndarray]:
+def vb_terms_bpd(
+  schedule: DiffusionSchedule,
+  model_output: jnp.ndarray,
+  x_start: jnp.ndarray,
+  x_t: jnp.ndarray,
+  t: jnp.ndarray,
+  *,
+  model_mean_type: str,
+  model_var_type: str,
+  clip_denoised: bool,
+) -> dict[str, jnp.ndarray]:
   """One term of the variational bound, in bits per dimension (paper Eq. 5, §3.3).
 
   For t > 0: KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) (L_{t-1}); for t = 0: the
@@ -282,11 +359,21 @@ def vb_terms_bpd(schedule: DiffusionSchedule, model_output: jnp.ndarray, x_start
   """
   _check_same_shape("x_start", x_start, "x_t", x_t)
   true_mean, _, true_log_variance = q_posterior_mean_variance(schedule, x_start, x_t, t)
-  out = p_mean_variance(schedule, model_output, x_t, t, model_mean_type=model_mean_type,
-                        model_var_type=model_var_type, clip_denoised=clip_denoised)
+  out = p_mean_variance(
+    schedule,
+    model_output,
+    x_t,
+    t,
+    model_mean_type=model_mean_type,
+    model_var_type=model_var_type,
+    clip_denoised=clip_denoised,
+  )
   kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"]))
-  decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
-      x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]))
+  decoder_nll = -mean_flat(
+    discretized_gaussian_log_likelihood(
+      x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
+    )
+  )
   output = jnp.where(t == 0, decoder_nll, kl) / math.log(2.0)
   return dict(output=output, pred_xstart=out["pred_xstart"])
 
@@ -299,10 +386,18 @@ def prior_bpd(schedule: DiffusionSchedule, x_start: jnp.ndarray) -> jnp.ndarray:
   return mean_flat(kl) / math.log(2.0)
 
 
-def training_losses(schedule: DiffusionSchedule, model_fn: ModelFn, x_start: jnp.ndarray,
-                    t: jnp.ndarray, noise: jnp.ndarray, *, model_mean_type: str,
-                    model_var_type: str, loss_type: str,
-                    vb_weight: float = 0.001) -> jnp.ndarray:
+def training_losses(
+  schedule: DiffusionSchedule,
+  model_fn: ModelFn,
+  x_start: jnp.ndarray,
+  t: jnp.ndarray,
+  noise: jnp.ndarray,
+  *,
+  model_mean_type: str,
+  model_var_type: str,
+  loss_type: str,
+  vb_weight: float = 0.001,
+) -> jnp.ndarray:
   """Per-example training loss [B] at timesteps t (paper Algorithm 1, Eq. 14).
 
   loss_type:
@@ -317,15 +412,25 @@ def training_losses(schedule: DiffusionSchedule, model_fn: ModelFn, x_start: jnp
   _check_choice("model_mean_type", model_mean_type, MEAN_TYPES)
   _check_choice("model_var_type", model_var_type, VAR_TYPES)
   if loss_type == "mse" and model_var_type in LEARNED_VAR_TYPES:
-    raise ValueError(f"loss_type 'mse' cannot train model_var_type {model_var_type!r}; "
-                     "use loss_type 'hybrid' or 'kl'")
+    raise ValueError(
+      f"loss_type 'mse' cannot train model_var_type {model_var_type!r}; "
+      "use loss_type 'hybrid' or 'kl'"
+    )
   x_t = q_sample(schedule, x_start, t, noise)
   model_output = model_fn(x_t, t)
   mean_out, var_values = split_model_output(model_output, x_t, model_var_type=model_var_type)
 
   def vb_term(output: jnp.ndarray) -> jnp.ndarray:
-    return vb_terms_bpd(schedule, output, x_start, x_t, t, model_mean_type=model_mean_type,
-                        model_var_type=model_var_type, clip_denoised=False)["output"]
+    return vb_terms_bpd(
+      schedule,
+      output,
+      x_start,
+      x_t,
+      t,
+      model_mean_type=model_mean_type,
+      model_var_type=model_var_type,
+      clip_denoised=False,
+    )["output"]
 
   if loss_type == "kl":
     return vb_term(model_output)
@@ -339,9 +444,16 @@ def training_losses(schedule: DiffusionSchedule, model_fn: ModelFn, x_start: jnp
   return mse + vb_weight * schedule.num_timesteps * vb_term(frozen_output)
 
 
-def calc_bpd_loop(schedule: DiffusionSchedule, model_fn: ModelFn, x_start: jnp.ndarray,
-                  rng: jax.Array, *, model_mean_type: str, model_var_type: str,
-                  clip_denoised: bool) -> dict[str, jnp.ndarray]:
+def calc_bpd_loop(
+  schedule: DiffusionSchedule,
+  model_fn: ModelFn,
+  x_start: jnp.ndarray,
+  rng: jax.Array,
+  *,
+  model_mean_type: str,
+  model_var_type: str,
+  clip_denoised: bool,
+) -> dict[str, jnp.ndarray]:
   """The full variational bound of a batch in bits/dim, every one of the T terms (Table 2).
 
   One lax.scan over t = T-1, ..., 0; at each t a fresh x_t ~ q(x_t | x_0) is drawn with
@@ -358,9 +470,16 @@ def calc_bpd_loop(schedule: DiffusionSchedule, model_fn: ModelFn, x_start: jnp.n
     t = jnp.full((batch,), t_, dtype=jnp.int32)
     noise = jax.random.normal(jax.random.fold_in(rng, t_), x_start.shape, x_start.dtype)
     x_t = q_sample(schedule, x_start, t, noise)
-    out = vb_terms_bpd(schedule, model_fn(x_t, t), x_start, x_t, t,
-                       model_mean_type=model_mean_type, model_var_type=model_var_type,
-                       clip_denoised=clip_denoised)
+    out = vb_terms_bpd(
+      schedule,
+      model_fn(x_t, t),
+      x_start,
+      x_t,
+      t,
+      model_mean_type=model_mean_type,
+      model_var_type=model_var_type,
+      clip_denoised=clip_denoised,
+    )
     return carry, (out["output"], mean_flat(jnp.square(out["pred_xstart"] - x_start)))
 
   timesteps = jnp.arange(schedule.num_timesteps - 1, -1, -1, dtype=jnp.int32)
@@ -369,5 +488,6 @@ def calc_bpd_loop(schedule: DiffusionSchedule, model_fn: ModelFn, x_start: jnp.n
   terms_bpd = jnp.flip(terms_tb, axis=0).T
   mse = jnp.flip(mse_tb, axis=0).T
   prior = prior_bpd(schedule, x_start)
-  return dict(total_bpd=jnp.sum(terms_bpd, axis=1) + prior, prior_bpd=prior,
-              terms_bpd=terms_bpd, mse=mse)
+  return dict(
+    total_bpd=jnp.sum(terms_bpd, axis=1) + prior, prior_bpd=prior, terms_bpd=terms_bpd, mse=mse
+  )

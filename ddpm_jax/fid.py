@@ -34,8 +34,7 @@ import numpy as np
 
 from ddpm_jax import sample_files
 from ddpm_jax.evaluation import features as features_lib
-from ddpm_jax.evaluation import metrics
-from ddpm_jax.evaluation import inception
+from ddpm_jax.evaluation import inception, metrics
 
 IS_SPLITS = 10  # As the OpenAI Inception Score code.
 _LOG_EVERY_S = 10.0
@@ -48,6 +47,7 @@ logger.propagate = False  # main() attaches its own stderr handler.
 @dataclasses.dataclass(frozen=True)
 class Source:
   """One command-line input: uint8 samples (read lazily), or Gaussian statistics."""
+
   path: str
   samples: sample_files.SampleSet | None = None
   mu: np.ndarray | None = None
@@ -65,26 +65,32 @@ class Source:
 def _check_samples(path: str, samples: sample_files.SampleSet) -> sample_files.SampleSet:
   """Raises ValueError unless `samples` is uint8 [N >= 2, H, W, C in {1, 3}]."""
   if samples.dtype != np.uint8:
-    raise ValueError(f"{path}: samples have dtype {samples.dtype}; allowed: uint8 "
-                     f"(quantized images in [0, 255])")
+    raise ValueError(
+      f"{path}: samples have dtype {samples.dtype}; allowed: uint8 (quantized images in [0, 255])"
+    )
   if len(samples.shape) != 4 or samples.shape[-1] not in (1, 3) or min(samples.shape[1:3]) < 1:
-    raise ValueError(f"{path}: samples have shape {samples.shape}; allowed: [N, H, W, C] "
-                     f"with C in (1, 3)")
+    raise ValueError(
+      f"{path}: samples have shape {samples.shape}; allowed: [N, H, W, C] with C in (1, 3)"
+    )
   if samples.shape[0] < 2:
     raise ValueError(f"{path}: {samples.shape[0]} samples; FID needs N >= 2")
   return samples
 
 
-def _check_statistics(path: str, mu: np.ndarray, sigma: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def _check_statistics(
+  path: str, mu: np.ndarray, sigma: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
   """Raises ValueError unless mu [2048] and sigma [2048, 2048] are finite real numbers."""
   dim = inception.POOL3_DIM
   if mu.shape != (dim,) or sigma.shape != (dim, dim):
-    raise ValueError(f"{path}: mu {mu.shape} / sigma {sigma.shape}; allowed: mu ({dim},) and "
-                     f"sigma ({dim}, {dim}) of Inception pool3 features")
+    raise ValueError(
+      f"{path}: mu {mu.shape} / sigma {sigma.shape}; allowed: mu ({dim},) and "
+      f"sigma ({dim}, {dim}) of Inception pool3 features"
+    )
   if not (np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
-    raise ValueError(f"{path}: mu / sigma have dtypes {mu.dtype} / {sigma.dtype}; "
-                     f"allowed: floating point")
+    raise ValueError(
+      f"{path}: mu / sigma have dtypes {mu.dtype} / {sigma.dtype}; allowed: floating point"
+    )
   mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
   if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
     raise ValueError(f"{path}: mu / sigma contain non-finite values")
@@ -107,8 +113,9 @@ def read_source(path: str) -> Source:
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
     raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__})") from e
   if not isinstance(data, np.lib.npyio.NpzFile):
-    raise ValueError(f"{path}: a single .npy array; allowed: an .npz with key 'samples' or "
-                     f"keys 'mu' and 'sigma'")
+    raise ValueError(
+      f"{path}: a single .npy array; allowed: an .npz with key 'samples' or keys 'mu' and 'sigma'"
+    )
   try:
     with data:
       if "samples" in data.files:
@@ -120,64 +127,100 @@ def read_source(path: str) -> Source:
       keys = sorted(data.files)
   except (OSError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
     raise ValueError(f"{path}: corrupt .npz member ({type(e).__name__}: {e})") from e
-  raise ValueError(f"{path} has keys {keys}; allowed: 'samples' (uint8 images) or 'mu' and "
-                   f"'sigma' (statistics)")
+  raise ValueError(
+    f"{path} has keys {keys}; allowed: 'samples' (uint8 images) or 'mu' and 'sigma' (statistics)"
+  )
 
 
-def sample_statistics(extractor: features_lib.FeatureExtractor,
-                      samples: sample_files.SampleSet | np.ndarray, batch_size: int, label: str
-                      ) -> tuple[np.ndarray, np.ndarray, metrics.InceptionScoreSums | None]:
+def sample_statistics(
+  extractor: features_lib.FeatureExtractor,
+  samples: sample_files.SampleSet | np.ndarray,
+  batch_size: int,
+  label: str,
+) -> tuple[np.ndarray, np.ndarray, metrics.InceptionScoreSums | None]:
   """(mu, sigma, Inception Score sums or None) of uint8 samples, streamed through
   `extractor` one batch at a time (`features_lib.sample_statistics`: the statistics equal
   `compute_statistics` of all features, the sums give the IS of all logits)."""
   if not isinstance(samples, sample_files.SampleSet):
     samples = sample_files.SampleSet.from_array(samples)
   num = samples.num_samples
-  logger.info("%s: Inception features of %d images (%s), batches of %d", label, num,
-              extractor.name, batch_size)
+  logger.info(
+    "%s: Inception features of %d images (%s), batches of %d",
+    label,
+    num,
+    extractor.name,
+    batch_size,
+  )
   started = time.monotonic()
   running, scores = features_lib.sample_statistics(
-      extractor, samples.chunks(0, num, batch_size), batch_size, image_shape=samples.shape[1:],
-      num_samples=num, num_splits=min(IS_SPLITS, num),
-      progress=features_lib.Progress(label, logger.info, total=num, every_s=_LOG_EVERY_S))
+    extractor,
+    samples.chunks(0, num, batch_size),
+    batch_size,
+    image_shape=samples.shape[1:],
+    num_samples=num,
+    num_splits=min(IS_SPLITS, num),
+    progress=features_lib.Progress(label, logger.info, total=num, every_s=_LOG_EVERY_S),
+  )
   seconds = time.monotonic() - started
-  logger.info("%s: %d images in %.1f s (%.1f images/s)", label, running.count, seconds,
-              running.count / max(seconds, 1e-9))
+  logger.info(
+    "%s: %d images in %.1f s (%.1f images/s)",
+    label,
+    running.count,
+    seconds,
+    running.count / max(seconds, 1e-9),
+  )
   mu, sigma = running.statistics()
   return mu, sigma, scores
 
 
-def _feature_extractor_name(a: Source, b: Source,
-                            extractor: features_lib.FeatureExtractor | None) -> str | None:
+def _feature_extractor_name(
+  a: Source, b: Source, extractor: features_lib.FeatureExtractor | None
+) -> str | None:
   """The one feature extractor behind both inputs (ValueError if recorded names differ).
 
   Statistics files written by --save_stats record the extractor's name, which includes the
   input protocol, so statistics of another network or --preprocess are never compared.
   """
-  names = {source.path: source.meta.get("feature_extractor") for source in (a, b)
-           if source.samples is None and source.meta.get("feature_extractor")}
+  names = {
+    source.path: source.meta.get("feature_extractor")
+    for source in (a, b)
+    if source.samples is None and source.meta.get("feature_extractor")
+  }
   if extractor is not None:
     names["this run"] = extractor.name
   if len(set(names.values())) > 1:
-    raise ValueError(f"feature extractors differ: {names}; allowed: statistics of the same "
-                     f"network and --preprocess")
+    raise ValueError(
+      f"feature extractors differ: {names}; allowed: statistics of the same "
+      f"network and --preprocess"
+    )
   return next(iter(names.values()), None)
 
 
 def build_extractor(weights: str | None, preprocess: str) -> features_lib.FeatureExtractor:
   """The FID Inception feature extractor from converted weights (ValueError if unusable)."""
   if not weights:
-    raise ValueError("--inception_weights is required when an input is a samples file; "
-                     "convert the weights with scripts/convert_inception_weights.py")
+    raise ValueError(
+      "--inception_weights is required when an input is a samples file; "
+      "convert the weights with scripts/convert_inception_weights.py"
+    )
   if not os.path.isfile(weights):
-    raise ValueError(f"--inception_weights={weights!r} is not an existing file; convert the "
-                     f"weights with scripts/convert_inception_weights.py")
+    raise ValueError(
+      f"--inception_weights={weights!r} is not an existing file; convert the "
+      f"weights with scripts/convert_inception_weights.py"
+    )
   variables = inception.load_inception_params(weights)
   return inception.inception_feature_extractor(variables, preprocess)
 
 
-def evaluate(a: Source, b: Source, *, weights: str | None, preprocess: str,
-             batch_size: int, save_stats: str | None = None) -> dict[str, Any]:
+def evaluate(
+  a: Source,
+  b: Source,
+  *,
+  weights: str | None,
+  preprocess: str,
+  batch_size: int,
+  save_stats: str | None = None,
+) -> dict[str, Any]:
   """FID between A and B, the Inception Score of A's samples, and the run's record."""
   extractor = fingerprint = None
   if a.samples is not None or b.samples is not None:
@@ -195,31 +238,45 @@ def evaluate(a: Source, b: Source, *, weights: str | None, preprocess: str,
     if label == "A":
       scores_a = scores
   if save_stats:
-    meta = {"feature_extractor": name, "num_images": a.num_images,
-            "weights_fingerprint": fingerprint or a.meta.get("weights_fingerprint"),
-            "source": os.path.abspath(a.path)}
+    meta = {
+      "feature_extractor": name,
+      "num_images": a.num_images,
+      "weights_fingerprint": fingerprint or a.meta.get("weights_fingerprint"),
+      "source": os.path.abspath(a.path),
+    }
     metrics.save_stats(save_stats, *stats["A"], meta=meta)
   record = {"fid": metrics.frechet_distance(*stats["A"], *stats["B"])}
   record.update(_inception_score_record(a, scores_a))
-  record.update(num_images_a=a.num_images, num_images_b=b.num_images,
-                feature_extractor=name, weights_fingerprint=fingerprint,
-                preprocess=preprocess if extractor else None)
+  record.update(
+    num_images_a=a.num_images,
+    num_images_b=b.num_images,
+    feature_extractor=name,
+    weights_fingerprint=fingerprint,
+    preprocess=preprocess if extractor else None,
+  )
   return record
 
 
-def _inception_score_record(a: Source,
-                            scores: metrics.InceptionScoreSums | None) -> dict[str, Any]:
+def _inception_score_record(a: Source, scores: metrics.InceptionScoreSums | None) -> dict[str, Any]:
   """inception_score / _std / _splits of A's logits, or nulls and why it is unavailable."""
   if scores is not None:
     score, std = scores.score()
-    return {"inception_score": score, "inception_score_std": std,
-            "inception_score_splits": scores.num_splits, "inception_score_unavailable": None}
+    return {
+      "inception_score": score,
+      "inception_score_std": std,
+      "inception_score_splits": scores.num_splits,
+      "inception_score_unavailable": None,
+    }
   if a.samples is None:
     reason = "A is a statistics file; the Inception Score needs samples"
   else:
     reason = inception.NO_LOGITS_MESSAGE
-  return {"inception_score": None, "inception_score_std": None,
-          "inception_score_splits": None, "inception_score_unavailable": reason}
+  return {
+    "inception_score": None,
+    "inception_score_std": None,
+    "inception_score_splits": None,
+    "inception_score_unavailable": reason,
+  }
 
 
 def _positive_int(text: str) -> int:
@@ -231,16 +288,25 @@ def _positive_int(text: str) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog="python -m ddpm_jax.fid", description=__doc__.strip().splitlines()[0])
+    prog="python -m ddpm_jax.fid", description=__doc__.strip().splitlines()[0]
+  )
   parser.add_argument("a", metavar="A.npz", help="samples, sample set index or statistics file")
   parser.add_argument("b", metavar="B.npz", help="samples, sample set index or statistics file")
-  parser.add_argument("--inception_weights", default="",
-                      help="converted Inception weights (.npz); needed for samples files")
-  parser.add_argument("--batch_size", type=_positive_int, default=100,
-                      help="images per network call (default 100)")
+  parser.add_argument(
+    "--inception_weights",
+    default="",
+    help="converted Inception weights (.npz); needed for samples files",
+  )
+  parser.add_argument(
+    "--batch_size", type=_positive_int, default=100, help="images per network call (default 100)"
+  )
   parser.add_argument("--save_stats", default="", help="write mu / sigma of A to this .npz")
-  parser.add_argument("--preprocess", choices=inception.PREPROCESSINGS, default="tf",
-                      help="network input protocol (default tf: the paper's TF graph)")
+  parser.add_argument(
+    "--preprocess",
+    choices=inception.PREPROCESSINGS,
+    default="tf",
+    help="network input protocol (default tf: the paper's TF graph)",
+  )
   return parser.parse_args(argv)
 
 
@@ -253,8 +319,14 @@ def main(argv: list[str] | None = None) -> int:
   logger.setLevel(logging.INFO)
   try:
     a, b = read_source(args.a), read_source(args.b)
-    record = evaluate(a, b, weights=args.inception_weights, preprocess=args.preprocess,
-                      batch_size=args.batch_size, save_stats=args.save_stats or None)
+    record = evaluate(
+      a,
+      b,
+      weights=args.inception_weights,
+      preprocess=args.preprocess,
+      batch_size=args.batch_size,
+      save_stats=args.save_stats or None,
+    )
   except (ValueError, OSError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return _EXIT_BAD_INPUT

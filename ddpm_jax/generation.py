@@ -10,7 +10,8 @@ the process and device that `batch_share` names; each process keeps its own imag
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,17 +19,17 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ddpm_jax import diffusion
-from ddpm_jax import factories
-from ddpm_jax import parallel
+from ddpm_jax import diffusion, factories, parallel, samplers
 from ddpm_jax import rng as rng_lib
-from ddpm_jax import samplers
 from ddpm_jax.models import unet as unet_lib
 
 
-def make_pmapped_sampler(config: ml_collections.ConfigDict, model: unet_lib.UNet,
-                         schedule: diffusion.DiffusionSchedule, per_device: int
-                         ) -> Callable[[Any, jax.Array], jnp.ndarray]:
+def make_pmapped_sampler(
+  config: ml_collections.ConfigDict,
+  model: unet_lib.UNet,
+  schedule: diffusion.DiffusionSchedule,
+  per_device: int,
+) -> Callable[[Any, jax.Array], jnp.ndarray]:
   """pmapped (params, rng) -> uint8 samples [devices, per_device, H, W, C] of
   config.sampling's method; device d draws from fold_in(rng, d)."""
   size, channels = int(config.data.image_size), int(config.data.num_channels)
@@ -37,15 +38,22 @@ def make_pmapped_sampler(config: ml_collections.ConfigDict, model: unet_lib.UNet
 
   def sample_fn(params: Any, rng: jax.Array) -> jnp.ndarray:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(parallel.AXIS))
-    x = samplers.generate(schedule, factories.model_fn(model, params), rng,
-                          (per_device, size, size, channels), options, spec=spec)
+    x = samplers.generate(
+      schedule,
+      factories.model_fn(model, params),
+      rng,
+      (per_device, size, size, channels),
+      options,
+      spec=spec,
+    )
     return samplers.to_uint8(x)
 
   return jax.pmap(sample_fn, axis_name=parallel.AXIS, in_axes=(0, None))
 
 
-def batch_share(batch_index: int, global_batch: int, process: int,
-                process_count: int) -> np.ndarray:
+def batch_share(
+  batch_index: int, global_batch: int, process: int, process_count: int
+) -> np.ndarray:
   """Global indices of the images that ``process`` makes in global batch ``batch_index``:
   the batch covers [i B, (i+1) B), every process a contiguous block of B / P of it in
   process order, and within that block its local devices in order (jax.pmap's layout)."""
@@ -53,17 +61,21 @@ def batch_share(batch_index: int, global_batch: int, process: int,
   return batch_index * global_batch + process * local + np.arange(local, dtype=np.int64)
 
 
-def process_indices(num_samples: int, global_batch: int, process: int,
-                    process_count: int) -> np.ndarray:
+def process_indices(
+  num_samples: int, global_batch: int, process: int, process_count: int
+) -> np.ndarray:
   """All global indices < num_samples that ``process`` makes, ascending (its shard)."""
   batches = -(-num_samples // global_batch)
-  indices = np.concatenate([batch_share(i, global_batch, process, process_count)
-                            for i in range(batches)] or [np.zeros(0, np.int64)])
+  indices = np.concatenate(
+    [batch_share(i, global_batch, process, process_count) for i in range(batches)]
+    or [np.zeros(0, np.int64)]
+  )
   return indices[indices < num_samples]
 
 
-def local_batches(config: ml_collections.ConfigDict, params: Any, num_samples: int, *,
-                  seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def local_batches(
+  config: ml_collections.ConfigDict, params: Any, num_samples: int, *, seed: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """This process's share of num_samples images made on every device of every process.
 
   The images come in global batches of sampling.batch_size; for each one this yields the
@@ -85,12 +97,18 @@ def local_batches(config: ml_collections.ConfigDict, params: Any, num_samples: i
     yield indices[keep], images.reshape((-1,) + images.shape[2:])[keep]
     done = min((i + 1) * batch, num_samples)
     rate = done / (time.perf_counter() - start)
-    logging.info("sampled %d/%d images, %.2f images/s, ETA %.0f s", done, num_samples, rate,
-                 (num_samples - done) / rate)
+    logging.info(
+      "sampled %d/%d images, %.2f images/s, ETA %.0f s",
+      done,
+      num_samples,
+      rate,
+      (num_samples - done) / rate,
+    )
 
 
 def sampler_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What produced a sample set, stored with the samples and in fid.json: the sampler's
   method and options (samplers.settings) and the seed."""
-  return dict(samplers.settings(samplers.from_config(config.sampling)),
-              seed=int(config.sampling.seed))
+  return dict(
+    samplers.settings(samplers.from_config(config.sampling)), seed=int(config.sampling.seed)
+  )

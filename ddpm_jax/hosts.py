@@ -10,7 +10,8 @@ jax.experimental.multihost_utils (collectives over all devices).
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -33,7 +34,8 @@ def multi() -> bool:
 def barrier(name: str) -> None:
   """Waits until every process reaches the barrier called ``name``."""
   if multi():
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -42,7 +44,7 @@ def _encode(message: str | None) -> np.ndarray:
   if message is not None:
     raw = message.encode("utf-8")[:_MESSAGE_BYTES]
     data[0] = 1
-    data[1:1 + len(raw)] = np.frombuffer(raw, np.uint8)
+    data[1 : 1 + len(raw)] = np.frombuffer(raw, np.uint8)
   return data
 
 
@@ -62,7 +64,8 @@ def agree(fn: Callable[[], T], *, chief_only: bool = False) -> T | None:
       result = fn()
     except ConfigError as e:
       message = str(e)
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils
+
   gathered = np.asarray(multihost_utils.process_allgather(_encode(message)))
   failed = [row for row in gathered if row[0]]
   if failed:
@@ -74,7 +77,8 @@ def broadcast(value: np.ndarray) -> np.ndarray:
   """Process 0's ``value`` on every process (same shape and dtype everywhere)."""
   if not multi():
     return value
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils
+
   return np.asarray(multihost_utils.broadcast_one_to_all(value))
 
 
@@ -83,7 +87,8 @@ def gather(array: np.ndarray) -> np.ndarray:
   order, on every process."""
   if not multi():
     return array
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils
+
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 

@@ -14,48 +14,47 @@ process's part.
 from __future__ import annotations
 
 import itertools
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import data_sources
-from ddpm_jax import datasets
-from ddpm_jax import hosts
-from ddpm_jax import parallel
+from ddpm_jax import data_sources, datasets, hosts, parallel
 from ddpm_jax import rng as rng_lib
 from ddpm_jax.errors import ConfigError
 
 
-def _in_memory_train(source: data_sources.ArraySource, global_batch: int, local_batch: int,
-                     seed: int, start_step: int) -> Iterator[np.ndarray]:
+def _in_memory_train(
+  source: data_sources.ArraySource, global_batch: int, local_batch: int, seed: int, start_step: int
+) -> Iterator[np.ndarray]:
   """Global batch `step` = positions [step*B, (step+1)*B) of the epoch permutations."""
   n, start = source.num_examples, jax.process_index() * local_batch
   perms: dict[int, np.ndarray] = {}
   for step in itertools.count(start_step):
     positions = np.arange(step * global_batch, (step + 1) * global_batch, dtype=np.int64)
-    positions = positions[start:start + local_batch]
+    positions = positions[start : start + local_batch]
     epochs, offsets = np.divmod(positions, n)
     indices = np.empty_like(positions)
     for epoch in np.unique(epochs):
       if epoch not in perms:
         perms = {e: p for e, p in perms.items() if e >= epoch - 1}  # Keep memory bounded.
-        perms[epoch] = rng_lib.host_rng(seed, rng_lib.HostStream.PERMUTATION,
-                                        epoch).permutation(n)
+        perms[epoch] = rng_lib.host_rng(seed, rng_lib.HostStream.PERMUTATION, epoch).permutation(n)
       indices[epochs == epoch] = perms[epoch][offsets[epochs == epoch]]
     yield source.gather(indices)
 
 
-def _streamed_train(data_config, local_batch: int, seed: int,
-                    start_step: int) -> Iterator[np.ndarray]:
+def _streamed_train(
+  data_config, local_batch: int, seed: int, start_step: int
+) -> Iterator[np.ndarray]:
   """Each process streams its shard: epoch e is the shard shuffled with a seed from (seed, e).
 
   This process's batch `step` covers positions [step*B_local, (step+1)*B_local) of the
   concatenated epochs, so resuming skips (undecoded) examples to that offset.
   """
-  tf, tfds, encoded, decode = data_sources.tfds_stream(data_config, data_config.train_split,
-                                                      per_process=True)
+  tf, tfds, encoded, decode = data_sources.tfds_stream(
+    data_config, data_config.train_split, per_process=True
+  )
   n = int(encoded.cardinality())
   if n < 0:  # Unknown: count the (still encoded) examples once.
     n = int(encoded.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
@@ -64,8 +63,9 @@ def _streamed_train(data_config, local_batch: int, seed: int,
   buffer = int(data_config.shuffle_buffer)
 
   def epoch_batches(epoch: int, skip: int):
-    shuffle_seed = int(rng_lib.host_rng(seed, rng_lib.HostStream.SHUFFLE, epoch).integers(
-        2**31 - 1))
+    shuffle_seed = int(
+      rng_lib.host_rng(seed, rng_lib.HostStream.SHUFFLE, epoch).integers(2**31 - 1)
+    )
     ds = encoded.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False).skip(skip)
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(local_batch)
     return tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE))
@@ -84,8 +84,9 @@ def _streamed_train(data_config, local_batch: int, seed: int,
   return generate()
 
 
-def create_train_iterator(data_config, *, global_batch_size: int, seed: int,
-                          start_step: int = 0) -> Iterator[np.ndarray]:
+def create_train_iterator(
+  data_config, *, global_batch_size: int, seed: int, start_step: int = 0
+) -> Iterator[np.ndarray]:
   """Endless training batches, uint8 [local_devices, per_device_batch, H, W, C].
 
   Batch number `step` depends only on (seed, step), so `start_step=k` resumes exactly where
@@ -102,8 +103,9 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int,
   return (np.ascontiguousarray(batch).reshape(shape) for batch in batches)
 
 
-def create_eval_iterator(data_config, *, global_batch_size: int, split: str | None = None,
-                         num_examples: int = -1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def create_eval_iterator(
+  data_config, *, global_batch_size: int, split: str | None = None, num_examples: int = -1
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """One ordered pass (no shuffle, no flip) over the first `num_examples` (-1: all) of a
   split (default: data.eval_split).
 
@@ -123,7 +125,7 @@ def create_eval_iterator(data_config, *, global_batch_size: int, split: str | No
   def pack(real: np.ndarray, valid: int) -> tuple[np.ndarray, np.ndarray]:
     """This process's real examples of a global batch with `valid` examples -> padded batch."""
     images = np.zeros((local_batch,) + image_shape, np.uint8)
-    images[:len(real)] = real
+    images[: len(real)] = real
     mask = start + np.arange(local_batch) < valid
     return images.reshape(out_shape + image_shape), mask.reshape(out_shape)
 
@@ -134,12 +136,13 @@ def create_eval_iterator(data_config, *, global_batch_size: int, split: str | No
       raise ConfigError(f"num_examples={num_examples} exceeds the {known} examples of {split!r}")
     ds = encoded.take(num_examples).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
     batches = tfds.as_numpy(ds.batch(global_batch_size).prefetch(tf.data.AUTOTUNE))
-    return (pack(batch[start:start + local_batch], len(batch)) for batch in batches)
+    return (pack(batch[start : start + local_batch], len(batch)) for batch in batches)
 
   source = data_sources.array_source(data_config, split)
   if num_examples > source.num_examples:
-    raise ConfigError(f"num_examples={num_examples} exceeds the {source.num_examples} "
-                      f"examples of {split!r}")
+    raise ConfigError(
+      f"num_examples={num_examples} exceeds the {source.num_examples} examples of {split!r}"
+    )
   total = source.num_examples if num_examples == -1 else num_examples
 
   def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -151,8 +154,9 @@ def create_eval_iterator(data_config, *, global_batch_size: int, split: str | No
   return generate()
 
 
-def iterate_share(data_config, split: str, *, batch_size: int,
-                  num_examples: int = -1) -> Iterator[np.ndarray]:
+def iterate_share(
+  data_config, split: str, *, batch_size: int, num_examples: int = -1
+) -> Iterator[np.ndarray]:
   """This process's share of the first `num_examples` (-1: all) of a split, in chunks of at
   most `batch_size` uint8 images [n, H, W, C] in stored order, unpadded.
 
@@ -164,8 +168,10 @@ def iterate_share(data_config, split: str, *, batch_size: int,
   spec = datasets.get(data_config.dataset)
   spec.check_split(split, "split")
   if num_examples != -1 and "[" in split:
-    raise ConfigError(f"the first {num_examples} examples of a sliced split ({split!r}): "
-                      "give either the slice or the count")
+    raise ConfigError(
+      f"the first {num_examples} examples of a sliced split ({split!r}): "
+      "give either the slice or the count"
+    )
   if spec.streamed:
     limited = split if num_examples == -1 else f"{split}[:{num_examples}]"
     tf, tfds, encoded, decode = data_sources.tfds_stream(data_config, limited, per_process=True)
@@ -173,8 +179,9 @@ def iterate_share(data_config, split: str, *, batch_size: int,
     return iter(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))
   source = data_sources.array_source(data_config, split)
   if num_examples > source.num_examples:
-    raise ConfigError(f"num_examples={num_examples} exceeds the {source.num_examples} "
-                      f"examples of {split!r}")
+    raise ConfigError(
+      f"num_examples={num_examples} exceeds the {source.num_examples} examples of {split!r}"
+    )
   total = source.num_examples if num_examples == -1 else num_examples
   mine = hosts.my_slice(total)
 
@@ -186,8 +193,9 @@ def iterate_share(data_config, split: str, *, batch_size: int,
   return generate()
 
 
-def load_labeled_arrays(data_config, split: str,
-                        num_examples: int = -1) -> tuple[np.ndarray, np.ndarray]:
+def load_labeled_arrays(
+  data_config, split: str, num_examples: int = -1
+) -> tuple[np.ndarray, np.ndarray]:
   """The first `num_examples` (-1: all) of an in-memory split with their class labels.
 
   For the classifier feature network of the FID / IS evaluation; images and labels are in
@@ -201,11 +209,16 @@ def load_labeled_arrays(data_config, split: str,
   spec = datasets.get(data_config.dataset)
   spec.check_split(split, "split")
   if spec.streamed or not spec.labeled:
-    raise ConfigError(f"data.dataset={spec.name!r} is streamed or unlabeled: the classifier "
-                      "feature network needs an in-memory dataset with labels ("
-                      f"{', '.join(s.name for s in datasets.SPECS if s.labeled)})")
-  if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) or (
-      num_examples < 1 and num_examples != -1):
+    raise ConfigError(
+      f"data.dataset={spec.name!r} is streamed or unlabeled: the classifier "
+      "feature network needs an in-memory dataset with labels ("
+      f"{', '.join(s.name for s in datasets.SPECS if s.labeled)})"
+    )
+  if (
+    isinstance(num_examples, bool)
+    or not isinstance(num_examples, (int, np.integer))
+    or (num_examples < 1 and num_examples != -1)
+  ):
     raise ConfigError(f"num_examples={num_examples!r} must be a positive integer or -1 (all)")
   return data_sources.labeled_arrays(data_config, split, int(num_examples))
 

@@ -23,15 +23,21 @@ def mean_flat(x: jnp.ndarray) -> jnp.ndarray:
   return jnp.mean(x, axis=tuple(range(1, x.ndim)))
 
 
-def normal_kl(mean1: jnp.ndarray, logvar1: jnp.ndarray, mean2: jnp.ndarray,
-              logvar2: jnp.ndarray) -> jnp.ndarray:
+def normal_kl(
+  mean1: jnp.ndarray, logvar1: jnp.ndarray, mean2: jnp.ndarray, logvar2: jnp.ndarray
+) -> jnp.ndarray:
   """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats, elementwise.
 
   The closed form used for every L_{t-1} term of the bound (paper Eq. 5):
   0.5 * (-1 + logvar2 - logvar1 + exp(logvar1 - logvar2) + (mean1 - mean2)^2 exp(-logvar2)).
   """
-  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
-                + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+  return 0.5 * (
+    -1.0
+    + logvar2
+    - logvar1
+    + jnp.exp(logvar1 - logvar2)
+    + jnp.square(mean1 - mean2) * jnp.exp(-logvar2)
+  )
 
 
 def approx_standard_normal_cdf(x: jnp.ndarray) -> jnp.ndarray:
@@ -43,8 +49,9 @@ def approx_standard_normal_cdf(x: jnp.ndarray) -> jnp.ndarray:
   return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * jnp.power(x, 3))))
 
 
-def discretized_gaussian_log_likelihood(x: jnp.ndarray, *, means: jnp.ndarray,
-                                        log_scales: jnp.ndarray) -> jnp.ndarray:
+def discretized_gaussian_log_likelihood(
+  x: jnp.ndarray, *, means: jnp.ndarray, log_scales: jnp.ndarray
+) -> jnp.ndarray:
   """log p(x) of data x under a Gaussian discretized to the 256 pixel bins (paper Eq. 13).
 
   Bins are [x - 1/255, x + 1/255] on data scaled to [-1, 1]; the first bin extends to -inf
@@ -67,5 +74,6 @@ def discretized_gaussian_log_likelihood(x: jnp.ndarray, *, means: jnp.ndarray,
   log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, _LOG_FLOOR))
   log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, _LOG_FLOOR))
   log_cdf_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, _LOG_FLOOR))
-  return jnp.where(x < -_EDGE, log_cdf_plus,
-                   jnp.where(x > _EDGE, log_one_minus_cdf_min, log_cdf_delta))
+  return jnp.where(
+    x < -_EDGE, log_cdf_plus, jnp.where(x > _EDGE, log_one_minus_cdf_min, log_cdf_delta)
+  )

@@ -7,7 +7,8 @@ evenly over processes and then over each process's local devices.
 from __future__ import annotations
 
 import collections
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -19,8 +20,10 @@ def per_device_batch(global_batch_size: int) -> tuple[int, int]:
   """(process-local batch, per-device batch) of a global batch split over every device."""
   processes, local = jax.process_count(), jax.local_device_count()
   if global_batch_size < 1 or global_batch_size % (processes * local):
-    raise ValueError(f"global batch {global_batch_size} is not a positive multiple of the "
-                     f"{processes * local} devices ({processes} processes x {local} local)")
+    raise ValueError(
+      f"global batch {global_batch_size} is not a positive multiple of the "
+      f"{processes * local} devices ({processes} processes x {local} local)"
+    )
   return global_batch_size // processes, global_batch_size // (processes * local)
 
 
@@ -41,6 +44,7 @@ def unreplicate(tree: Any) -> Any:
   Reads device 0's shard directly (indexing x[0] would compile a gather per leaf shape;
   flax.jax_utils.unreplicate keeps the device axis of a pmap over one of several devices).
   """
+
   def first(x: Any) -> np.ndarray:
     if not isinstance(x, jax.Array):
       return np.asarray(x)[0]
@@ -65,8 +69,10 @@ def prefetch_to_device(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:
 
   def put(leaf):
     if np.shape(leaf)[:1] != (len(devices),):
-      raise ValueError(f"a batch leaf of shape {np.shape(leaf)} does not lead with the "
-                       f"{len(devices)} local devices")
+      raise ValueError(
+        f"a batch leaf of shape {np.shape(leaf)} does not lead with the "
+        f"{len(devices)} local devices"
+      )
     return jax.device_put(leaf, sharding)
 
   def generate() -> Iterator[Any]:

@@ -58,6 +58,7 @@ class Pretrained:
   has both (official checkpoints), else None; ``step``: the step the file records
   (official: global_step; diffusers folders record none).
   """
+
   params: Any
   raw_params: Any | None
   step: int | None
@@ -65,16 +66,18 @@ class Pretrained:
   path: str
 
 
-def load_params(path: str, config: ml_collections.ConfigDict, *, source: str = "auto",
-                weights: str = "ema") -> Any:
+def load_params(
+  path: str, config: ml_collections.ConfigDict, *, source: str = "auto", weights: str = "ema"
+) -> Any:
   """The weights of an official TF1 checkpoint or a diffusers folder to sample with (the
   EMA of the parameters the paper samples and evaluates with, App. B), as a params tree of
   factories.create_model(config). See `load`."""
   return load(path, config, source=source, weights=weights).params
 
 
-def load(path: str, config: ml_collections.ConfigDict, *, source: str = "auto",
-         weights: str = "ema") -> Pretrained:
+def load(
+  path: str, config: ml_collections.ConfigDict, *, source: str = "auto", weights: str = "ema"
+) -> Pretrained:
   """Reads ``path`` (``source``: "auto", "official" or "diffusers") for ``config``'s U-Net.
 
   Official checkpoints give the ``<name>/ExponentialMovingAverage`` shadows as ``params``
@@ -93,8 +96,9 @@ def load(path: str, config: ml_collections.ConfigDict, *, source: str = "auto",
   return load_file(opened, config, weights=weights)
 
 
-def load_file(file: files.TensorFile, config: ml_collections.ConfigDict, *,
-              weights: str = "ema") -> Pretrained:
+def load_file(
+  file: files.TensorFile, config: ml_collections.ConfigDict, *, weights: str = "ema"
+) -> Pretrained:
   """`load` of a file already opened (pretrained_files.open_official / open_diffusers)."""
   if file.kind == files.OFFICIAL:
     return _load_official(file, config, weights)
@@ -103,25 +107,31 @@ def load_file(file: files.TensorFile, config: ml_collections.ConfigDict, *,
 
 def describe(config: ml_collections.ConfigDict) -> str:
   m = config.model
-  return (f"the config's U-Net (model.ch={int(m.ch)}, ch_mult={tuple(m.ch_mult)}, "
-          f"num_res_blocks={int(m.num_res_blocks)}, attn_resolutions="
-          f"{tuple(m.attn_resolutions)} at data.image_size={int(config.data.image_size)})")
+  return (
+    f"the config's U-Net (model.ch={int(m.ch)}, ch_mult={tuple(m.ch_mult)}, "
+    f"num_res_blocks={int(m.num_res_blocks)}, attn_resolutions="
+    f"{tuple(m.attn_resolutions)} at data.image_size={int(config.data.image_size)})"
+  )
 
 
-def _official_tensors(file: files.TensorFile, weights: str
-                      ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+def _official_tensors(
+  file: files.TensorFile, weights: str
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
   """(every model tensor of an official checkpoint, raw or shadow, by its raw name -> shape,
   with the shapes of the ones ``weights`` selects; the selected ones alone). Adam slots
   and variables outside the model scope are not the model's."""
   scope = names.OFFICIAL_SCOPE + "/"
-  model = {n: s for n, s in file.shapes.items()
-           if n.startswith(scope) and not n.endswith(_SLOT_SUFFIXES)}
-  shadows = {n[:-len(EMA_SUFFIX)]: s for n, s in model.items() if n.endswith(EMA_SUFFIX)}
+  model = {
+    n: s for n, s in file.shapes.items() if n.startswith(scope) and not n.endswith(_SLOT_SUFFIXES)
+  }
+  shadows = {n[: -len(EMA_SUFFIX)]: s for n, s in model.items() if n.endswith(EMA_SUFFIX)}
   raw = {n: s for n, s in model.items() if not n.endswith(EMA_SUFFIX)}
   if weights == "ema" and not shadows:
-    raise ConfigError(f"{file.path} holds no ExponentialMovingAverage shadows (the weights the "
-                      "paper samples with); pass --weights=raw (weights='raw') to load its raw "
-                      "training weights.")
+    raise ConfigError(
+      f"{file.path} holds no ExponentialMovingAverage shadows (the weights the "
+      "paper samples with); pass --weights=raw (weights='raw') to load its raw "
+      "training weights."
+    )
   if not raw and weights == "raw":
     raise ConfigError(f"{file.path} holds no raw weights under the scope {scope!r}.")
   chosen = shadows if weights == "ema" else raw
@@ -134,15 +144,16 @@ def _expected(config: ml_collections.ConfigDict, kind: str) -> dict[str, tuple]:
   levels = len(config.model.ch_mult)
   if kind == files.OFFICIAL:
     return {names.official_name(p): (p, s) for p, s in shapes.items()}
-  return {names.diffusers_name(p, levels): (p, names.diffusers_shape(p, s))
-          for p, s in shapes.items()}
+  return {
+    names.diffusers_name(p, levels): (p, names.diffusers_shape(p, s)) for p, s in shapes.items()
+  }
 
 
 def _fitting_configs(found: dict[str, tuple[int, ...]], kind: str) -> list[str]:
   """The files configs/<name>.py whose U-Net has exactly the tensors ``found`` (none where
   the repository's configs/ is not importable, e.g. run from outside the checkout)."""
   try:
-    import configs  # noqa: PLC0415  (the repository's folder, only to suggest a config)
+    import configs
   except ImportError:
     return []
   fits = []
@@ -159,8 +170,9 @@ def _fitting_configs(found: dict[str, tuple[int, ...]], kind: str) -> list[str]:
   return fits
 
 
-def _check_layout(file: files.TensorFile, found: dict[str, tuple[int, ...]],
-                  config: ml_collections.ConfigDict) -> dict[str, tuple]:
+def _check_layout(
+  file: files.TensorFile, found: dict[str, tuple[int, ...]], config: ml_collections.ConfigDict
+) -> dict[str, tuple]:
   """The expected tensors of ``config`` if ``found`` (name -> shape) is exactly them;
   ConfigError naming the first missing, extra or mis-shaped tensor otherwise."""
   expected = _expected(config, file.kind)
@@ -169,10 +181,12 @@ def _check_layout(file: files.TensorFile, found: dict[str, tuple[int, ...]],
   problem = None
   if missing:
     problem = f"tensor {missing[0]} is missing" + (
-        f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+      f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    )
   elif extra:
     problem = f"it has a tensor {extra[0]} that {describe(config)} lacks" + (
-        f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+      f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+    )
   else:
     for name, (_, shape) in expected.items():
       if tuple(found[name]) != tuple(shape):
@@ -181,8 +195,11 @@ def _check_layout(file: files.TensorFile, found: dict[str, tuple[int, ...]],
   if problem is None:
     return expected
   fits = _fitting_configs(found, file.kind)
-  hint = (f" {' and '.join(fits)} fit{'s' if len(fits) == 1 else ''} it." if fits
-          else " No config in configs/ fits it.")
+  hint = (
+    f" {' and '.join(fits)} fit{'s' if len(fits) == 1 else ''} it."
+    if fits
+    else " No config in configs/ fits it."
+  )
   if missing or extra:
     problem = f"{file.path} does not fit {describe(config)}: {problem}."
   else:
@@ -190,8 +207,9 @@ def _check_layout(file: files.TensorFile, found: dict[str, tuple[int, ...]],
   raise ConfigError(problem + hint)
 
 
-def _read_tree(file: files.TensorFile, expected: dict[str, tuple],
-               suffix: str = "") -> dict[str, Any]:
+def _read_tree(
+  file: files.TensorFile, expected: dict[str, tuple], suffix: str = ""
+) -> dict[str, Any]:
   """The params tree (nested dicts of float32 NumPy arrays) read from ``file``."""
   flat = {}
   for name, (path, _) in expected.items():
@@ -200,18 +218,23 @@ def _read_tree(file: files.TensorFile, expected: dict[str, tuple],
   return traverse_util.unflatten_dict(flat)
 
 
-def _load_official(file: files.TensorFile, config: ml_collections.ConfigDict,
-                   weights: str) -> Pretrained:
+def _load_official(
+  file: files.TensorFile, config: ml_collections.ConfigDict, weights: str
+) -> Pretrained:
   if int(config.model.num_groups) != OFFICIAL_NUM_GROUPS:
-    raise ConfigError(f"model.num_groups={config.model.num_groups}, but the official U-Net "
-                      f"normalises with {OFFICIAL_NUM_GROUPS} groups (tf.contrib group_norm).")
+    raise ConfigError(
+      f"model.num_groups={config.model.num_groups}, but the official U-Net "
+      f"normalises with {OFFICIAL_NUM_GROUPS} groups (tf.contrib group_norm)."
+    )
   found, chosen = _official_tensors(file, weights)
   expected = _check_layout(file, found, config)
   suffix = EMA_SUFFIX if weights == "ema" else ""
   unchosen = [n for n in expected if n not in chosen]
   if unchosen:
-    raise ConfigError(f"{file.path}: tensor {unchosen[0]}{suffix} is missing"
-                      + (f" (and {len(unchosen) - 1} more)." if len(unchosen) > 1 else "."))
+    raise ConfigError(
+      f"{file.path}: tensor {unchosen[0]}{suffix} is missing"
+      + (f" (and {len(unchosen) - 1} more)." if len(unchosen) > 1 else ".")
+    )
   has_raw = all(file.shapes.get(n) == shape for n, (_, shape) in expected.items())
   params = _read_tree(file, expected, suffix)
   raw = _read_tree(file, expected) if weights == "ema" and has_raw else None
@@ -225,8 +248,10 @@ def _load_diffusers(file: files.TensorFile, config: ml_collections.ConfigDict) -
   expected = _check_layout(file, found, config)
   mismatch = names.diffusers_config_mismatch(file.config or {}, config)
   if mismatch:
-    raise ConfigError(f"{os.path.join(file.path, files.CONFIG_FILE)}: {mismatch}; its "
-                      "UNet2DModel computes another function than ddpm_jax's U-Net.")
+    raise ConfigError(
+      f"{os.path.join(file.path, files.CONFIG_FILE)}: {mismatch}; its "
+      "UNet2DModel computes another function than ddpm_jax's U-Net."
+    )
   legacy = dataclasses.replace(file, read=lambda name: file.read(renamed[name]))
   return Pretrained(_read_tree(legacy, expected), None, None, files.DIFFUSERS, file.path)
 
@@ -256,8 +281,9 @@ def export_diffusers(params: Any, config: ml_collections.ConfigDict, output: str
 # ------------------------------------------------------------------ in: a workdir
 
 
-def train_state(pretrained: Pretrained, config: ml_collections.ConfigDict,
-                step: int) -> train_state_lib.TrainState:
+def train_state(
+  pretrained: Pretrained, config: ml_collections.ConfigDict, step: int
+) -> train_state_lib.TrainState:
   """The TrainState of a run resumed from released weights at ``step``: EMA = the weights
   to sample with, params = the raw weights where the file has them (else the same), a
   fresh optimizer state (Adam moments 0, its count 0: the learning rate warms up again
@@ -267,29 +293,39 @@ def train_state(pretrained: Pretrained, config: ml_collections.ConfigDict,
   abstract = train_state_lib.create_train_state(config, model, tx, abstract=True)
   params = pretrained.raw_params if pretrained.raw_params is not None else pretrained.params
   state = train_state_lib.TrainState(
-      step=np.asarray(step, np.int32), params=params, ema_params=pretrained.params,
-      opt_state=jax.device_get(tx.init(params)),
-      rng=np.asarray(jax.random.key_data(jax.random.key(int(config.training.seed)))))
-  shapes = lambda tree: jax.tree.map(lambda x: (tuple(np.shape(x)), np.dtype(x.dtype)), tree)
+    step=np.asarray(step, np.int32),
+    params=params,
+    ema_params=pretrained.params,
+    opt_state=jax.device_get(tx.init(params)),
+    rng=np.asarray(jax.random.key_data(jax.random.key(int(config.training.seed)))),
+  )
+
+  def shapes(tree):
+    return jax.tree.map(lambda x: (tuple(np.shape(x)), np.dtype(x.dtype)), tree)
+
   if shapes(state) != shapes(abstract):  # An internal invariant, not the user's input.
     raise AssertionError("the imported state does not have the shape of a TrainState")
   return state
 
 
-def write_workdir(pretrained: Pretrained, config: ml_collections.ConfigDict, workdir: str,
-                  step: int) -> str:
+def write_workdir(
+  pretrained: Pretrained, config: ml_collections.ConfigDict, workdir: str, step: int
+) -> str:
   """Makes ``workdir`` an ordinary ddpm_jax workdir (config.json, a verified checkpoint at
   ``step``) of the released weights; refuses a workdir that holds a checkpoint. Returns
   the checkpoint's folder."""
   workdir = workdir_lib.prepare(workdir)
   with workdir_lib.WorkdirLock(workdir):
     if workdir_lib.has_checkpoint(workdir):
-      raise ConfigError(f"workdir {workdir!r} already holds checkpoints; import into a new "
-                        "--workdir.")
+      raise ConfigError(
+        f"workdir {workdir!r} already holds checkpoints; import into a new --workdir."
+      )
     workdir_lib.check_or_write_config(config, workdir)
     checkpointer = checkpointing.Checkpointer(
-        workdir, keep=int(config.training.keep_checkpoints),
-        keep_every=int(config.training.keep_every_steps))
+      workdir,
+      keep=int(config.training.keep_checkpoints),
+      keep_every=int(config.training.keep_every_steps),
+    )
     try:
       checkpointer.save(step, train_state(pretrained, config, step))
     finally:
@@ -298,5 +334,6 @@ def write_workdir(pretrained: Pretrained, config: ml_collections.ConfigDict, wor
 
 
 if __name__ == "__main__":
-  from ddpm_jax import pretrained_cli  # pylint: disable=import-outside-toplevel
+  from ddpm_jax import pretrained_cli
+
   pretrained_cli.run()

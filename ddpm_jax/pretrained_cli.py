@@ -34,17 +34,34 @@ from ddpm_jax.errors import ConfigError
 FLAGS = flags.FLAGS
 EXIT_BAD_INPUT = 2
 
-config_flags.DEFINE_config_file("config", None, "Config file (a get_config() module) whose "
-                                "U-Net the weights are loaded into.", lock_config=True)
-flags.DEFINE_string("input", None, "Import: an official TF1 checkpoint prefix "
-                    "(.../model.ckpt-790000) or a diffusers UNet2DModel folder.")
+config_flags.DEFINE_config_file(
+  "config",
+  None,
+  "Config file (a get_config() module) whose U-Net the weights are loaded into.",
+  lock_config=True,
+)
+flags.DEFINE_string(
+  "input",
+  None,
+  "Import: an official TF1 checkpoint prefix "
+  "(.../model.ckpt-790000) or a diffusers UNet2DModel folder.",
+)
 flags.DEFINE_enum("source", "auto", pretrained.SOURCES, "What --input is (auto: detected).")
-flags.DEFINE_enum("weights", "ema", pretrained.WEIGHTS, "Official checkpoints: 'ema' takes the "
-                  "ExponentialMovingAverage shadows, 'raw' the raw training weights.")
+flags.DEFINE_enum(
+  "weights",
+  "ema",
+  pretrained.WEIGHTS,
+  "Official checkpoints: 'ema' takes the "
+  "ExponentialMovingAverage shadows, 'raw' the raw training weights.",
+)
 flags.DEFINE_string("workdir", None, "Import: the new workdir. Export: the workdir to export.")
-flags.DEFINE_integer("step", -1, "Import: the step of the checkpoint written (-1: the step "
-                     "the file records; a diffusers folder records none: 0). Export: the "
-                     "checkpoint exported (-1: the latest).")
+flags.DEFINE_integer(
+  "step",
+  -1,
+  "Import: the step of the checkpoint written (-1: the step "
+  "the file records; a diffusers folder records none: 0). Export: the "
+  "checkpoint exported (-1: the latest).",
+)
 flags.DEFINE_enum("export", "", ["", "diffusers"], "Export --workdir instead of importing.")
 flags.DEFINE_string("output", None, "Export: the UNet2DModel folder to write (new).")
 flags.mark_flags_as_required(["workdir"])
@@ -63,7 +80,7 @@ def parse_flags(argv: list[str]) -> list[str]:
       FLAGS.config.keys()  # An unloadable config file raises only when it is used.
   except flags.Error as e:
     fail(e)
-  except Exception as e:  # pylint: disable=broad-except  (raised by the config file)
+  except Exception as e:  # Broad on purpose: raised by the config file.
     fail(f"--config cannot be loaded: {type(e).__name__}: {e}")
   if len(rest) > 1:
     fail(f"unexpected arguments {rest[1:]}; every option is a --flag.")
@@ -74,15 +91,19 @@ def import_weights(config: ml_collections.ConfigDict, workdir: str) -> str:
   """--input into a new workdir; returns the checkpoint folder written."""
   workdir = workdir_lib.resolve(workdir)
   if workdir_lib.has_checkpoint(workdir):
-    raise ConfigError(f"workdir {workdir!r} already holds checkpoints; import into a new "
-                      "--workdir.")
+    raise ConfigError(
+      f"workdir {workdir!r} already holds checkpoints; import into a new --workdir."
+    )
   weights = pretrained.load(FLAGS.input, config, source=FLAGS.source, weights=FLAGS.weights)
   step = FLAGS.step if FLAGS.step >= 0 else (weights.step or 0)
   path = pretrained.write_workdir(weights, config, workdir, step)
-  logging.info("Wrote the %s weights of %s as the checkpoint %s (%s; fresh optimizer state).",
-               FLAGS.weights if weights.source == "official" else "diffusers", weights.path,
-               path, "raw weights as params" if weights.raw_params is not None
-               else "params = the EMA weights")
+  logging.info(
+    "Wrote the %s weights of %s as the checkpoint %s (%s; fresh optimizer state).",
+    FLAGS.weights if weights.source == "official" else "diffusers",
+    weights.path,
+    path,
+    "raw weights as params" if weights.raw_params is not None else "params = the EMA weights",
+  )
   return path
 
 
@@ -109,8 +130,9 @@ def export_weights(workdir: str) -> str:
   finally:
     checkpointer.close()
   out = pretrained.export_diffusers(params, config, os.path.abspath(FLAGS.output))
-  logging.info("Wrote the EMA weights of step %d of %s as the UNet2DModel folder %s.", step,
-               workdir, out)
+  logging.info(
+    "Wrote the EMA weights of step %d of %s as the UNet2DModel folder %s.", step, workdir, out
+  )
   return out
 
 
@@ -125,11 +147,15 @@ def check_flags() -> None:
       fail("--input is for importing; --export reads --workdir.")
     return
   if not FLAGS.input:
-    fail("give --input (an official TF1 checkpoint or a diffusers folder) to import, or "
-         "--export=diffusers with --output.")
+    fail(
+      "give --input (an official TF1 checkpoint or a diffusers folder) to import, or "
+      "--export=diffusers with --output."
+    )
   if FLAGS.config is None:
-    fail("importing needs --config, the config whose U-Net the weights fit, e.g. "
-         "--config=configs/cifar10.py.")
+    fail(
+      "importing needs --config, the config whose U-Net the weights fit, e.g. "
+      "--config=configs/cifar10.py."
+    )
   if FLAGS.output:
     fail("--output is for --export.")
 

@@ -40,17 +40,34 @@ _MODULE = re.compile(r"^(down|up)_(\d+)_(?:(block|attn)_(\d+)|(downsample|upsamp
 
 # ddpm_jax's layer names inside a res block / attention block -> the official and diffusers ones.
 _OFFICIAL_LAYER = {"norm_0": "norm1", "conv_0": "conv1", "norm_1": "norm2", "conv_1": "conv2"}
-_DIFFUSERS_LAYER = {"norm_0": "norm1", "conv_0": "conv1", "temb_proj": "time_emb_proj",
-                    "norm_1": "norm2", "conv_1": "conv2", "nin_shortcut": "conv_shortcut",
-                    "norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v",
-                    "proj_out": "to_out.0"}
-_OFFICIAL_TOP = {"temb_dense_0": "temb/dense0", "temb_dense_1": "temb/dense1",
-                 "mid_block_0": "mid/block_1", "mid_attn": "mid/attn_1",
-                 "mid_block_1": "mid/block_2"}
-_DIFFUSERS_TOP = {"temb_dense_0": "time_embedding.linear_1",
-                  "temb_dense_1": "time_embedding.linear_2", "norm_out": "conv_norm_out",
-                  "mid_block_0": "mid_block.resnets.0", "mid_attn": "mid_block.attentions.0",
-                  "mid_block_1": "mid_block.resnets.1"}
+_DIFFUSERS_LAYER = {
+  "norm_0": "norm1",
+  "conv_0": "conv1",
+  "temb_proj": "time_emb_proj",
+  "norm_1": "norm2",
+  "conv_1": "conv2",
+  "nin_shortcut": "conv_shortcut",
+  "norm": "group_norm",
+  "q": "to_q",
+  "k": "to_k",
+  "v": "to_v",
+  "proj_out": "to_out.0",
+}
+_OFFICIAL_TOP = {
+  "temb_dense_0": "temb/dense0",
+  "temb_dense_1": "temb/dense1",
+  "mid_block_0": "mid/block_1",
+  "mid_attn": "mid/attn_1",
+  "mid_block_1": "mid/block_2",
+}
+_DIFFUSERS_TOP = {
+  "temb_dense_0": "time_embedding.linear_1",
+  "temb_dense_1": "time_embedding.linear_2",
+  "norm_out": "conv_norm_out",
+  "mid_block_0": "mid_block.resnets.0",
+  "mid_attn": "mid_block.attentions.0",
+  "mid_block_1": "mid_block.resnets.1",
+}
 # The attention names of folders saved by older diffusers (its AttentionBlock).
 _LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
@@ -59,17 +76,26 @@ def model_shapes(config: ml_collections.ConfigDict) -> dict[Path, Shape]:
   """Every weight of factories.create_model(config) -> its shape, in flax's (sorted) order;
   from jax.eval_shape (nothing is computed), once per layout."""
   model = factories.create_model(config)
-  return dict(_shapes(model.clone(dtype="float32", remat=False), int(config.data.image_size),
-                      int(config.data.num_channels)))
+  return dict(
+    _shapes(
+      model.clone(dtype="float32", remat=False),
+      int(config.data.image_size),
+      int(config.data.num_channels),
+    )
+  )
 
 
 @functools.lru_cache(maxsize=16)
 def _shapes(model: Any, size: int, channels: int) -> tuple[tuple[Path, Shape], ...]:
-  shapes = jax.eval_shape(lambda key: model.init(
-      key, jnp.zeros((1, size, size, channels)), jnp.zeros((1,), jnp.int32), train=False),
-                          jax.random.key(0))["params"]
-  return tuple((path, tuple(leaf.shape))
-               for path, leaf in traverse_util.flatten_dict(shapes).items())
+  shapes = jax.eval_shape(
+    lambda key: model.init(
+      key, jnp.zeros((1, size, size, channels)), jnp.zeros((1,), jnp.int32), train=False
+    ),
+    jax.random.key(0),
+  )["params"]
+  return tuple(
+    (path, tuple(leaf.shape)) for path, leaf in traverse_util.flatten_dict(shapes).items()
+  )
 
 
 def _split(path: Path) -> tuple[str, str, str]:
@@ -112,15 +138,16 @@ def diffusers_name(path: Path, levels: int) -> str:
     direction, level, kind, index, resample = match.groups()
     block = int(level) if direction == "down" else levels - 1 - int(level)
     if resample:
-      prefix = f"{direction}_blocks.{block}.{resample[:-len('sample')]}samplers.0"
+      prefix = f"{direction}_blocks.{block}.{resample[: -len('sample')]}samplers.0"
     else:
       group = "resnets" if kind == "block" else "attentions"
       prefix = f"{direction}_blocks.{block}.{group}.{index}"
   else:
     prefix = _DIFFUSERS_TOP.get(module, module)
   layer_name = _DIFFUSERS_LAYER.get(layer, layer)
-  return ".".join([prefix] + ([layer_name] if layer else []) +
-                  ["bias" if leaf == "bias" else "weight"])
+  return ".".join(
+    [prefix] + ([layer_name] if layer else []) + ["bias" if leaf == "bias" else "weight"]
+  )
 
 
 def legacy_diffusers_key(key: str) -> str:
@@ -145,8 +172,9 @@ def diffusers_shape(path: Path, shape: Shape) -> Shape:
 def to_diffusers(path: Path, value: np.ndarray) -> np.ndarray:
   """A ddpm_jax weight in the layout of its UNet2DModel tensor (a contiguous float32 copy)."""
   value = np.asarray(value, np.float32)
-  moved = {4: lambda v: v.transpose(3, 2, 0, 1), 2: lambda v: v.T}.get(value.ndim,
-                                                                     lambda v: v)(value)
+  moved = {4: lambda v: v.transpose(3, 2, 0, 1), 2: lambda v: v.T}.get(value.ndim, lambda v: v)(
+    value
+  )
   return np.ascontiguousarray(moved.reshape(diffusers_shape(path, value.shape)))
 
 
@@ -167,17 +195,33 @@ def from_diffusers(path: Path, value: np.ndarray) -> np.ndarray:
 # The UNet2DModel arguments that change the function it computes, with diffusers' defaults
 # (what a config.json without the key means).
 DIFFUSERS_DEFAULTS: dict[str, Any] = {
-    "sample_size": None, "in_channels": 3, "out_channels": 3, "center_input_sample": False,
-    "time_embedding_type": "positional", "time_embedding_dim": None, "freq_shift": 0,
-    "flip_sin_to_cos": True,
-    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-    "mid_block_type": "UNetMidBlock2D",
-    "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    "block_out_channels": (224, 448, 672, 896), "layers_per_block": 2, "mid_block_scale_factor": 1,
-    "downsample_padding": 1, "downsample_type": "conv", "upsample_type": "conv", "act_fn": "silu",
-    "attention_head_dim": 8, "norm_num_groups": 32, "attn_norm_num_groups": None, "norm_eps": 1e-5,
-    "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None,
-    "num_class_embeds": None}
+  "sample_size": None,
+  "in_channels": 3,
+  "out_channels": 3,
+  "center_input_sample": False,
+  "time_embedding_type": "positional",
+  "time_embedding_dim": None,
+  "freq_shift": 0,
+  "flip_sin_to_cos": True,
+  "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+  "mid_block_type": "UNetMidBlock2D",
+  "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+  "block_out_channels": (224, 448, 672, 896),
+  "layers_per_block": 2,
+  "mid_block_scale_factor": 1,
+  "downsample_padding": 1,
+  "downsample_type": "conv",
+  "upsample_type": "conv",
+  "act_fn": "silu",
+  "attention_head_dim": 8,
+  "norm_num_groups": 32,
+  "attn_norm_num_groups": None,
+  "norm_eps": 1e-5,
+  "resnet_time_scale_shift": "default",
+  "add_attention": True,
+  "class_embed_type": None,
+  "num_class_embeds": None,
+}
 
 
 def attention_levels(config: ml_collections.ConfigDict) -> list[bool]:
@@ -195,34 +239,52 @@ def diffusers_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   layer (average-pool down-sampling)."""
   model = config.model
   if not bool(model.resamp_with_conv):
-    raise ValueError("model.resamp_with_conv=False (average-pool down-sampling, no up-sampling "
-                     "conv) has no UNet2DModel equivalent.")
+    raise ValueError(
+      "model.resamp_with_conv=False (average-pool down-sampling, no up-sampling "
+      "conv) has no UNet2DModel equivalent."
+    )
   attn = attention_levels(config)
   return {
-      "sample_size": int(config.data.image_size), "in_channels": int(config.data.num_channels),
-      "out_channels": int(factories.create_model(config).out_ch),
-      "center_input_sample": False, "time_embedding_type": "positional",
-      "time_embedding_dim": None, "freq_shift": 1, "flip_sin_to_cos": False,
-      "down_block_types": tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-      "mid_block_type": "UNetMidBlock2D",
-      "up_block_types": tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-      "block_out_channels": tuple(int(model.ch) * int(m) for m in model.ch_mult),
-      "layers_per_block": int(model.num_res_blocks), "mid_block_scale_factor": 1,
-      "downsample_padding": 0, "downsample_type": "conv", "upsample_type": "conv",
-      "act_fn": "silu", "attention_head_dim": None, "norm_num_groups": int(model.num_groups),
-      "attn_norm_num_groups": None, "norm_eps": 1e-6, "resnet_time_scale_shift": "default",
-      "add_attention": True, "class_embed_type": None, "num_class_embeds": None,
-      "dropout": float(model.dropout)}
+    "sample_size": int(config.data.image_size),
+    "in_channels": int(config.data.num_channels),
+    "out_channels": int(factories.create_model(config).out_ch),
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "freq_shift": 1,
+    "flip_sin_to_cos": False,
+    "down_block_types": tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+    "mid_block_type": "UNetMidBlock2D",
+    "up_block_types": tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+    "block_out_channels": tuple(int(model.ch) * int(m) for m in model.ch_mult),
+    "layers_per_block": int(model.num_res_blocks),
+    "mid_block_scale_factor": 1,
+    "downsample_padding": 0,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
+    "act_fn": "silu",
+    "attention_head_dim": None,
+    "norm_num_groups": int(model.num_groups),
+    "attn_norm_num_groups": None,
+    "norm_eps": 1e-6,
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "dropout": float(model.dropout),
+  }
 
 
-def diffusers_config_mismatch(folder_config: dict[str, Any],
-                              config: ml_collections.ConfigDict) -> str | None:
+def diffusers_config_mismatch(
+  folder_config: dict[str, Any], config: ml_collections.ConfigDict
+) -> str | None:
   """The first UNet2DModel argument of ``folder_config`` (a config.json, diffusers'
   defaults for absent keys) under which the network computes another function than
   ddpm_jax's U-Net of ``config``, as 'key=theirs (ddpm_jax computes with key=ours)'; None
   if there is none."""
   ours = diffusers_config(config)
-  widths = {w for w, a in zip(ours["block_out_channels"], attention_levels(config)) if a}
+  levels = zip(ours["block_out_channels"], attention_levels(config), strict=True)
+  widths = {width for width, attention in levels if attention}
   widths.add(ours["block_out_channels"][-1])  # The middle block always has attention.
   for key, default in DIFFUSERS_DEFAULTS.items():
     theirs, mine = folder_config.get(key, default), ours[key]

@@ -23,6 +23,7 @@ INIT_TAG = 0x1417
 
 class StepStream(enum.IntEnum):
   """fold_in(step_key, tag): the independent streams of one train step."""
+
   NOISE = 0  # Per example (ExampleStream): t ~ U{0..T-1} and eps ~ N(0, I).
   DROPOUT = 1  # Then folded with the device index.
   FLIP = 2  # Per example: the random horizontal flip.
@@ -30,12 +31,14 @@ class StepStream(enum.IntEnum):
 
 class ExampleStream(enum.IntEnum):
   """fold_in(example_key, tag): the timestep and the noise of one training example."""
+
   TIMESTEP = 0
   NOISE = 1
 
 
 class HostStream(enum.IntEnum):
   """np.random.default_rng((seed, tag, ...)): the host-side streams of the data pipeline."""
+
   PERMUTATION = 1  # (seed, tag, epoch): the order of an in-memory epoch.
   # 2 was the retired host-side flip stream; flips are drawn on the device (StepStream.FLIP).
   SHUFFLE = 3  # (seed, tag, epoch): the tf.data shuffle seed of a streamed epoch.

@@ -14,11 +14,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ddpm_jax import checkpointing
-from ddpm_jax import data_sources
-from ddpm_jax import generation
-from ddpm_jax import hosts
-from ddpm_jax import sample_files
+from ddpm_jax import checkpointing, data_sources, generation, hosts, sample_files
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -31,7 +27,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   shape = data_sources.image_shape(config.data)
   process, count = jax.process_index(), jax.process_count()
   writer = sample_files.ShardWriter(
-      out, process, count, generation.process_indices(num, batch, process, count), shape)
+    out, process, count, generation.process_indices(num, batch, process, count), shape
+  )
   with writer:
     for indices, images in generation.local_batches(config, params, num, seed=int(smp.seed)):
       writer.write(indices, images)
@@ -41,7 +38,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   if hosts.is_chief():
     sample_files.write_index(out, num, shape, generation.sampler_settings(config), count)
     sample_files.write_grid(out, np.concatenate(writer.head))
-    logging.info("Wrote %d samples of step %d in %d shard(s), indexed by %s", num, step,
-                 count, path)
+    logging.info(
+      "Wrote %d samples of step %d in %d shard(s), indexed by %s", num, step, count, path
+    )
   hosts.barrier("samples_written")
   return path

@@ -31,8 +31,7 @@ from typing import Any, Self
 
 import numpy as np
 
-from ddpm_jax import hosts
-from ddpm_jax import train_logging
+from ddpm_jax import hosts, train_logging
 from ddpm_jax import workdir as workdir_lib
 
 INDEX_FILE = "samples.json"
@@ -52,15 +51,15 @@ def _set_name(step: int, tag: str) -> str:
 
 def set_dir(workdir: str, step: int, tag: str = "") -> str:
   """workdir/samples/step_<step>[_<tag>]."""
-  return os.path.join(workdir_lib.resolve(workdir), train_logging.SAMPLES_DIR,
-                      _set_name(step, tag))
+  return os.path.join(workdir_lib.resolve(workdir), train_logging.SAMPLES_DIR, _set_name(step, tag))
 
 
 def new_set_dir(workdir: str, step: int, tag: str = "") -> str:
   """The folder of a new set, refused (ConfigError) if it already holds a complete one (an
   interrupted run's shards without an index are written over)."""
-  return workdir_lib.output_dir(workdir, train_logging.SAMPLES_DIR, _set_name(step, tag),
-                                (INDEX_FILE, SAMPLES_FILE, GRID_FILE))
+  return workdir_lib.output_dir(
+    workdir, train_logging.SAMPLES_DIR, _set_name(step, tag), (INDEX_FILE, SAMPLES_FILE, GRID_FILE)
+  )
 
 
 def find_set(workdir: str, step: int, tag: str = "") -> str | None:
@@ -83,8 +82,14 @@ class ShardWriter:
   first GRID_SIZE images are kept in ``head`` for the grid.
   """
 
-  def __init__(self, directory: str, process: int, process_count: int,
-               indices: np.ndarray, image_shape: tuple[int, ...]):
+  def __init__(
+    self,
+    directory: str,
+    process: int,
+    process_count: int,
+    indices: np.ndarray,
+    image_shape: tuple[int, ...],
+  ):
     os.makedirs(directory, exist_ok=True)
     self.path = os.path.join(directory, shard_name(process, process_count))
     self._tmp = f"{self.path}.tmp{os.getpid()}"
@@ -94,30 +99,37 @@ class ShardWriter:
     self.head: list[np.ndarray] = []
     self._zip = zipfile.ZipFile(self._tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
     self._member = self._zip.open("samples.npy", "w", force_zip64=True)
-    header = dict(descr=np.lib.format.dtype_to_descr(np.dtype(np.uint8)), fortran_order=False,
-                  shape=(len(self._indices),) + self._shape)
+    header = dict(
+      descr=np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+      fortran_order=False,
+      shape=(len(self._indices),) + self._shape,
+    )
     np.lib.format.write_array_header_2_0(self._member, header)
 
   def write(self, indices: np.ndarray, images: np.ndarray) -> None:
     """Appends images uint8 [n, H, W, C] whose global indices come next in the shard."""
     end = self._written + len(indices)
-    if images.dtype != np.uint8 or images.shape != (len(indices),) + self._shape or not (
-        np.array_equal(indices, self._indices[self._written:end])):
-      raise ValueError(f"shard {self.path}: images {images.dtype} {images.shape} at indices "
-                       f"{indices[:4]}... do not come next (expected "
-                       f"{self._indices[self._written:self._written + 4]}...)")
+    if (
+      images.dtype != np.uint8
+      or images.shape != (len(indices),) + self._shape
+      or not (np.array_equal(indices, self._indices[self._written : end]))
+    ):
+      raise ValueError(
+        f"shard {self.path}: images {images.dtype} {images.shape} at indices "
+        f"{indices[:4]}... do not come next (expected "
+        f"{self._indices[self._written : self._written + 4]}...)"
+      )
     self._member.write(np.ascontiguousarray(images).tobytes())
     self._written = end
     have = sum(len(h) for h in self.head)
     if have < GRID_SIZE:
-      self.head.append(np.array(images[:GRID_SIZE - have]))
+      self.head.append(np.array(images[: GRID_SIZE - have]))
 
   def close(self) -> str:
     """Finishes the shard (all of its images must have been written); its path."""
     if self._written != len(self._indices):
       self.abort()
-      raise ValueError(f"shard {self.path}: {self._written} of {len(self._indices)} images "
-                       "written")
+      raise ValueError(f"shard {self.path}: {self._written} of {len(self._indices)} images written")
     self._member.close()
     with self._zip.open("indices.npy", "w", force_zip64=True) as member:
       np.lib.format.write_array(member, self._indices)
@@ -142,8 +154,13 @@ class ShardWriter:
       self.abort()
 
 
-def write_index(directory: str, num_samples: int, image_shape: tuple[int, ...],
-                settings: dict[str, Any], process_count: int) -> str:
+def write_index(
+  directory: str,
+  num_samples: int,
+  image_shape: tuple[int, ...],
+  settings: dict[str, Any],
+  process_count: int,
+) -> str:
   """Writes samples.json over the shards of ``process_count`` processes, after checking
   that they hold every index of [0, num_samples) once; its path. Process 0, after all
   shards are closed."""
@@ -156,10 +173,17 @@ def write_index(directory: str, num_samples: int, image_shape: tuple[int, ...],
     shards.append(dict(file=name, num_samples=len(part.positions)))
     seen.append(part.positions)
   if not np.array_equal(np.sort(np.concatenate(seen)), np.arange(num_samples)):
-    raise ValueError(f"the shards in {directory} do not hold indices 0 .. {num_samples - 1} "
-                     "once each")
-  index = dict(format=FORMAT, num_samples=int(num_samples), image_shape=list(image_shape),
-               dtype="uint8", shards=shards, settings=settings)
+    raise ValueError(
+      f"the shards in {directory} do not hold indices 0 .. {num_samples - 1} once each"
+    )
+  index = dict(
+    format=FORMAT,
+    num_samples=int(num_samples),
+    image_shape=list(image_shape),
+    dtype="uint8",
+    shards=shards,
+    settings=settings,
+  )
   path = os.path.join(directory, INDEX_FILE)
   with open(path + ".tmp", "w") as f:
     json.dump(index, f, indent=2)
@@ -180,6 +204,7 @@ def write_grid(directory: str, images: np.ndarray) -> str:
 @dataclasses.dataclass(frozen=True)
 class _Stored:
   """An uncompressed .npy member of an npz: where its data start in the file, and what."""
+
   path: str
   offset: int
   shape: tuple[int, ...]
@@ -188,8 +213,9 @@ class _Stored:
   def rows(self, first: int, count: int) -> np.ndarray:
     """Rows first .. first + count - 1, read from the file (nothing else is touched)."""
     row = int(np.prod(self.shape[1:], dtype=np.int64))
-    data = np.fromfile(self.path, self.dtype, count * row,
-                       offset=self.offset + first * row * self.dtype.itemsize)
+    data = np.fromfile(
+      self.path, self.dtype, count * row, offset=self.offset + first * row * self.dtype.itemsize
+    )
     return data.reshape((count,) + self.shape[1:])
 
 
@@ -207,8 +233,11 @@ def _npz_member(path: str, key: str) -> _Stored | np.ndarray:
     name_length, extra_length = struct.unpack("<HH", local[26:30])
     f.seek(info.header_offset + 30 + name_length + extra_length)
     version = np.lib.format.read_magic(f)
-    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                   else np.lib.format.read_array_header_2_0)
+    read_header = (
+      np.lib.format.read_array_header_1_0
+      if version == (1, 0)
+      else np.lib.format.read_array_header_2_0
+    )
     shape, fortran_order, dtype = read_header(f)
     offset = f.tell()
   if dtype.hasobject or (fortran_order and len(shape) > 1):
@@ -220,6 +249,7 @@ def _npz_member(path: str, key: str) -> _Stored | np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class _Part:
   """One file (or in-memory array) of a set: its images and their indices in the set."""
+
   samples: _Stored | np.ndarray
   positions: np.ndarray  # int64 [n]
 
@@ -258,6 +288,7 @@ class SampleSet:
   ``shape`` and ``dtype`` are those of the whole set as one array (N first); ``settings``
   the sampler's record stored with it ({} if none).
   """
+
   path: str
   shape: tuple[int, ...]
   dtype: np.dtype
@@ -281,7 +312,7 @@ class SampleSet:
     for part in self.parts:
       rows = np.flatnonzero((part.positions >= start) & (part.positions < stop))
       for first in range(0, len(rows), size):
-        chosen = rows[first:first + size]
+        chosen = rows[first : first + size]
         yield part.positions[chosen], part.read(chosen)
 
   def share(self, num: int, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -307,10 +338,12 @@ def _open_index(path: str) -> SampleSet:
   directory, num = os.path.dirname(path), int(index["num_samples"])
   parts = tuple(_npz_part(os.path.join(directory, shard["file"])) for shard in index["shards"])
   shape = (num,) + tuple(index["image_shape"])
-  for shard, part in zip(index["shards"], parts):
+  for shard, part in zip(index["shards"], parts, strict=True):
     if part.shape != (shard["num_samples"],) + shape[1:] or part.dtype != np.uint8:
-      raise ValueError(f"{path}: shard {shard['file']} holds {part.dtype} {part.shape}, not "
-                       f"uint8 {(shard['num_samples'],) + shape[1:]}")
+      raise ValueError(
+        f"{path}: shard {shard['file']} holds {part.dtype} {part.shape}, not "
+        f"uint8 {(shard['num_samples'],) + shape[1:]}"
+      )
   return SampleSet(path, shape, np.dtype(np.uint8), dict(index["settings"]), parts)
 
 
@@ -320,16 +353,20 @@ def _open_npz(path: str) -> SampleSet:
     # A lone shard: its images, re-indexed 0 .. n-1 in their global order.
     part = _Part(part.samples, np.argsort(np.argsort(part.positions)).astype(np.int64))
   with np.load(path, allow_pickle=False) as data:
-    settings = {k: data[k].item() for k in data.files
-                if k not in ("samples", "indices") and data[k].ndim == 0}
+    settings = {
+      k: data[k].item() for k in data.files if k not in ("samples", "indices") and data[k].ndim == 0
+    }
   return SampleSet(path, part.shape, part.dtype, settings, (part,))
 
 
 def open_set(path: str) -> SampleSet:
   """The set of an index (samples.json), its folder, or one npz with key "samples"."""
   if os.path.isdir(path):
-    found = [os.path.join(path, n) for n in (INDEX_FILE, SAMPLES_FILE)
-             if os.path.isfile(os.path.join(path, n))]
+    found = [
+      os.path.join(path, n)
+      for n in (INDEX_FILE, SAMPLES_FILE)
+      if os.path.isfile(os.path.join(path, n))
+    ]
     if not found:
       raise ValueError(f"{path}: no {INDEX_FILE} or {SAMPLES_FILE} in this folder")
     path = found[0]

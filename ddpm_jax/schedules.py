@@ -17,8 +17,9 @@ import numpy as np
 SCHEDULE_NAMES = ("linear", "quad", "const", "jsd", "warmup10", "warmup50", "cosine")
 
 
-def _warmup_betas(beta_start: float, beta_end: float, num_timesteps: int,
-                  warmup_frac: float) -> np.ndarray:
+def _warmup_betas(
+  beta_start: float, beta_end: float, num_timesteps: int, warmup_frac: float
+) -> np.ndarray:
   """beta_end everywhere, after a linear warm-up over the first `warmup_frac` of steps."""
   betas = np.full(num_timesteps, beta_end, dtype=np.float64)
   warmup_time = int(num_timesteps * warmup_frac)
@@ -37,8 +38,9 @@ def _cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999)
   return np.minimum(betas, max_beta)
 
 
-def get_beta_schedule(name: str, num_timesteps: int, *, beta_start: float = 1e-4,
-                      beta_end: float = 0.02) -> np.ndarray:
+def get_beta_schedule(
+  name: str, num_timesteps: int, *, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> np.ndarray:
   """Returns the betas beta_1..beta_T of the forward process q(x_t|x_{t-1}) (paper Eq. 2).
 
   Args:
@@ -63,7 +65,7 @@ def get_beta_schedule(name: str, num_timesteps: int, *, beta_start: float = 1e-4
   if name == "linear":
     betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
   elif name == "quad":
-    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64)**2
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64) ** 2
   elif name == "const":
     betas = np.full(num_timesteps, beta_end, dtype=np.float64)
   elif name == "jsd":
@@ -85,6 +87,7 @@ class DiffusionSchedule:
   Computed in float64 by `from_betas` and stored as float32 arrays of shape [T]. Names
   follow the paper and the official code; abar_t = alphas_cumprod[t].
   """
+
   betas: jnp.ndarray
   alphas_cumprod: jnp.ndarray
   alphas_cumprod_prev: jnp.ndarray
@@ -106,7 +109,7 @@ class DiffusionSchedule:
     return self.betas.shape[0]
 
   @classmethod
-  def from_betas(cls, betas: np.ndarray) -> "DiffusionSchedule":
+  def from_betas(cls, betas: np.ndarray) -> DiffusionSchedule:
     """Derives every table from betas (paper Eq. 4, 6, 7), in float64, stored as float32.
 
     Args:
@@ -131,20 +134,20 @@ class DiffusionSchedule:
       posterior_log_variance_clipped = np.log(np.append(first, posterior_variance[1:]))
       fixedlarge_log_variance = np.log(np.append(first, betas[1:]))
       tables = dict(
-          betas=betas,
-          alphas_cumprod=alphas_cumprod,
-          alphas_cumprod_prev=alphas_cumprod_prev,
-          sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
-          sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
-          log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
-          sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
-          sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
-          posterior_variance=posterior_variance,
-          posterior_log_variance_clipped=posterior_log_variance_clipped,
-          # Eq. 7: mu~_t = coef1 x_0 + coef2 x_t.
-          posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-          posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
-          fixedlarge_log_variance=fixedlarge_log_variance,
-          log_betas=np.log(betas),
+        betas=betas,
+        alphas_cumprod=alphas_cumprod,
+        alphas_cumprod_prev=alphas_cumprod_prev,
+        sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
+        sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
+        log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
+        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
+        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
+        posterior_variance=posterior_variance,
+        posterior_log_variance_clipped=posterior_log_variance_clipped,
+        # Eq. 7: mu~_t = coef1 x_0 + coef2 x_t.
+        posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+        fixedlarge_log_variance=fixedlarge_log_variance,
+        log_betas=np.log(betas),
       )
     return cls(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in tables.items()})

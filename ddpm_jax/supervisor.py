@@ -25,6 +25,7 @@ before jax.distributed.initialize, forks:
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import os
 import re
@@ -41,12 +42,16 @@ from typing import NoReturn
 EXIT_HOST_LOST = 75
 LOG_DIR = "logs"
 # The coordination service's fatal error, in the order its lines appear.
-_INCIDENT = re.compile(r"Use error polling to propagate|Polled an error from coordination "
-                       r"service|Terminating process because")
+_INCIDENT = re.compile(
+  r"Use error polling to propagate|Polled an error from coordination "
+  r"service|Terminating process because"
+)
 # Warnings of the distributed runtime that precede an incident by moments (a lost
 # coordinator is seen first by the preemption notifier): held back briefly.
-_RUNTIME_LINE = re.compile(r"^[WE]\d{4} [\d:.]+\s+\d+ (preemption_sync_manager|"
-                           r"preemption_notifier|coordination_service(_agent)?|client)\.")
+_RUNTIME_LINE = re.compile(
+  r"^[WE]\d{4} [\d:.]+\s+\d+ (preemption_sync_manager|"
+  r"preemption_notifier|coordination_service(_agent)?|client)\."
+)
 _HEARTBEAT_TASKS = re.compile(r"stopped sending heartbeats\):\s*\n((?:[^\n]*\d+\s*\n)+)")
 _TASK = re.compile(r"^\s*(?:/job:\w+/replica:\d+/task:)?(\d+)\s*$")
 _TASK_TIMEOUT = re.compile(r"Task (\d+) heartbeat timeout")
@@ -130,31 +135,53 @@ def lost_processes(incident: str) -> tuple[list[int], bool]:
   ids = sorted({int(i) for i in _TASK_TIMEOUT.findall(incident)})
   if ids:
     return ids, False
-  coordinator = re.search(r"UNAVAILABLE|Socket closed|Connection reset|failed to connect|"
-                          r"DEADLINE_EXCEEDED", incident) is not None
+  coordinator = (
+    re.search(
+      r"UNAVAILABLE|Socket closed|Connection reset|failed to connect|"
+      r"DEADLINE_EXCEEDED",
+      incident,
+    )
+    is not None
+  )
   return [], coordinator
 
 
-def describe(incident: str, *, heartbeat_timeout: int, checkpoint_step: int | None,
-             restart: str, log_path: str | None) -> str:
+def describe(
+  incident: str,
+  *,
+  heartbeat_timeout: int,
+  checkpoint_step: int | None,
+  restart: str,
+  log_path: str | None,
+) -> str:
   """The one line of a host stopped because another host of the run died."""
   ids, coordinator = lost_processes(incident)
   if ids:
     who = "process" + ("es " if len(ids) > 1 else " ") + ", ".join(map(str, ids))
-    what = (f"{who} of this run stopped sending heartbeats for {heartbeat_timeout} s "
-            "(killed, out of memory, or its host is down)")
+    what = (
+      f"{who} of this run stopped sending heartbeats for {heartbeat_timeout} s "
+      "(killed, out of memory, or its host is down)"
+    )
   elif coordinator:
-    what = ("the coordinator (process 0) of this run stopped answering (killed, out of "
-            "memory, or its host is down)")
+    what = (
+      "the coordinator (process 0) of this run stopped answering (killed, out of "
+      "memory, or its host is down)"
+    )
   else:
     status = _STATUS.search(incident)
-    what = ("the JAX distributed service reported a fatal error: "
-            + (status.group(1).strip() if status else "see the log"))
-  saved = ("no checkpoint yet" if checkpoint_step is None
-           else f"the newest complete checkpoint is step {checkpoint_step}")
+    what = "the JAX distributed service reported a fatal error: " + (
+      status.group(1).strip() if status else "see the log"
+    )
+  saved = (
+    "no checkpoint yet"
+    if checkpoint_step is None
+    else f"the newest complete checkpoint is step {checkpoint_step}"
+  )
   where = f"; full output: {log_path}" if log_path else ""
-  return (f"error: {what}, so this process stopped too (exit status {EXIT_HOST_LOST}); "
-          f"{saved}; restart every process with the same command: {restart}{where}")
+  return (
+    f"error: {what}, so this process stopped too (exit status {EXIT_HOST_LOST}); "
+    f"{saved}; restart every process with the same command: {restart}{where}"
+  )
 
 
 def _write_log(workdir: str, text: str, pid: int) -> str | None:
@@ -176,7 +203,7 @@ def _die_with_parent(parent: int) -> None:
   except (OSError, AttributeError):  # Not Linux: the parent's death leaves the child.
     return
   if os.getppid() != parent:  # The parent died before prctl.
-    os._exit(1)  # pylint: disable=protected-access
+    os._exit(1)
 
 
 def supervise(workdir: str, heartbeat_timeout: int) -> None:
@@ -199,10 +226,8 @@ def supervise(workdir: str, heartbeat_timeout: int) -> None:
 
 def _watch(child: int, read_fd: int, workdir: str, heartbeat_timeout: int) -> NoReturn:
   def forward(signum: int, _) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):  # Ended already: its status is coming.
       os.kill(child, signum)
-    except ProcessLookupError:  # Ended already: its status is on its way.
-      pass
 
   for signum in (signal.SIGTERM, signal.SIGHUP):
     signal.signal(signum, forward)
@@ -232,18 +257,22 @@ def _watch(child: int, read_fd: int, workdir: str, heartbeat_timeout: int) -> No
   if stream.incident is not None and code != 0:
     # Imported here, not at the top: workdir.py imports JAX, which a watcher never needs
     # before a failure (main.py's parent has it loaded anyway).
-    from ddpm_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+    from ddpm_jax import workdir as workdir_lib
+
     workdir = workdir_lib.resolve(workdir)
     steps = workdir_lib.checkpoint_steps(workdir)
-    line = describe("".join(stream.incident), heartbeat_timeout=heartbeat_timeout,
-                    checkpoint_step=max(steps) if steps else None,
-                    restart="python " + shlex.join(sys.argv),
-                    log_path=_write_log(workdir, stream.log_text(), child))
+    line = describe(
+      "".join(stream.incident),
+      heartbeat_timeout=heartbeat_timeout,
+      checkpoint_step=max(steps) if steps else None,
+      restart="python " + shlex.join(sys.argv),
+      log_path=_write_log(workdir, stream.log_text(), child),
+    )
     os.write(2, (line + "\n").encode())
-    os._exit(EXIT_HOST_LOST)  # pylint: disable=protected-access
+    os._exit(EXIT_HOST_LOST)
   if code < 0:  # Killed by a signal: die by the same one.
     if -code not in (signal.SIGKILL, signal.SIGSTOP):
       signal.signal(-code, signal.SIG_DFL)
     os.kill(os.getpid(), -code)
     code = 128 - code
-  os._exit(code)  # pylint: disable=protected-access
+  os._exit(code)

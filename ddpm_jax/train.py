@@ -11,25 +11,28 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from ddpm_jax import checkpointing
-from ddpm_jax import data_sources
-from ddpm_jax import factories
-from ddpm_jax import generation
-from ddpm_jax import hosts
-from ddpm_jax import input_pipeline
-from ddpm_jax import parallel
+from ddpm_jax import (
+  checkpointing,
+  data_sources,
+  factories,
+  generation,
+  hosts,
+  input_pipeline,
+  parallel,
+  train_logging,
+  utilization,
+)
 from ddpm_jax import rng as rng_lib
-from ddpm_jax import train_logging
 from ddpm_jax import train_state as train_state_lib
 from ddpm_jax import train_step as train_step_lib
-from ddpm_jax import utilization
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.errors import NonFiniteError
 from ddpm_jax.models import unet as unet_lib
@@ -46,6 +49,7 @@ class StepPlan:
   log, checkpoint and sample step, all multiples of k, ends a call) and single steps to
   align a resumed run or finish the last few. The last step always logs, saves and samples.
   """
+
   num_steps: int
   steps_per_call: int
   log_every: int
@@ -53,10 +57,14 @@ class StepPlan:
   sample_every: int  # 0: never.
 
   @classmethod
-  def from_config(cls, training: ml_collections.ConfigDict) -> "StepPlan":
-    return cls(int(training.num_train_steps), int(training.steps_per_call),
-               int(training.log_every_steps), int(training.checkpoint_every_steps),
-               int(training.sample_every_steps))
+  def from_config(cls, training: ml_collections.ConfigDict) -> StepPlan:
+    return cls(
+      int(training.num_train_steps),
+      int(training.steps_per_call),
+      int(training.log_every_steps),
+      int(training.checkpoint_every_steps),
+      int(training.sample_every_steps),
+    )
 
   def chunk(self, step: int) -> int:
     k = self.steps_per_call
@@ -77,8 +85,9 @@ class NonFiniteGuard:
   were not finite since the last check (train_step skipped their updates): raises
   NonFiniteError (training.nonfinite="raise") or warns ("skip")."""
 
-  def __init__(self, mode: str, step: int, nonfinite_steps: int,
-               checkpointer: checkpointing.Checkpointer):
+  def __init__(
+    self, mode: str, step: int, nonfinite_steps: int, checkpointer: checkpointing.Checkpointer
+  ):
     self.mode, self.checkpointer = mode, checkpointer
     self.checked_step, self.checked_count = step, nonfinite_steps
 
@@ -91,13 +100,20 @@ class NonFiniteGuard:
       last = int(parallel.unreplicate(p_state.last_nonfinite_step))
       if self.mode == "raise":
         raise NonFiniteError(
-            f"Non-finite loss or gradients at step {last} ({new} such step(s) among steps "
-            f"{first}..{step}); nothing after step {self.checkpointer.latest_step()} was "
-            "saved. Lower training.learning_rate or check the data, or pass "
-            "--config.training.nonfinite=skip to skip such steps.")
-      logging.warning("Skipped the update of %d step(s) with a non-finite loss or gradients "
-                      "among steps %d..%d, the latest at step %d (%d skipped since step 0).",
-                      new, first, step, last, total)
+          f"Non-finite loss or gradients at step {last} ({new} such step(s) among steps "
+          f"{first}..{step}); nothing after step {self.checkpointer.latest_step()} was "
+          "saved. Lower training.learning_rate or check the data, or pass "
+          "--config.training.nonfinite=skip to skip such steps."
+        )
+      logging.warning(
+        "Skipped the update of %d step(s) with a non-finite loss or gradients "
+        "among steps %d..%d, the latest at step %d (%d skipped since step 0).",
+        new,
+        first,
+        step,
+        last,
+        total,
+      )
     return metrics
 
 
@@ -121,10 +137,17 @@ class TrainSteps:
   (for the TFLOP/s and MFU scalars; XLA counts a scan's body once, so the k-step program
   counts one step). The pmapped functions compile on their first call, as usual."""
 
-  def __init__(self, config: ml_collections.ConfigDict, model: unet_lib.UNet, schedule: Any,
-               tx: Any, sizes: set[int]):
-    self._fns = {n: train_step_lib.make_p_train_step(config, model, schedule, tx, num_steps=n)
-                 for n in sizes}
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    model: unet_lib.UNet,
+    schedule: Any,
+    tx: Any,
+    sizes: set[int],
+  ):
+    self._fns = {
+      n: train_step_lib.make_p_train_step(config, model, schedule, tx, num_steps=n) for n in sizes
+    }
     self.flops_per_device_step: float | None = None
     self._counted = False
 
@@ -165,10 +188,15 @@ def _batches(config: ml_collections.ConfigDict, start: int, plan: StepPlan) -> I
   """Device batches for each call of the plan: [devices, b, ...], or [devices, k, b, ...]
   stacked for a call of k steps."""
   it = input_pipeline.create_train_iterator(
-      config.data, global_batch_size=int(config.training.batch_size),
-      seed=int(config.training.seed), start_step=start)
-  stacked = (next(it) if n == 1 else np.stack([next(it) for _ in range(n)], axis=1)
-             for n in plan.chunks(start))
+    config.data,
+    global_batch_size=int(config.training.batch_size),
+    seed=int(config.training.seed),
+    start_step=start,
+  )
+  stacked = (
+    next(it) if n == 1 else np.stack([next(it) for _ in range(n)], axis=1)
+    for n in plan.chunks(start)
+  )
   return parallel.prefetch_to_device(stacked)
 
 
@@ -184,17 +212,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   workdir = workdir_lib.prepare(workdir)
   workdir_lib.check_resumable(config, workdir)  # A refused resume writes nothing, no lock.
   with workdir_lib.WorkdirLock(workdir):
-    logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count(),
-                 jax.default_backend())
+    logging.info(
+      "JAX process %d/%d, %d local / %d global devices (%s).",
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+      jax.default_backend(),
+    )
     workdir_lib.check_or_write_config(config, workdir)
     tx = train_state_lib.create_optimizer(config.training)
     checkpointer = checkpointing.Checkpointer(
-        workdir, keep=int(config.training.keep_checkpoints),
-        keep_every=int(config.training.keep_every_steps))
+      workdir,
+      keep=int(config.training.keep_checkpoints),
+      keep_every=int(config.training.keep_every_steps),
+    )
     try:
-      state = checkpointer.restore(train_state_lib.create_train_state(config, model, tx,
-                                                                      abstract=True))
+      state = checkpointer.restore(
+        train_state_lib.create_train_state(config, model, tx, abstract=True)
+      )
       if state is None:
         state = train_state_lib.create_train_state(config, model, tx)
       else:
@@ -207,22 +243,37 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       checkpointer.close()
 
 
-def _loop(config: ml_collections.ConfigDict, workdir: str, model: unet_lib.UNet, tx: Any,
-          state: TrainState, checkpointer: checkpointing.Checkpointer) -> TrainState:
+def _loop(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  model: unet_lib.UNet,
+  tx: Any,
+  state: TrainState,
+  checkpointer: checkpointing.Checkpointer,
+) -> TrainState:
   """The train loop, from state.step to training.num_train_steps."""
   tr, start = config.training, int(state.step)
   plan = StepPlan.from_config(tr)
   schedule = factories.create_schedule(config.diffusion)
   steps = TrainSteps(config, model, schedule, tx, {plan.steps_per_call, 1})
   logger = train_logging.TrainLogger(
-      workdir, start, plan.num_steps, int(tr.batch_size), enabled=hosts.is_chief(),
-      backend=jax.default_backend(), peak_tflops=utilization.peak_tflops(
-          jax.local_devices()[0], str(config.model.dtype), float(tr.peak_tflops)))
+    workdir,
+    start,
+    plan.num_steps,
+    int(tr.batch_size),
+    enabled=hosts.is_chief(),
+    backend=jax.default_backend(),
+    peak_tflops=utilization.peak_tflops(
+      jax.local_devices()[0], str(config.model.dtype), float(tr.peak_tflops)
+    ),
+  )
   profiler = ProfilerWindow(workdir, int(tr.profile_start_step), int(tr.profile_num_steps))
   if start == 0:
     logger.write_hparams(config, num_params=train_state_lib.num_params(state.params))
   guard = NonFiniteGuard(str(tr.nonfinite), start, int(state.nonfinite_steps), checkpointer)
-  grids = SampleGrids(config, model, schedule) if plan.sample_every and tr.num_grid_samples else None
+  grids = (
+    SampleGrids(config, model, schedule) if plan.sample_every and tr.num_grid_samples else None
+  )
   batches = _batches(config, start, plan)
   p_state = parallel.replicate(state)
   del state

@@ -22,8 +22,9 @@ def image_grid(images: np.ndarray, *, ncols: int | None = None, pad: int = 2) ->
   """Tiles uint8 images [N, H, W, C] into one [rows*(H+pad)+pad, cols*(W+pad)+pad, C] grid."""
   images = np.asarray(images)
   if images.ndim != 4 or images.dtype != np.uint8 or images.shape[0] == 0:
-    raise ValueError(f"image_grid needs uint8 images [N>0, H, W, C]; got {images.dtype} "
-                     f"{images.shape}.")
+    raise ValueError(
+      f"image_grid needs uint8 images [N>0, H, W, C]; got {images.dtype} {images.shape}."
+    )
   n, h, w, c = images.shape
   ncols = ncols or int(np.ceil(np.sqrt(n)))
   nrows = -(-n // ncols)
@@ -31,13 +32,14 @@ def image_grid(images: np.ndarray, *, ncols: int | None = None, pad: int = 2) ->
   for i, img in enumerate(images):
     r, col = divmod(i, ncols)
     top, left = pad + r * (h + pad), pad + col * (w + pad)
-    grid[top:top + h, left:left + w] = img
+    grid[top : top + h, left : left + w] = img
   return grid
 
 
 def save_png(path: str, image: np.ndarray) -> None:
   """Writes a uint8 [H, W, C] image (C = 1 or 3) as PNG, atomically."""
   from PIL import Image  # Pillow: imported here so that importing this module stays light.
+
   image = np.asarray(image)
   pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
   tmp = path + ".tmp"
@@ -61,13 +63,18 @@ class Progress:
 
   def line(self, step: int, metrics: dict[str, float]) -> str:
     eta = (self.num_steps - step) / max(metrics["steps_per_sec"], 1e-9)
-    replica = (f"replica_grad_norm {metrics['replica_grad_norm']:.3f} "
-               if "replica_grad_norm" in metrics else "")
-    return (f"step {step}/{self.num_steps} loss {metrics['loss']:.5f} "
-            f"grad_norm {metrics['grad_norm']:.3f} {replica}"
-            f"clipped {metrics['clip_fraction']:.0%} lr {metrics['learning_rate']:.3g} "
-            f"{metrics['steps_per_sec']:.2f} steps/s {metrics['images_per_sec']:.1f} img/s "
-            f"ETA {datetime.timedelta(seconds=int(eta))}")
+    replica = (
+      f"replica_grad_norm {metrics['replica_grad_norm']:.3f} "
+      if "replica_grad_norm" in metrics
+      else ""
+    )
+    return (
+      f"step {step}/{self.num_steps} loss {metrics['loss']:.5f} "
+      f"grad_norm {metrics['grad_norm']:.3f} {replica}"
+      f"clipped {metrics['clip_fraction']:.0%} lr {metrics['learning_rate']:.3g} "
+      f"{metrics['steps_per_sec']:.2f} steps/s {metrics['images_per_sec']:.1f} img/s "
+      f"ETA {datetime.timedelta(seconds=int(eta))}"
+    )
 
 
 def read_scalars(folder: str) -> dict[str, list[tuple[int, float]]]:
@@ -76,15 +83,16 @@ def read_scalars(folder: str) -> dict[str, list[tuple[int, float]]]:
   Event files are TFRecord-framed (length, its CRC, an Event proto, its CRC); they are read
   with tensorboardX's protos, so neither TensorFlow nor TensorBoard is needed.
   """
-  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  from tensorboardX.proto import event_pb2
+
   out: dict[str, list[tuple[int, float]]] = {}
   for name in sorted(os.listdir(folder)):
     with open(os.path.join(folder, name), "rb") as f:
       data = f.read()
     pos = 0
     while pos < len(data):
-      length = int.from_bytes(data[pos:pos + 8], "little")
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      length = int.from_bytes(data[pos : pos + 8], "little")
+      event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
       pos += 12 + length + 4
       for value in event.summary.value:
         if value.HasField("simple_value"):
@@ -101,11 +109,13 @@ def cpu_projection_warning(remaining_steps: int, steps_per_sec: float) -> str | 
   seconds = remaining_steps / max(steps_per_sec, 1e-9)
   if seconds < CPU_WARNING_HOURS * 3600:
     return None
-  return (f"Training on the CPU backend: {remaining_steps:,} more steps at "
-          f"{1 / max(steps_per_sec, 1e-9):.2f} s/step (measured since the start, compilation "
-          f"included) would take {datetime.timedelta(seconds=int(seconds))}. This config is "
-          "meant for an accelerator: install `jax[cuda12]` (GPU) or `jax[tpu]` (TPU VM), or "
-          "shorten it with --config.training.num_train_steps.")
+  return (
+    f"Training on the CPU backend: {remaining_steps:,} more steps at "
+    f"{1 / max(steps_per_sec, 1e-9):.2f} s/step (measured since the start, compilation "
+    f"included) would take {datetime.timedelta(seconds=int(seconds))}. This config is "
+    "meant for an accelerator: install `jax[cuda12]` (GPU) or `jax[tpu]` (TPU VM), or "
+    "shorten it with --config.training.num_train_steps."
+  )
 
 
 class TrainLogger:
@@ -114,15 +124,25 @@ class TrainLogger:
   the console line is logged on every process.
   """
 
-  def __init__(self, workdir: str, start_step: int, num_steps: int, global_batch: int, *,
-               enabled: bool = True, backend: str = "", peak_tflops: float | None = None):
+  def __init__(
+    self,
+    workdir: str,
+    start_step: int,
+    num_steps: int,
+    global_batch: int,
+    *,
+    enabled: bool = True,
+    backend: str = "",
+    peak_tflops: float | None = None,
+  ):
     self.samples_dir = os.path.join(workdir, SAMPLES_DIR)
     self.progress = Progress(start_step, num_steps, global_batch)
     self._check_backend = backend == "cpu"
     self._peak = peak_tflops
     self._writer = None
     if enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      from tensorboardX import SummaryWriter
+
       os.makedirs(self.samples_dir, exist_ok=True)
       self._writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
 
@@ -132,14 +152,14 @@ class TrainLogger:
       self._writer.add_text("config", f"```\n{text}\n```", 0)
       self._writer.add_scalar("num_params", num_params, 0)
 
-  def log(self, step: int, metrics: dict[str, float],
-          flops_per_device_step: float | None = None) -> None:
+  def log(
+    self, step: int, metrics: dict[str, float], flops_per_device_step: float | None = None
+  ) -> None:
     """Adds steps/s and images/s since the last call (and, given XLA's FLOPs of a step,
     TFLOP/s per device and MFU); logs the line and writes the scalars."""
     metrics = dict(metrics, **self.progress.update(step))
     if flops_per_device_step:
-      metrics.update(utilization.rates(flops_per_device_step, metrics["steps_per_sec"],
-                                       self._peak))
+      metrics.update(utilization.rates(flops_per_device_step, metrics["steps_per_sec"], self._peak))
     logging.info("%s", self.progress.line(step, metrics))
     if self._check_backend:  # Once, at the first log step.
       self._check_backend = False

@@ -26,15 +26,16 @@ class TrainState:
   ``nonfinite_steps`` counts the steps whose loss or gradients were not finite (their
   updates were not applied); ``last_nonfinite_step`` is the latest of them (-1: none).
   """
+
   step: jnp.ndarray
   params: Any
   ema_params: Any
   opt_state: Any
   rng: jnp.ndarray
-  nonfinite_steps: jnp.ndarray = flax.struct.field(
-      default_factory=lambda: jnp.zeros((), jnp.int32))
+  nonfinite_steps: jnp.ndarray = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
   last_nonfinite_step: jnp.ndarray = flax.struct.field(
-      default_factory=lambda: jnp.full((), -1, jnp.int32))
+    default_factory=lambda: jnp.full((), -1, jnp.int32)
+  )
 
 
 def learning_rate_schedule(training_config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -53,10 +54,17 @@ def create_optimizer(training_config: ml_collections.ConfigDict) -> optax.Gradie
   the identity: the optimizer state has the same structure in every mode, so a resumed run
   may switch between them.
   """
-  adam = optax.adam(learning_rate_schedule(training_config), b1=float(training_config.adam_b1),
-                    b2=float(training_config.adam_b2), eps=float(training_config.adam_eps))
-  clip = (optax.clip_by_global_norm(float(training_config.grad_clip))
-          if training_config.clip_mode == "global" else optax.identity())
+  adam = optax.adam(
+    learning_rate_schedule(training_config),
+    b1=float(training_config.adam_b1),
+    b2=float(training_config.adam_b2),
+    eps=float(training_config.adam_eps),
+  )
+  clip = (
+    optax.clip_by_global_norm(float(training_config.grad_clip))
+    if training_config.clip_mode == "global"
+    else optax.identity()
+  )
   return optax.chain(clip, adam)
 
 
@@ -66,12 +74,17 @@ def schedule_count(opt_state: Any) -> jnp.ndarray:
   starts at 0 in a state with a fresh optimizer (a run resumed from imported weights,
   pretrained.py), whose warm-up starts again."""
   return optax.tree_utils.tree_get(
-      opt_state, "count",
-      filtering=lambda path, _: path[-1].tuple_name == "ScaleByScheduleState")
+    opt_state, "count", filtering=lambda path, _: path[-1].tuple_name == "ScaleByScheduleState"
+  )
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: unet_lib.UNet,
-                       tx: optax.GradientTransformation, *, abstract: bool = False) -> TrainState:
+def create_train_state(
+  config: ml_collections.ConfigDict,
+  model: unet_lib.UNet,
+  tx: optax.GradientTransformation,
+  *,
+  abstract: bool = False,
+) -> TrainState:
   """Initial state, a pure function of training.seed. EMA starts at the initial params.
 
   ``abstract=True`` returns only its shapes and dtypes (jax.eval_shape: nothing is
@@ -83,9 +96,13 @@ def create_train_state(config: ml_collections.ConfigDict, model: unet_lib.UNet,
   def init(key: jax.Array) -> TrainState:
     x = jnp.zeros((1, size, size, channels), jnp.float32)
     params = model.init(key, x, jnp.zeros((1,), jnp.int32), train=False)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                      opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed)))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      ema_params=params,
+      opt_state=tx.init(params),
+      rng=jax.random.key_data(jax.random.key(seed)),
+    )
 
   init_key = rng_lib.init_key(seed)
   return jax.eval_shape(init, init_key) if abstract else jax.jit(init)(init_key)

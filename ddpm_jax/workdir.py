@@ -42,12 +42,21 @@ LOCK_FILE = "train.lock"
 # Fields whose change makes an existing checkpoint mean something else. Everything else
 # (training length, logging, learning rate, batch size, dtype, remat, ...) may change.
 FROZEN_FIELDS = (
-    "data.image_size", "data.num_channels",
-    "model.ch", "model.ch_mult", "model.num_res_blocks", "model.attn_resolutions",
-    "model.resamp_with_conv", "model.num_groups",
-    "diffusion.beta_schedule", "diffusion.beta_start", "diffusion.beta_end",
-    "diffusion.num_timesteps", "diffusion.model_mean_type", "diffusion.model_var_type",
-    "training.seed",  # The rng of the state and the data order both derive from it.
+  "data.image_size",
+  "data.num_channels",
+  "model.ch",
+  "model.ch_mult",
+  "model.num_res_blocks",
+  "model.attn_resolutions",
+  "model.resamp_with_conv",
+  "model.num_groups",
+  "diffusion.beta_schedule",
+  "diffusion.beta_start",
+  "diffusion.beta_end",
+  "diffusion.num_timesteps",
+  "diffusion.model_mean_type",
+  "diffusion.model_var_type",
+  "training.seed",  # The rng of the state and the data order both derive from it.
 )
 
 
@@ -76,18 +85,22 @@ def prepare(workdir: str) -> str:
   workdir = resolve(workdir)
   hosts.agree(lambda: _make_writable_dir(workdir))
   if hosts.multi():
-    marker = os.path.join(workdir, ".hosts_" + hosts.broadcast(
-        np.frombuffer(uuid.uuid4().bytes, np.uint8).copy()).tobytes().hex())
+    marker = os.path.join(
+      workdir,
+      ".hosts_"
+      + hosts.broadcast(np.frombuffer(uuid.uuid4().bytes, np.uint8).copy()).tobytes().hex(),
+    )
     if hosts.is_chief():
-      open(marker, "w").close()  # pylint: disable=consider-using-with
+      open(marker, "w").close()
     hosts.barrier("workdir_marker_written")
 
     def check_marker() -> None:
       if not os.path.exists(marker):
         raise ConfigError(
-            f"workdir {workdir!r} is not shared: process {jax.process_index()} does not see "
-            "the file process 0 wrote there. Every host of a pod must see the same folder "
-            "at the same path (NFS, Filestore, a gcsfuse mount).")
+          f"workdir {workdir!r} is not shared: process {jax.process_index()} does not see "
+          "the file process 0 wrote there. Every host of a pod must see the same folder "
+          "at the same path (NFS, Filestore, a gcsfuse mount)."
+        )
 
     try:
       hosts.agree(check_marker)
@@ -136,8 +149,9 @@ def has_checkpoint(workdir: str) -> bool:
   return bool(checkpoint_steps(workdir))
 
 
-def check_or_write_config(config: ml_collections.ConfigDict, workdir: str, *,
-                          write: bool = True) -> None:
+def check_or_write_config(
+  config: ml_collections.ConfigDict, workdir: str, *, write: bool = True
+) -> None:
   """Writes workdir/config.json on the first start; once a checkpoint exists, refuses changes.
 
   Raises ConfigError naming every frozen field whose value differs from the saved config.
@@ -149,8 +163,7 @@ def check_or_write_config(config: ml_collections.ConfigDict, workdir: str, *,
   hosts.agree(lambda: _check_or_write_config(config, workdir, write=write and hosts.is_chief()))
 
 
-def _check_or_write_config(config: ml_collections.ConfigDict, workdir: str, *,
-                           write: bool) -> None:
+def _check_or_write_config(config: ml_collections.ConfigDict, workdir: str, *, write: bool) -> None:
   path = os.path.join(workdir, CONFIG_FILE)
   new = _jsonable(config.to_dict())
   if os.path.exists(path) and (has_checkpoint(workdir) or not write):
@@ -159,11 +172,16 @@ def _check_or_write_config(config: ml_collections.ConfigDict, workdir: str, *,
         old = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
       raise ConfigError(f"Cannot read the saved config {path!r} ({e}); fix or move it.") from e
-    diffs = [f"{k}: {_lookup(old, k)!r} -> {_lookup(new, k)!r}" for k in FROZEN_FIELDS
-             if _lookup(old, k) != _lookup(new, k)]
+    diffs = [
+      f"{k}: {_lookup(old, k)!r} -> {_lookup(new, k)!r}"
+      for k in FROZEN_FIELDS
+      if _lookup(old, k) != _lookup(new, k)
+    ]
     if diffs:
-      raise ConfigError(f"Config incompatible with the run in {workdir!r} ({'; '.join(diffs)}); "
-                        "use a new --workdir or the saved values.")
+      raise ConfigError(
+        f"Config incompatible with the run in {workdir!r} ({'; '.join(diffs)}); "
+        "use a new --workdir or the saved values."
+      )
     return
   if write:
     tmp = path + ".tmp"
@@ -193,27 +211,31 @@ class WorkdirLock:
     self.workdir = workdir
     self._file = None
 
-  def __enter__(self) -> "WorkdirLock":
+  def __enter__(self) -> WorkdirLock:
     hosts.agree(self._acquire, chief_only=True)
     return self
 
   def _acquire(self) -> None:
-    f = open(self.path, "a+")  # pylint: disable=consider-using-with
+    f = open(self.path, "a+")  # noqa: SIM115  (held open, locked, until release())
     try:
       fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       f.seek(0)
       holder = f.read().strip() or "unknown"
       f.close()
-      raise ConfigError(f"workdir {self.workdir!r} is in use by another training process "
-                        f"(PID {holder}, lock {self.path}); wait for it or stop it first."
-                        ) from None
+      raise ConfigError(
+        f"workdir {self.workdir!r} is in use by another training process "
+        f"(PID {holder}, lock {self.path}); wait for it or stop it first."
+      ) from None
     except OSError as e:
       f.close()
       if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
         raise
-      logging.warning("Cannot lock %s (%s): nothing stops a second training process on this "
-                      "workdir.", self.path, e.strerror)
+      logging.warning(
+        "Cannot lock %s (%s): nothing stops a second training process on this workdir.",
+        self.path,
+        e.strerror,
+      )
       return
     f.seek(0)
     f.truncate()
@@ -240,7 +262,7 @@ class SigtermFlag:
     self.received = False
     self._previous = None
 
-  def __enter__(self) -> "SigtermFlag":
+  def __enter__(self) -> SigtermFlag:
     if jax.process_count() > 1:
       return self
     try:

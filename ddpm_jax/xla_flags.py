@@ -11,7 +11,7 @@ GPU and TPU backends ignore it. A user's own ``ynn_fusion_type`` setting is left
 from __future__ import annotations
 
 import os
-from typing import MutableMapping
+from collections.abc import MutableMapping
 
 YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 CPU_DEFAULTS = (f"--{YNN_FUSION_FLAG}=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",)

@@ -12,6 +12,7 @@ ddpm_jax's third_order="reference" is compared with the authors' 3M as it is;
 third_order="taylor" with the authors' code whose D_2 term is given the Taylor weight
 (RefD2Doubled below). Needs torch (the test or bench extra). Nothing is asserted.
 """
+
 import importlib.util
 import itertools
 
@@ -34,8 +35,9 @@ MU = 0.3
 
 def _ref_d2_doubled():
   """The reference solver with its multistep third-order D_2 weighted by 2 alpha_t phi_3."""
-  return type("RefD2Doubled", (ref.DPM_Solver,),
-              {"multistep_dpm_solver_third_update": _third_update_taylor})
+  return type(
+    "RefD2Doubled", (ref.DPM_Solver,), {"multistep_dpm_solver_third_update": _third_update_taylor}
+  )
 
 
 def _third_update_taylor(self, x, model_prev_list, t_prev_list, t, solver_type="dpmsolver"):
@@ -56,8 +58,9 @@ def _third_update_taylor(self, x, model_prev_list, t_prev_list, t, solver_type="
   phi1 = torch.expm1(-h)
   phi2 = phi1 / h + 1.0
   phi3 = phi2 / h - 0.5
-  return (sigma_t / sigma0 * x - alpha_t * phi1 * m0 + alpha_t * phi2 * d1
-          - 2.0 * alpha_t * phi3 * d2)
+  return (
+    sigma_t / sigma0 * x - alpha_t * phi1 * m0 + alpha_t * phi2 * d1 - 2.0 * alpha_t * phi3 * d2
+  )
 
 
 def ref_solve(betas64, x_T, s, cls=None, dtype=torch.float64, thresholding=False, **kw):
@@ -72,8 +75,12 @@ def ref_solve(betas64, x_T, s, cls=None, dtype=torch.float64, thresholding=False
     return sg * (x - a * MU) / (a**2 * s**2 + sg**2)
 
   model_fn = ref.model_wrapper(model, ns, model_type="noise")
-  solver = (cls or ref.DPM_Solver)(model_fn, ns, algorithm_type="dpmsolver++",
-               correcting_x0_fn="dynamic_thresholding" if thresholding else None)
+  solver = (cls or ref.DPM_Solver)(
+    model_fn,
+    ns,
+    algorithm_type="dpmsolver++",
+    correcting_x0_fn="dynamic_thresholding" if thresholding else None,
+  )
   out = solver.sample(torch.tensor(x_T, dtype=dtype), method="multistep", **kw)
   torch.set_default_dtype(torch.float64)
   return out.double().numpy(), n
@@ -101,6 +108,7 @@ def jax_model(schedule, s, dtype):
     la = ds.marginal_log_alpha(cs, t).reshape(-1, 1, 1, 1)
     a, sg = jnp.exp(la), jnp.sqrt(-jnp.expm1(2 * la))
     return sg * (x - a * MU) / (a**2 * s**2 + sg**2)
+
   return model
 
 
@@ -109,34 +117,56 @@ def run(schedule_name, s, rows, thresholding=False):
   betas64 = np.asarray(sched.betas, np.float64)
   x_T = np.random.default_rng(0).standard_normal((4, 8, 8, 3))
   for order, spacing, steps, lof, d2z in rows:
-    kw = dict(steps=steps, order=order, skip_type=spacing, lower_order_final=lof,
-              denoise_to_zero=d2z)
+    kw = dict(
+      steps=steps, order=order, skip_type=spacing, lower_order_final=lof, denoise_to_zero=d2z
+    )
     ref64, n_kept = ref_solve(betas64, x_T, s, thresholding=thresholding, **kw)
     ref32, _ = ref_solve(betas64, x_T, s, dtype=torch.float32, thresholding=thresholding, **kw)
-    opts = dict(num_steps=steps, order=order, spacing=spacing, lower_order_final=lof,
-                denoise_to_zero=d2z, thresholding=thresholding)
+    opts = dict(
+      num_steps=steps,
+      order=order,
+      spacing=spacing,
+      lower_order_final=lof,
+      denoise_to_zero=d2z,
+      thresholding=thresholding,
+    )
     with jax.enable_x64(True):
-      ours64 = np.asarray(ds.dpm_solver_sample(
-          sched, jax_model(sched, s, jnp.float64), jnp.asarray(x_T, jnp.float64), **opts))
-    ours32 = np.asarray(ds.dpm_solver_sample(
-        sched, jax_model(sched, s, jnp.float32), jnp.asarray(x_T, jnp.float32), **opts),
-        np.float64)
-    line = (f"{schedule_name:7s} N={n_kept:4d} s={s} thr={int(thresholding)} order={order} "
-            f"{spacing:12s} steps={steps:2d} lof={int(lof)} d2z={int(d2z)} | "
-            f"|ours64-ref64| {np.abs(ours64 - ref64).max():.1e}  "
-            f"|ours32-ref64| {np.abs(ours32 - ref64).max():.1e}  "
-            f"|ref32-ref64| {np.abs(ref32 - ref64).max():.1e}")
+      ours64 = np.asarray(
+        ds.dpm_solver_sample(
+          sched, jax_model(sched, s, jnp.float64), jnp.asarray(x_T, jnp.float64), **opts
+        )
+      )
+    ours32 = np.asarray(
+      ds.dpm_solver_sample(
+        sched, jax_model(sched, s, jnp.float32), jnp.asarray(x_T, jnp.float32), **opts
+      ),
+      np.float64,
+    )
+    line = (
+      f"{schedule_name:7s} N={n_kept:4d} s={s} thr={int(thresholding)} order={order} "
+      f"{spacing:12s} steps={steps:2d} lof={int(lof)} d2z={int(d2z)} | "
+      f"|ours64-ref64| {np.abs(ours64 - ref64).max():.1e}  "
+      f"|ours32-ref64| {np.abs(ours32 - ref64).max():.1e}  "
+      f"|ref32-ref64| {np.abs(ref32 - ref64).max():.1e}"
+    )
     if not (thresholding or d2z):
       exact = exact_solution(sched, x_T, s)
-      line += (f"  |ours64-exact| {np.abs(ours64 - exact).max():.1e}"
-               f"  |ref64-exact| {np.abs(ref64 - exact).max():.1e}")
+      line += (
+        f"  |ours64-exact| {np.abs(ours64 - exact).max():.1e}"
+        f"  |ref64-exact| {np.abs(ref64 - exact).max():.1e}"
+      )
     if order == 3:
-      fixed, _ = ref_solve(betas64, x_T, s, cls=_ref_d2_doubled(), thresholding=thresholding,
-                           **kw)
+      fixed, _ = ref_solve(betas64, x_T, s, cls=_ref_d2_doubled(), thresholding=thresholding, **kw)
       with jax.enable_x64(True):
-        taylor = np.asarray(ds.dpm_solver_sample(
-            sched, jax_model(sched, s, jnp.float64), jnp.asarray(x_T, jnp.float64),
-            third_order="taylor", **opts))
+        taylor = np.asarray(
+          ds.dpm_solver_sample(
+            sched,
+            jax_model(sched, s, jnp.float64),
+            jnp.asarray(x_T, jnp.float64),
+            third_order="taylor",
+            **opts,
+          )
+        )
       line += f"  |taylor64-ref64(2 D2)| {np.abs(taylor - fixed).max():.1e}"
       if not (thresholding or d2z):
         line += f"  |taylor64-exact| {np.abs(taylor - exact).max():.1e}"
@@ -150,15 +180,26 @@ def main(argv):
   ref = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(ref)
   torch.set_default_dtype(torch.float64)
-  grid = list(itertools.product((1, 2, 3), ("logSNR", "time_uniform"), (10, 20), (True,),
-                                (False,)))
-  grid += [(2, "logSNR", 8, True, False), (3, "logSNR", 8, True, False),
-           (3, "logSNR", 8, False, False), (2, "time_quadratic", 10, True, True),
-           (3, "logSNR", 20, True, True)]
+  grid = list(itertools.product((1, 2, 3), ("logSNR", "time_uniform"), (10, 20), (True,), (False,)))
+  grid += [
+    (2, "logSNR", 8, True, False),
+    (3, "logSNR", 8, True, False),
+    (3, "logSNR", 8, False, False),
+    (2, "time_quadratic", 10, True, True),
+    (3, "logSNR", 20, True, True),
+  ]
   run("linear", 0.5, grid)
   run("cosine", 0.5, [(2, "logSNR", 10, True, False), (3, "time_uniform", 20, True, True)])
-  run("linear", 1.5, [(2, "logSNR", 10, True, True), (3, "logSNR", 20, True, True),
-                      (2, "time_uniform", 8, True, False)], thresholding=True)
+  run(
+    "linear",
+    1.5,
+    [
+      (2, "logSNR", 10, True, True),
+      (3, "logSNR", 20, True, True),
+      (2, "time_uniform", 8, True, False),
+    ],
+    thresholding=True,
+  )
 
 
 if __name__ == "__main__":

@@ -42,19 +42,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
-import platform
-import resource
 import statistics
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from absl import app, flags, logging
 import numpy as np
-from ml_collections import config_flags
 import torch
 import torch.nn.functional as F
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 from bench import common
 from reference_torch.torch_sampling import alphas_cumprod, ddim_own, generate
@@ -71,34 +69,54 @@ flags.DEFINE_string("workdir", "", "train_sample: folder for samples.npz (create
 flags.DEFINE_integer("steps", 5, "bench: timed train steps (the median is reported).")
 flags.DEFINE_integer("warmup", 1, "bench: untimed train steps first.")
 flags.DEFINE_integer("threads", 2, "torch.set_num_threads.")
-flags.DEFINE_enum("sampler", "own", SAMPLERS,
-                  "own: this file's DDIM (the grid and formulas of ddpm_jax.samplers.ddim); "
-                  "diffusers: DDIMScheduler with the same grid, for reference.")
-flags.DEFINE_enum("init", "ddpm", INITS,
-                  "ddpm: ddpm_jax's initialisation (variance_scaling fan_avg uniform, zero "
-                  "biases, ~0 on the last conv of each res block, attention output and "
-                  "conv_out); torch: PyTorch/diffusers defaults.")
-flags.DEFINE_enum("draws", "own", DRAWS,
-                  "train_sample: own: torch's init (--init), t, noise and x_T from torch "
-                  "generators; ddpm_jax: main.py's initial parameters, t, noise, flips and "
-                  "x_T for the same seeds (reference_torch/jax_to_torch.py), so only the "
-                  "implementations differ.")
-flags.DEFINE_string("jax_workdir", "", "equivalence: ddpm_jax workdir whose EMA parameters "
-                    "(sampling.checkpoint_step) both networks load; empty: the initial ones.")
+flags.DEFINE_enum(
+  "sampler",
+  "own",
+  SAMPLERS,
+  "own: this file's DDIM (the grid and formulas of ddpm_jax.samplers.ddim); "
+  "diffusers: DDIMScheduler with the same grid, for reference.",
+)
+flags.DEFINE_enum(
+  "init",
+  "ddpm",
+  INITS,
+  "ddpm: ddpm_jax's initialisation (variance_scaling fan_avg uniform, zero "
+  "biases, ~0 on the last conv of each res block, attention output and "
+  "conv_out); torch: PyTorch/diffusers defaults.",
+)
+flags.DEFINE_enum(
+  "draws",
+  "own",
+  DRAWS,
+  "train_sample: own: torch's init (--init), t, noise and x_T from torch "
+  "generators; ddpm_jax: main.py's initial parameters, t, noise, flips and "
+  "x_T for the same seeds (reference_torch/jax_to_torch.py), so only the "
+  "implementations differ.",
+)
+flags.DEFINE_string(
+  "jax_workdir",
+  "",
+  "equivalence: ddpm_jax workdir whose EMA parameters "
+  "(sampling.checkpoint_step) both networks load; empty: the initial ones.",
+)
 flags.DEFINE_integer("ddim_batch", 16, "equivalence: DDIM samples compared.")
 flags.DEFINE_enum("adam_impl", "default", ADAM_IMPLS, "torch.optim.Adam implementation.")
-flags.DEFINE_integer("log_every", 50, "train_sample: progress line on stderr every this many steps.")
+flags.DEFINE_integer(
+  "log_every", 50, "train_sample: progress line on stderr every this many steps."
+)
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
 # ----------------------------------------------------------------------------- the layout
 
+
 def unet_kwargs(config: Any) -> dict[str, Any]:
   """UNet2DModel arguments equivalent to config.model / config.data (ddpm_jax's U-Net):
   ddpm_jax.pretrained_names.diffusers_config, the config ddpm_jax exports with. This
   trainer does not train a learned variance (2C outputs)."""
-  from ddpm_jax import pretrained_names  # pylint: disable=import-outside-toplevel
+  from ddpm_jax import pretrained_names
+
   if config.diffusion.model_var_type in ("learned", "learned_range"):
     raise ValueError("a learned variance (2C outputs) is not mapped; use fixedlarge/fixedsmall.")
   return pretrained_names.diffusers_config(config)
@@ -107,8 +125,10 @@ def unet_kwargs(config: Any) -> dict[str, Any]:
 def ddpm_init_(model: torch.nn.Module) -> None:
   """ddpm_jax's initialisation: Xavier-uniform kernels (= variance_scaling(1, fan_avg,
   uniform)), zero biases, and scale 1e-10 on the layers ddpm_jax zero-initialises."""
-  near_zero = lambda name: (name == "conv_out" or name.endswith(".conv2")
-                            or name.endswith(".to_out.0"))
+
+  def near_zero(name):
+    return name == "conv_out" or name.endswith((".conv2", ".to_out.0"))
+
   for name, module in model.named_modules():
     if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
       torch.nn.init.xavier_uniform_(module.weight, gain=1e-5 if near_zero(name) else 1.0)
@@ -117,7 +137,8 @@ def ddpm_init_(model: torch.nn.Module) -> None:
 
 
 def build_model(config: Any, init: str) -> torch.nn.Module:
-  from diffusers import UNet2DModel  # pylint: disable=import-outside-toplevel
+  from diffusers import UNet2DModel
+
   model = UNet2DModel(**unet_kwargs(config))
   if init == "ddpm":
     ddpm_init_(model)
@@ -130,9 +151,11 @@ def num_params(model: torch.nn.Module) -> int:
 
 # ----------------------------------------------------------------------------- the recipe
 
+
 @dataclasses.dataclass
 class Recipe:
   """config.training's optimisation recipe, plus the EMA schedule (a torch-side option)."""
+
   learning_rate: float
   warmup_steps: int
   grad_clip: float
@@ -142,12 +165,17 @@ class Recipe:
   ema_schedule: str
 
   @classmethod
-  def from_config(cls, training: Any) -> "Recipe":
+  def from_config(cls, training: Any) -> Recipe:
     """training.ema_warmup picks the EMA schedule, as in ddpm_jax."""
-    return cls(float(training.learning_rate), int(training.warmup_steps),
-               float(training.grad_clip), (float(training.adam_b1), float(training.adam_b2)),
-               float(training.adam_eps), float(training.ema_decay),
-               "warmup" if training.ema_warmup else "constant")
+    return cls(
+      float(training.learning_rate),
+      int(training.warmup_steps),
+      float(training.grad_clip),
+      (float(training.adam_b1), float(training.adam_b2)),
+      float(training.adam_eps),
+      float(training.ema_decay),
+      "warmup" if training.ema_warmup else "constant",
+    )
 
   def lr(self, step: int) -> float:
     """lr * min(step / warmup, 1): step 0 has lr 0, as ddpm_jax's schedule."""
@@ -169,17 +197,25 @@ class Trainer:
   given ``draws`` (step -> (t, noise, flips), jax_to_torch.StepDraws), are ddpm_jax's.
   """
 
-  def __init__(self, model: torch.nn.Module, recipe: Recipe, abar: torch.Tensor,
-               adam_impl: str, seed: int, random_flip: bool,
-               draws: Callable[[int], tuple[torch.Tensor, ...]] | None = None) -> None:
+  def __init__(
+    self,
+    model: torch.nn.Module,
+    recipe: Recipe,
+    abar: torch.Tensor,
+    adam_impl: str,
+    seed: int,
+    random_flip: bool,
+    draws: Callable[[int], tuple[torch.Tensor, ...]] | None = None,
+  ) -> None:
     self.model, self.recipe, self.random_flip = model.train(), recipe, random_flip
     self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     self.sqrt_abar = abar.sqrt().float()
     self.sqrt_1m_abar = (1.0 - abar).sqrt().float()
     self.params = [p for p in model.parameters() if p.requires_grad]
     impl = {} if adam_impl == "default" else {adam_impl: True}
-    self.optimizer = torch.optim.Adam(self.params, lr=recipe.lr(0), betas=recipe.betas,
-                                      eps=recipe.adam_eps, **impl)
+    self.optimizer = torch.optim.Adam(
+      self.params, lr=recipe.lr(0), betas=recipe.betas, eps=recipe.adam_eps, **impl
+    )
     self.generator = torch.Generator().manual_seed(seed)
     self.draws = draws
     self.step_count = 0
@@ -188,8 +224,7 @@ class Trainer:
     if self.draws is not None:
       t, noise, flips = self.draws(self.step_count)
     else:  # Flips first (only if on), then t, then the noise.
-      flips = (torch.rand(x0.shape[0], generator=self.generator) < 0.5 if self.random_flip
-               else None)
+      flips = torch.rand(x0.shape[0], generator=self.generator) < 0.5 if self.random_flip else None
       t = torch.randint(0, self.sqrt_abar.shape[0], (x0.shape[0],), generator=self.generator)
       noise = torch.randn(x0.shape, generator=self.generator)
     if self.random_flip:  # p = 1/2 per example.
@@ -209,7 +244,7 @@ class Trainer:
   @torch.no_grad()
   def update_ema_(self) -> None:
     weight = 1.0 - self.recipe.ema(self.step_count)
-    for ema, param in zip(self.ema_model.parameters(), self.model.parameters()):
+    for ema, param in zip(self.ema_model.parameters(), self.model.parameters(), strict=True):
       ema.lerp_(param, weight)
 
   def step(self, x0: torch.Tensor) -> tuple[float, float]:
@@ -228,14 +263,19 @@ class Trainer:
 
 # ----------------------------------------------------------------------------- ddpm_jax adapter
 
+
 def ddpm_jax_train_batches(config: Any) -> Iterator[np.ndarray]:
   """Adapter (ddpm_jax.input_pipeline): the uint8 [B, H, W, C] batches of steps 0, 1, ...
   that main.py trains on for (training.seed, step), device axis flattened (unflipped: main.py
   flips them on the device when data.random_flip is set)."""
-  from ddpm_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from ddpm_jax import input_pipeline
+
   batches = input_pipeline.create_train_iterator(
-      config.data, global_batch_size=int(config.training.batch_size),
-      seed=int(config.training.seed), start_step=0)
+    config.data,
+    global_batch_size=int(config.training.batch_size),
+    seed=int(config.training.seed),
+    start_step=0,
+  )
   for batch in batches:
     yield batch.reshape((-1,) + batch.shape[2:])
 
@@ -247,28 +287,45 @@ def to_model_input(images: np.ndarray) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- modes
 
+
 def environment() -> dict[str, Any]:
   """The torch side's versions and threads, the host (bench.common.machine) and memory."""
-  import diffusers  # pylint: disable=import-outside-toplevel
-  return {"torch": torch.__version__, "diffusers": diffusers.__version__,
-          "torch_threads": torch.get_num_threads(),
-          "torch_interop_threads": torch.get_num_interop_threads(),
-          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-          **common.machine(), **common.memory_report()}
+  import diffusers
+
+  return {
+    "torch": torch.__version__,
+    "diffusers": diffusers.__version__,
+    "torch_threads": torch.get_num_threads(),
+    "torch_interop_threads": torch.get_num_interop_threads(),
+    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+    **common.machine(),
+    **common.memory_report(),
+  }
 
 
 def run_params(config: Any) -> None:
   model = build_model(config, FLAGS.init)
-  common.emit({"bench": "torch_params", "num_params": num_params(model),
-        "unet2d_kwargs": unet_kwargs(config), **environment()})
+  common.emit(
+    {
+      "bench": "torch_params",
+      "num_params": num_params(model),
+      "unet2d_kwargs": unet_kwargs(config),
+      **environment(),
+    }
+  )
 
 
 def run_bench(config: Any) -> None:
   """Median train-step time on one synthetic batch (uint8 noise scaled to [-1, 1])."""
   model = build_model(config, FLAGS.init)
-  trainer = Trainer(model, Recipe.from_config(config.training),
-                    alphas_cumprod(config.diffusion), FLAGS.adam_impl, int(config.training.seed),
-                    bool(config.data.random_flip))
+  trainer = Trainer(
+    model,
+    Recipe.from_config(config.training),
+    alphas_cumprod(config.diffusion),
+    FLAGS.adam_impl,
+    int(config.training.seed),
+    bool(config.data.random_flip),
+  )
   size, channels = int(config.data.image_size), int(config.data.num_channels)
   batch = int(config.training.batch_size)
   images = np.random.default_rng(0).integers(0, 256, (batch, size, size, channels), np.uint8)
@@ -281,12 +338,25 @@ def run_bench(config: Any) -> None:
     trainer.step(x0)
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
-  common.emit({"bench": "torch_train_step", "global_batch": batch, "num_params": num_params(model),
-        "step_s": step_s, "steps_per_s": 1.0 / step_s, "images_per_s": batch / step_s,
-        "step_s_min": min(times), "step_s_max": max(times), "timed_calls": FLAGS.steps,
-        "warmup_calls": FLAGS.warmup, "dropout": float(config.model.dropout),
-        "num_groups": int(config.model.num_groups), "adam_impl": FLAGS.adam_impl,
-        "step_includes": "forward, MSE, backward, global-norm clip, Adam, EMA", **environment()})
+  common.emit(
+    {
+      "bench": "torch_train_step",
+      "global_batch": batch,
+      "num_params": num_params(model),
+      "step_s": step_s,
+      "steps_per_s": 1.0 / step_s,
+      "images_per_s": batch / step_s,
+      "step_s_min": min(times),
+      "step_s_max": max(times),
+      "timed_calls": FLAGS.steps,
+      "warmup_calls": FLAGS.warmup,
+      "dropout": float(config.model.dropout),
+      "num_groups": int(config.model.num_groups),
+      "adam_impl": FLAGS.adam_impl,
+      "step_includes": "forward, MSE, backward, global-norm clip, Adam, EMA",
+      **environment(),
+    }
+  )
 
 
 def run_train_sample(config: Any) -> None:
@@ -295,17 +365,27 @@ def run_train_sample(config: Any) -> None:
   started = time.perf_counter()
   draws = x_init = None
   if FLAGS.draws == "ddpm_jax":
-    from bench import jax_to_torch  # pylint: disable=import-outside-toplevel
-    import jax  # pylint: disable=import-outside-toplevel
+    import jax
+
+    from reference_torch import jax_to_torch
+
     model = build_model(config, "torch")
     jax_to_torch.load_into_torch(model, jax_to_torch.initial_params(config), config)
     draws = jax_to_torch.StepDraws(config)
-    x_init = lambda i: jax_to_torch.sample_init(config, i, jax.device_count())
+
+    def x_init(i):
+      return jax_to_torch.sample_init(config, i, jax.device_count())
   else:
     model = build_model(config, FLAGS.init)
-  trainer = Trainer(model, Recipe.from_config(config.training),
-                    alphas_cumprod(config.diffusion), FLAGS.adam_impl, int(config.training.seed),
-                    bool(config.data.random_flip), draws)
+  trainer = Trainer(
+    model,
+    Recipe.from_config(config.training),
+    alphas_cumprod(config.diffusion),
+    FLAGS.adam_impl,
+    int(config.training.seed),
+    bool(config.data.random_flip),
+    draws,
+  )
   num_steps = int(config.training.num_train_steps)
   batches = ddpm_jax_train_batches(config)
   losses = []
@@ -315,8 +395,9 @@ def run_train_sample(config: Any) -> None:
     losses.append(loss)
     if (step + 1) % FLAGS.log_every == 0 or step + 1 == num_steps:
       rate = (step + 1) / (time.perf_counter() - train_start)
-      logging.info("step %d/%d loss %.4f grad_norm %.3f (%.2f steps/s)", step + 1, num_steps,
-                   loss, norm, rate)
+      logging.info(
+        "step %d/%d loss %.4f grad_norm %.3f (%.2f steps/s)", step + 1, num_steps, loss, norm, rate
+      )
   train_s = time.perf_counter() - train_start
   sample_start = time.perf_counter()
   samples = generate(trainer.ema_model, config, FLAGS.sampler, x_init)
@@ -324,35 +405,61 @@ def run_train_sample(config: Any) -> None:
   os.makedirs(FLAGS.workdir, exist_ok=True)
   path = os.path.join(FLAGS.workdir, "samples.npz")
   np.savez(path, samples=samples)
-  tail = losses[-min(50, len(losses)):]
-  common.emit({"side": "torch", "steps": num_steps, "samples_path": path,
-        "num_samples": int(samples.shape[0]), "num_params": num_params(model),
-        "final_loss_mean_last_50": float(np.mean(tail)), "train_s": train_s,
-        "sample_s": sample_s, "process_s": time.perf_counter() - started,
-        "ema_schedule": Recipe.from_config(config.training).ema_schedule,
-        "sampler": FLAGS.sampler, "adam_impl": FLAGS.adam_impl, "draws": FLAGS.draws,
-        "init": "ddpm_jax's parameters" if FLAGS.draws == "ddpm_jax" else FLAGS.init,
-        **environment()})
+  tail = losses[-min(50, len(losses)) :]
+  common.emit(
+    {
+      "side": "torch",
+      "steps": num_steps,
+      "samples_path": path,
+      "num_samples": int(samples.shape[0]),
+      "num_params": num_params(model),
+      "final_loss_mean_last_50": float(np.mean(tail)),
+      "train_s": train_s,
+      "sample_s": sample_s,
+      "process_s": time.perf_counter() - started,
+      "ema_schedule": Recipe.from_config(config.training).ema_schedule,
+      "sampler": FLAGS.sampler,
+      "adam_impl": FLAGS.adam_impl,
+      "draws": FLAGS.draws,
+      "init": "ddpm_jax's parameters" if FLAGS.draws == "ddpm_jax" else FLAGS.init,
+      **environment(),
+    }
+  )
 
 
 def run_equivalence(config: Any) -> None:
   """One set of ddpm_jax parameters in both networks: outputs, loss, gradient and DDIM
   samples compared (jax_to_torch.equivalence); one JSON line."""
-  from bench import jax_to_torch  # pylint: disable=import-outside-toplevel
+  from reference_torch import jax_to_torch
+
   if FLAGS.jax_workdir:
-    from ddpm_jax import checkpointing  # pylint: disable=import-outside-toplevel
-    params, step = checkpointing.restore_ema_params(config, FLAGS.jax_workdir,
-                                                    int(config.sampling.checkpoint_step))
+    from ddpm_jax import checkpointing
+
+    params, step = checkpointing.restore_ema_params(
+      config, FLAGS.jax_workdir, int(config.sampling.checkpoint_step)
+    )
     source = f"EMA parameters of {FLAGS.jax_workdir} at step {step}"
   else:
     params, source = jax_to_torch.initial_params(config), "initial parameters"
   smp, abar = config.sampling, alphas_cumprod(config.diffusion)
   model = build_model(config, "torch")
-  ddim = lambda x: ddim_own(model, x, abar, int(smp.ddim.num_steps), 0.0, False, torch.Generator())
-  result = jax_to_torch.equivalence(config, model, params, next(ddpm_jax_train_batches(config)),
-                                    FLAGS.ddim_batch, ddim)
-  common.emit({"bench": "torch_equivalence", "params": source, "num_params": num_params(model),
-        "ddim_steps": int(smp.ddim.num_steps), **result, **environment()})
+
+  def ddim(x):
+    return ddim_own(model, x, abar, int(smp.ddim.num_steps), 0.0, False, torch.Generator())
+
+  result = jax_to_torch.equivalence(
+    config, model, params, next(ddpm_jax_train_batches(config)), FLAGS.ddim_batch, ddim
+  )
+  common.emit(
+    {
+      "bench": "torch_equivalence",
+      "params": source,
+      "num_params": num_params(model),
+      "ddim_steps": int(smp.ddim.num_steps),
+      **result,
+      **environment(),
+    }
+  )
 
 
 def main(argv: list[str]) -> None:
@@ -362,8 +469,12 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"--steps={FLAGS.steps} must be >= 1 and --warmup={FLAGS.warmup} >= 0.")
   torch.set_num_threads(FLAGS.threads)
   torch.manual_seed(int(FLAGS.config.training.seed))  # The default init draws from it.
-  {"params": run_params, "bench": run_bench, "train_sample": run_train_sample,
-   "equivalence": run_equivalence}[FLAGS.mode](FLAGS.config)
+  {
+    "params": run_params,
+    "bench": run_bench,
+    "train_sample": run_train_sample,
+    "equivalence": run_equivalence,
+  }[FLAGS.mode](FLAGS.config)
 
 
 if __name__ == "__main__":

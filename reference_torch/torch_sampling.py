@@ -8,7 +8,8 @@ as round((x + 1) * 127.5). diffusers' DDIMScheduler is kept as a cross-check.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,8 +21,12 @@ def alphas_cumprod(diffusion: Any) -> torch.Tensor:
     raise ValueError(f"diffusion.beta_schedule={diffusion.beta_schedule!r}: only 'linear'.")
   if diffusion.model_mean_type != "eps" or diffusion.loss_type != "mse":
     raise ValueError("only model_mean_type='eps' with loss_type='mse' (L_simple) is mapped.")
-  betas = np.linspace(float(diffusion.beta_start), float(diffusion.beta_end),
-                      int(diffusion.num_timesteps), dtype=np.float64)
+  betas = np.linspace(
+    float(diffusion.beta_start),
+    float(diffusion.beta_end),
+    int(diffusion.num_timesteps),
+    dtype=np.float64,
+  )
   return torch.from_numpy(np.cumprod(1.0 - betas))
 
 
@@ -33,8 +38,15 @@ def ddim_grid(num_timesteps: int, num_steps: int) -> list[int]:
 
 
 @torch.no_grad()
-def ddim_own(model: torch.nn.Module, x: torch.Tensor, abar: torch.Tensor, num_steps: int,
-             eta: float, clip_x0: bool, generator: torch.Generator) -> torch.Tensor:
+def ddim_own(
+  model: torch.nn.Module,
+  x: torch.Tensor,
+  abar: torch.Tensor,
+  num_steps: int,
+  eta: float,
+  clip_x0: bool,
+  generator: torch.Generator,
+) -> torch.Tensor:
   """DDIM (Song et al. 2021, Eq. 12) from x_T = x over the grid; with clip_x0 the x0
   estimate is clipped to [-1, 1] and eps re-derived from it (as ddpm_jax.sampling)."""
   grid = ddim_grid(abar.shape[0], num_steps)
@@ -54,21 +66,36 @@ def ddim_own(model: torch.nn.Module, x: torch.Tensor, abar: torch.Tensor, num_st
 
 
 @torch.no_grad()
-def ddim_diffusers(model: torch.nn.Module, x: torch.Tensor, diffusion: Any, num_steps: int,
-                   eta: float, clip_x0: bool, generator: torch.Generator) -> torch.Tensor:
+def ddim_diffusers(
+  model: torch.nn.Module,
+  x: torch.Tensor,
+  diffusion: Any,
+  num_steps: int,
+  eta: float,
+  clip_x0: bool,
+  generator: torch.Generator,
+) -> torch.Tensor:
   """The same DDIM through diffusers' DDIMScheduler ('leading' grid 0, k, ..., final
   alpha 1, eps re-derived from the clipped x0)."""
-  from diffusers import DDIMScheduler  # pylint: disable=import-outside-toplevel
+  from diffusers import DDIMScheduler
+
   scheduler = DDIMScheduler(
-      num_train_timesteps=int(diffusion.num_timesteps), beta_start=float(diffusion.beta_start),
-      beta_end=float(diffusion.beta_end), beta_schedule="linear", clip_sample=clip_x0,
-      set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon",
-      timestep_spacing="leading")
+    num_train_timesteps=int(diffusion.num_timesteps),
+    beta_start=float(diffusion.beta_start),
+    beta_end=float(diffusion.beta_end),
+    beta_schedule="linear",
+    clip_sample=clip_x0,
+    set_alpha_to_one=True,
+    steps_offset=0,
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+  )
   scheduler.set_timesteps(num_steps)
   for t in scheduler.timesteps:
     eps = model(x, t.expand(x.shape[0])).sample
-    x = scheduler.step(eps, t, x, eta=eta, use_clipped_model_output=clip_x0,
-                       generator=generator).prev_sample
+    x = scheduler.step(
+      eps, t, x, eta=eta, use_clipped_model_output=clip_x0, generator=generator
+    ).prev_sample
   return x
 
 
@@ -78,8 +105,12 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
   return pixels.permute(0, 2, 3, 1).numpy()
 
 
-def generate(model: torch.nn.Module, config: Any, sampler: str,
-             x_init: Callable[[int], torch.Tensor] | None = None) -> np.ndarray:
+def generate(
+  model: torch.nn.Module,
+  config: Any,
+  sampler: str,
+  x_init: Callable[[int], torch.Tensor] | None = None,
+) -> np.ndarray:
   """config.sampling.num_samples uint8 samples, in batches of sampling.batch_size; x_T of
   batch i is x_init(i) (jax_to_torch.sample_init) if given, else from a torch generator."""
   smp, data = config.sampling, config.data
@@ -91,14 +122,27 @@ def generate(model: torch.nn.Module, config: Any, sampler: str,
   out, remaining = [], int(smp.num_samples)
   while remaining > 0:
     n = min(remaining, int(smp.batch_size))
-    x = (torch.randn((n,) + shape, generator=generator) if x_init is None
-         else x_init(len(out))[:n])
+    x = torch.randn((n,) + shape, generator=generator) if x_init is None else x_init(len(out))[:n]
     if sampler == "own":
-      x = ddim_own(model, x, abar, int(smp.ddim.num_steps), float(smp.ddim.eta),
-                   bool(smp.ddim.clip_denoised), generator)
+      x = ddim_own(
+        model,
+        x,
+        abar,
+        int(smp.ddim.num_steps),
+        float(smp.ddim.eta),
+        bool(smp.ddim.clip_denoised),
+        generator,
+      )
     else:
-      x = ddim_diffusers(model, x, config.diffusion, int(smp.ddim.num_steps), float(smp.ddim.eta),
-                         bool(smp.ddim.clip_denoised), generator)
+      x = ddim_diffusers(
+        model,
+        x,
+        config.diffusion,
+        int(smp.ddim.num_steps),
+        float(smp.ddim.eta),
+        bool(smp.ddim.clip_denoised),
+        generator,
+      )
     out.append(to_uint8(x))
     remaining -= n
   return np.concatenate(out)

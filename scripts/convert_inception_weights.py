@@ -51,69 +51,110 @@ from ddpm_jax.evaluation import inception
 
 # (PyTorch suffix, Flax collection, Flax suffix, transpose applied to the PyTorch array).
 _CONV_BLOCK_TENSORS = (
-    ("conv.weight", "params", "conv/kernel", (2, 3, 1, 0)),  # OIHW -> HWIO.
-    ("bn.weight", "params", "bn/scale", None),
-    ("bn.bias", "params", "bn/bias", None),
-    ("bn.running_mean", "batch_stats", "bn/mean", None),
-    ("bn.running_var", "batch_stats", "bn/var", None),
+  ("conv.weight", "params", "conv/kernel", (2, 3, 1, 0)),  # OIHW -> HWIO.
+  ("bn.weight", "params", "bn/scale", None),
+  ("bn.bias", "params", "bn/bias", None),
+  ("bn.running_mean", "batch_stats", "bn/mean", None),
+  ("bn.running_var", "batch_stats", "bn/var", None),
 )
 _FC_TENSORS = (
-    ("fc.weight", "params", "fc/kernel", (1, 0)),  # [out, in] -> [in, out].
-    ("fc.bias", "params", "fc/bias", None),
+  ("fc.weight", "params", "fc/kernel", (1, 0)),  # [out, in] -> [in, out].
+  ("fc.bias", "params", "fc/bias", None),
 )
 _IGNORED_SUFFIX = ".num_batches_tracked"
 
 # TorchScript (TF layer names) -> pytorch-fid names. Stem convolutions of net.layers:
-_TS_STEM = (("conv", "Conv2d_1a_3x3"), ("conv_1", "Conv2d_2a_3x3"), ("conv_2", "Conv2d_2b_3x3"),
-            ("conv_3", "Conv2d_3b_1x1"), ("conv_4", "Conv2d_4a_3x3"))
+_TS_STEM = (
+  ("conv", "Conv2d_1a_3x3"),
+  ("conv_1", "Conv2d_2a_3x3"),
+  ("conv_2", "Conv2d_2b_3x3"),
+  ("conv_3", "Conv2d_3b_1x1"),
+  ("conv_4", "Conv2d_4a_3x3"),
+)
 # Branch convolutions per Inception block type, in the TF graph's tower order.
 _TS_BRANCHES = {
-    "A": (("conv", "branch1x1"), ("tower.conv", "branch5x5_1"),
-          ("tower.conv_1", "branch5x5_2"), ("tower_1.conv", "branch3x3dbl_1"),
-          ("tower_1.conv_1", "branch3x3dbl_2"), ("tower_1.conv_2", "branch3x3dbl_3"),
-          ("tower_2.conv", "branch_pool")),
-    "B": (("conv", "branch3x3"), ("tower.conv", "branch3x3dbl_1"),
-          ("tower.conv_1", "branch3x3dbl_2"), ("tower.conv_2", "branch3x3dbl_3")),
-    "C": (("conv", "branch1x1"), ("tower.conv", "branch7x7_1"), ("tower.conv_1", "branch7x7_2"),
-          ("tower.conv_2", "branch7x7_3"), ("tower_1.conv", "branch7x7dbl_1"),
-          ("tower_1.conv_1", "branch7x7dbl_2"), ("tower_1.conv_2", "branch7x7dbl_3"),
-          ("tower_1.conv_3", "branch7x7dbl_4"), ("tower_1.conv_4", "branch7x7dbl_5"),
-          ("tower_2.conv", "branch_pool")),
-    "D": (("tower.conv", "branch3x3_1"), ("tower.conv_1", "branch3x3_2"),
-          ("tower_1.conv", "branch7x7x3_1"), ("tower_1.conv_1", "branch7x7x3_2"),
-          ("tower_1.conv_2", "branch7x7x3_3"), ("tower_1.conv_3", "branch7x7x3_4")),
-    "E": (("conv", "branch1x1"), ("tower_conv", "branch3x3_1"),
-          ("tower_mixed_conv", "branch3x3_2a"), ("tower_mixed_conv_1", "branch3x3_2b"),
-          ("tower_1_conv", "branch3x3dbl_1"), ("tower_1_conv_1", "branch3x3dbl_2"),
-          ("tower_1_mixed_conv", "branch3x3dbl_3a"),
-          ("tower_1_mixed_conv_1", "branch3x3dbl_3b"), ("tower_2_conv", "branch_pool")),
+  "A": (
+    ("conv", "branch1x1"),
+    ("tower.conv", "branch5x5_1"),
+    ("tower.conv_1", "branch5x5_2"),
+    ("tower_1.conv", "branch3x3dbl_1"),
+    ("tower_1.conv_1", "branch3x3dbl_2"),
+    ("tower_1.conv_2", "branch3x3dbl_3"),
+    ("tower_2.conv", "branch_pool"),
+  ),
+  "B": (
+    ("conv", "branch3x3"),
+    ("tower.conv", "branch3x3dbl_1"),
+    ("tower.conv_1", "branch3x3dbl_2"),
+    ("tower.conv_2", "branch3x3dbl_3"),
+  ),
+  "C": (
+    ("conv", "branch1x1"),
+    ("tower.conv", "branch7x7_1"),
+    ("tower.conv_1", "branch7x7_2"),
+    ("tower.conv_2", "branch7x7_3"),
+    ("tower_1.conv", "branch7x7dbl_1"),
+    ("tower_1.conv_1", "branch7x7dbl_2"),
+    ("tower_1.conv_2", "branch7x7dbl_3"),
+    ("tower_1.conv_3", "branch7x7dbl_4"),
+    ("tower_1.conv_4", "branch7x7dbl_5"),
+    ("tower_2.conv", "branch_pool"),
+  ),
+  "D": (
+    ("tower.conv", "branch3x3_1"),
+    ("tower.conv_1", "branch3x3_2"),
+    ("tower_1.conv", "branch7x7x3_1"),
+    ("tower_1.conv_1", "branch7x7x3_2"),
+    ("tower_1.conv_2", "branch7x7x3_3"),
+    ("tower_1.conv_3", "branch7x7x3_4"),
+  ),
+  "E": (
+    ("conv", "branch1x1"),
+    ("tower_conv", "branch3x3_1"),
+    ("tower_mixed_conv", "branch3x3_2a"),
+    ("tower_mixed_conv_1", "branch3x3_2b"),
+    ("tower_1_conv", "branch3x3dbl_1"),
+    ("tower_1_conv_1", "branch3x3dbl_2"),
+    ("tower_1_mixed_conv", "branch3x3dbl_3a"),
+    ("tower_1_mixed_conv_1", "branch3x3dbl_3b"),
+    ("tower_2_conv", "branch_pool"),
+  ),
 }
-_TS_BLOCKS = (("mixed", "Mixed_5b", "A"), ("mixed_1", "Mixed_5c", "A"),
-              ("mixed_2", "Mixed_5d", "A"), ("mixed_3", "Mixed_6a", "B"),
-              ("mixed_4", "Mixed_6b", "C"), ("mixed_5", "Mixed_6c", "C"),
-              ("mixed_6", "Mixed_6d", "C"), ("mixed_7", "Mixed_6e", "C"),
-              ("mixed_8", "Mixed_7a", "D"), ("mixed_9", "Mixed_7b", "E"),
-              ("mixed_10", "Mixed_7c", "E"))
+_TS_BLOCKS = (
+  ("mixed", "Mixed_5b", "A"),
+  ("mixed_1", "Mixed_5c", "A"),
+  ("mixed_2", "Mixed_5d", "A"),
+  ("mixed_3", "Mixed_6a", "B"),
+  ("mixed_4", "Mixed_6b", "C"),
+  ("mixed_5", "Mixed_6c", "C"),
+  ("mixed_6", "Mixed_6d", "C"),
+  ("mixed_7", "Mixed_6e", "C"),
+  ("mixed_8", "Mixed_7a", "D"),
+  ("mixed_9", "Mixed_7b", "E"),
+  ("mixed_10", "Mixed_7c", "E"),
+)
 _TS_PREFIX = "net.layers."
 # (TorchScript suffix, Flax collection, Flax suffix, transpose); bn/scale is set to 1.
 _TS_CONV_TENSORS = (
-    ("weight", "params", "conv/kernel", (2, 3, 1, 0)),  # OIHW -> HWIO.
-    ("beta", "params", "bn/bias", None),
-    ("mean", "batch_stats", "bn/mean", None),
-    ("var", "batch_stats", "bn/var", None),
+  ("weight", "params", "conv/kernel", (2, 3, 1, 0)),  # OIHW -> HWIO.
+  ("beta", "params", "bn/bias", None),
+  ("mean", "batch_stats", "bn/mean", None),
+  ("var", "batch_stats", "bn/var", None),
 )
 
 
 def _tensor_table(flax_shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[str, str, tuple]]:
   """[(pytorch name, flax path, transpose)] for every variable of the Flax model."""
-  blocks = sorted(key[len("params/"):-len("/conv/kernel")] for key in flax_shapes
-                  if key.startswith("params/") and key.endswith("/conv/kernel"))
+  blocks = sorted(
+    key[len("params/") : -len("/conv/kernel")]
+    for key in flax_shapes
+    if key.startswith("params/") and key.endswith("/conv/kernel")
+  )
   table = []
   for block in blocks:
     torch_prefix = block.replace("/", ".")
     for torch_suffix, collection, flax_suffix, perm in _CONV_BLOCK_TENSORS:
-      table.append((f"{torch_prefix}.{torch_suffix}", f"{collection}/{block}/{flax_suffix}",
-                    perm))
+      table.append((f"{torch_prefix}.{torch_suffix}", f"{collection}/{block}/{flax_suffix}", perm))
   for torch_name, collection, flax_suffix, perm in _FC_TENSORS:
     table.append((torch_name, f"{collection}/{flax_suffix}", perm))
   covered = {flax_path for _, flax_path, _ in table}
@@ -122,9 +163,9 @@ def _tensor_table(flax_shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[str,
   return table
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray],
-                       flax_shapes: Mapping[str, tuple[int, ...]] | None = None
-                       ) -> dict[str, np.ndarray]:
+def convert_state_dict(
+  state_dict: Mapping[str, np.ndarray], flax_shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, np.ndarray]:
   """pytorch-fid state_dict (numpy arrays keyed by PyTorch names) -> flat float32 npz dict.
 
   `flax_shapes` defaults to `inception.variable_shapes()` (the FIDInceptionV3 tree).
@@ -135,23 +176,27 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray],
   unexpected = sorted(k for k in state_dict if k not in known and not k.endswith(_IGNORED_SUFFIX))
   missing = sorted(known - set(state_dict))
   if missing or unexpected:
-    raise ValueError(f"state_dict is not pytorch-fid's FID Inception: missing {missing[:5]} "
-                     f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
+    raise ValueError(
+      f"state_dict is not pytorch-fid's FID Inception: missing {missing[:5]} "
+      f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})"
+    )
   flat = {}
   for torch_name, flax_path, perm in table:
     array = np.asarray(state_dict[torch_name], dtype=np.float32)
     if perm is not None:
       array = np.transpose(array, perm)
     if array.shape != tuple(flax_shapes[flax_path]):
-      raise ValueError(f"{torch_name} maps to shape {array.shape}, but {flax_path} needs "
-                       f"{tuple(flax_shapes[flax_path])}")
+      raise ValueError(
+        f"{torch_name} maps to shape {array.shape}, but {flax_path} needs "
+        f"{tuple(flax_shapes[flax_path])}"
+      )
     flat[flax_path] = np.ascontiguousarray(array)
   return flat
 
 
-def to_state_dict(flat: Mapping[str, np.ndarray],
-                  flax_shapes: Mapping[str, tuple[int, ...]] | None = None
-                  ) -> dict[str, np.ndarray]:
+def to_state_dict(
+  flat: Mapping[str, np.ndarray], flax_shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, np.ndarray]:
   """The inverse of `convert_state_dict`: flat Flax variables -> PyTorch-named arrays."""
   flax_shapes = inception.variable_shapes() if flax_shapes is None else flax_shapes
   state_dict = {}
@@ -175,9 +220,9 @@ def torchscript_layer_names() -> dict[str, str]:
   return names
 
 
-def convert_torchscript_state_dict(state_dict: Mapping[str, np.ndarray],
-                                   flax_shapes: Mapping[str, tuple[int, ...]] | None = None
-                                   ) -> dict[str, np.ndarray]:
+def convert_torchscript_state_dict(
+  state_dict: Mapping[str, np.ndarray], flax_shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, np.ndarray]:
   """default_1.pt's state_dict (numpy arrays, TF layer names) -> flat float32 npz dict.
 
   Each of the 94 Conv2dLayers maps to a BasicConv (see `torchscript_layer_names`); its
@@ -187,15 +232,19 @@ def convert_torchscript_state_dict(state_dict: Mapping[str, np.ndarray],
   """
   if flax_shapes is None:
     flax_shapes = inception.variable_shapes(with_logits=False)
-  table = [(f"{layer}.{ts_suffix}", f"{collection}/{block}/{flax_suffix}", perm)
-           for layer, block in torchscript_layer_names().items()
-           for ts_suffix, collection, flax_suffix, perm in _TS_CONV_TENSORS]
+  table = [
+    (f"{layer}.{ts_suffix}", f"{collection}/{block}/{flax_suffix}", perm)
+    for layer, block in torchscript_layer_names().items()
+    for ts_suffix, collection, flax_suffix, perm in _TS_CONV_TENSORS
+  ]
   missing = sorted({name for name, _, _ in table} - set(state_dict))
   unexpected = sorted(set(state_dict) - {name for name, _, _ in table})
   if missing or unexpected:
-    raise ValueError(f"state_dict is not the TorchScript FID Inception (default_1.pt): missing "
-                     f"{missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} "
-                     f"({len(unexpected)})")
+    raise ValueError(
+      f"state_dict is not the TorchScript FID Inception (default_1.pt): missing "
+      f"{missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} "
+      f"({len(unexpected)})"
+    )
   flat = {}
   for ts_name, flax_path, perm in table:
     array = np.asarray(state_dict[ts_name], dtype=np.float32)
@@ -203,13 +252,17 @@ def convert_torchscript_state_dict(state_dict: Mapping[str, np.ndarray],
   for block in torchscript_layer_names().values():
     flat[f"params/{block}/bn/scale"] = np.ones_like(flat[f"params/{block}/bn/bias"])
   if set(flat) != set(flax_shapes):
-    raise ValueError(f"the TorchScript mapping does not cover the Flax model: missing "
-                     f"{sorted(set(flax_shapes) - set(flat))[:5]}, extra "
-                     f"{sorted(set(flat) - set(flax_shapes))[:5]}")
+    raise ValueError(
+      f"the TorchScript mapping does not cover the Flax model: missing "
+      f"{sorted(set(flax_shapes) - set(flat))[:5]}, extra "
+      f"{sorted(set(flat) - set(flax_shapes))[:5]}"
+    )
   for flax_path, array in flat.items():
     if array.shape != tuple(flax_shapes[flax_path]):
-      raise ValueError(f"{flax_path} needs shape {tuple(flax_shapes[flax_path])}, the "
-                       f"TorchScript tensor gives {array.shape}")
+      raise ValueError(
+        f"{flax_path} needs shape {tuple(flax_shapes[flax_path])}, the "
+        f"TorchScript tensor gives {array.shape}"
+      )
   return flat
 
 
@@ -229,11 +282,14 @@ def check_torchscript_batch_norm(layer: str, code: str) -> None:
     raise ValueError(f"{layer}: no batch_norm call found in its TorchScript forward code")
   args = [a.strip() for a in call.group(1).split(",") if a.strip()]
   if len(args) != 8 or args[3] != "None" or args[5] != "False":
-    raise ValueError(f"{layer}: batch_norm({', '.join(args)}) is not an inference "
-                     f"BatchNorm without scale (x, mean, var, None, beta, False, m, eps)")
+    raise ValueError(
+      f"{layer}: batch_norm({', '.join(args)}) is not an inference "
+      f"BatchNorm without scale (x, mean, var, None, beta, False, m, eps)"
+    )
   if float(args[7]) != inception.BN_EPSILON:
-    raise ValueError(f"{layer}: batch_norm eps={args[7]}, but the Flax port uses "
-                     f"{inception.BN_EPSILON}")
+    raise ValueError(
+      f"{layer}: batch_norm eps={args[7]}, but the Flax port uses {inception.BN_EPSILON}"
+    )
 
 
 def is_torchscript(path: str) -> bool:
@@ -246,13 +302,15 @@ def is_torchscript(path: str) -> bool:
 
 def load_torchscript(path: str) -> dict[str, np.ndarray]:
   """default_1.pt -> its state_dict as numpy, after checking every layer's BatchNorm code."""
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch
 
   try:
     module = torch.jit.load(path, map_location="cpu")
   except Exception as e:  # A damaged archive raises RuntimeError and others.
-    raise ValueError(f"{path!r} is not a loadable TorchScript file ({type(e).__name__}: "
-                     f"{' '.join(str(e).split())[:200]})") from e
+    raise ValueError(
+      f"{path!r} is not a loadable TorchScript file ({type(e).__name__}: "
+      f"{' '.join(str(e).split())[:200]})"
+    ) from e
   layers = dict(module.named_modules())
   for name in torchscript_layer_names():
     if name not in layers:
@@ -263,7 +321,7 @@ def load_torchscript(path: str) -> dict[str, np.ndarray]:
 
 def read_and_convert(path: str) -> dict[str, np.ndarray]:
   """Converts either weights file to the flat npz dict; ValueError (one line) if unusable."""
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch
 
   if is_torchscript(path):
     return convert_torchscript_state_dict(load_torchscript(path))
@@ -271,8 +329,9 @@ def read_and_convert(path: str) -> dict[str, np.ndarray]:
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types (RuntimeError, UnpicklingError, ...).
     message = " ".join(str(e).split())[:200]
-    raise ValueError(f"{path!r} is not a PyTorch state_dict or TorchScript file "
-                     f"({type(e).__name__}: {message})") from e
+    raise ValueError(
+      f"{path!r} is not a PyTorch state_dict or TorchScript file ({type(e).__name__}: {message})"
+    ) from e
   if not isinstance(state_dict, Mapping):
     raise ValueError(f"{path!r} holds a {type(state_dict).__name__}, not a state_dict")
   return convert_state_dict({k: v.detach().cpu().numpy() for k, v in state_dict.items()})
@@ -288,17 +347,23 @@ def _check_hash(path: str) -> None:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   if not digest.hexdigest().startswith(match.group(1)):
-    raise ValueError(f"{path!r}: sha256 {digest.hexdigest()[:12]}... does not start with "
-                     f"{match.group(1)} (corrupt download?)")
+    raise ValueError(
+      f"{path!r}: sha256 {digest.hexdigest()[:12]}... does not start with "
+      f"{match.group(1)} (corrupt download?)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--input", required=True, help=f"path of {inception.WEIGHTS_FILENAME} "
-                      f"or of {inception.TORCHSCRIPT_WEIGHTS}")
+  parser.add_argument(
+    "--input",
+    required=True,
+    help=f"path of {inception.WEIGHTS_FILENAME} or of {inception.TORCHSCRIPT_WEIGHTS}",
+  )
   parser.add_argument("--output", required=True, help="path of the .npz to write")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace an existing --output file (refused otherwise)")
+  parser.add_argument(
+    "--overwrite", action="store_true", help="replace an existing --output file (refused otherwise)"
+  )
   args = parser.parse_args(argv)
   if not os.path.isfile(args.input):
     parser.error(f"--input={args.input!r} is not a file; download {inception.WEIGHTS_URL}")

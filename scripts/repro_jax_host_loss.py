@@ -45,14 +45,15 @@ ITERATIONS_BEFORE_DEATH = 300
 def _process(process_id: int, port: int, mode: str, victim: int, heartbeat: int) -> None:
   """One process of a job (run as `python scripts/repro_jax_host_loss.py --child=...`)."""
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-  import jax  # pylint: disable=import-outside-toplevel
-  from jax._src import distributed  # pylint: disable=import-outside-toplevel
-  from jax._src.lib import _jax  # pylint: disable=import-outside-toplevel
+  import jax
+  from jax._src import distributed
+  from jax._src.lib import _jax
+
   if mode == "callback":
     make_client = _jax.get_distributed_runtime_client
 
     def exit_75(*_) -> None:
-      os._exit(75)  # pylint: disable=protected-access
+      os._exit(75)
 
     def with_callback(*args, **kwargs):
       return make_client(*args, missed_heartbeat_callback=exit_75, **kwargs)
@@ -60,15 +61,17 @@ def _process(process_id: int, port: int, mode: str, victim: int, heartbeat: int)
     _jax.get_distributed_runtime_client = with_callback
   if mode == "recoverable":
     jax.config.update("jax_enable_recoverability", True)
-  jax.distributed.initialize(f"127.0.0.1:{port}", 2, process_id,
-                             heartbeat_timeout_seconds=heartbeat)
+  jax.distributed.initialize(
+    f"127.0.0.1:{port}", 2, process_id, heartbeat_timeout_seconds=heartbeat
+  )
   if mode == "watchdog":
+
     def watch() -> None:
       try:
         distributed.global_state.client.blocking_key_value_get("never_set", 3_600_000)
-      except Exception:  # pylint: disable=broad-except  (the coordinator is gone)
+      except Exception:  # Broad on purpose: the coordinator is gone.
         os.write(2, b"watchdog: the coordinator is gone\n")
-        os._exit(75)  # pylint: disable=protected-access
+        os._exit(75)
 
     threading.Thread(target=watch, daemon=True).start()
   psum = jax.pmap(lambda x: jax.lax.psum(x, "i"), "i")
@@ -85,12 +88,20 @@ def _job(mode: str, victim: int) -> dict:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   with tempfile.TemporaryDirectory() as tmp:
-    # pylint: disable-next=consider-using-with
-    errs = [open(os.path.join(tmp, f"p{i}.err"), "w+") for i in range(2)]
-    procs = [subprocess.Popen(  # pylint: disable=consider-using-with
-        [sys.executable, os.path.abspath(__file__),
-         f"--child={i},{port},{mode},{victim},{FLAGS.heartbeat_timeout}"],
-        stdout=subprocess.PIPE, stderr=errs[i], text=True) for i in range(2)]
+    errs = [open(os.path.join(tmp, f"p{i}.err"), "w+") for i in range(2)]  # noqa: SIM115  (closed below)
+    procs = [
+      subprocess.Popen(
+        [
+          sys.executable,
+          os.path.abspath(__file__),
+          f"--child={i},{port},{mode},{victim},{FLAGS.heartbeat_timeout}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=errs[i],
+        text=True,
+      )
+      for i in range(2)
+    ]
     died = float("nan")
     for line in procs[victim].stdout:
       if line.startswith("died at "):
@@ -108,11 +119,16 @@ def _job(mode: str, victim: int) -> dict:
     text = errs[1 - victim].read()
     for f in errs:
       f.close()
-  return dict(mode=mode, dead_process=victim, survivor_status=rc,
-              seconds_after_death=round(ended - died, 2),
-              cpp_fatal_error="Terminating process because" in text,
-              cpp_stack="Check failure stack trace" in text,
-              bad_cast="std::bad_cast" in text, watchdog_won="watchdog:" in text)
+  return dict(
+    mode=mode,
+    dead_process=victim,
+    survivor_status=rc,
+    seconds_after_death=round(ended - died, 2),
+    cpp_fatal_error="Terminating process because" in text,
+    cpp_stack="Check failure stack trace" in text,
+    bad_cast="std::bad_cast" in text,
+    watchdog_won="watchdog:" in text,
+  )
 
 
 def main(argv: list[str]) -> None:

@@ -16,12 +16,17 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from absl import app, flags
 
-flags.DEFINE_bool("ynn_convolutions", True, "Leave XLA:CPU's YNNPACK individual "
-                  "convolutions on (jaxlib's default) or turn them off (ddpm_jax.xla_flags).")
+flags.DEFINE_bool(
+  "ynn_convolutions",
+  True,
+  "Leave XLA:CPU's YNNPACK individual "
+  "convolutions on (jaxlib's default) or turn them off (ddpm_jax.xla_flags).",
+)
 flags.DEFINE_string("out", "", "Also append the JSON lines to this file.")
 FLAGS = flags.FLAGS
 DN = ("NHWC", "HWIO", "NHWC")
@@ -42,7 +47,8 @@ def thread_cpu_s() -> dict[str, float]:
 
 
 def profile(name: str, fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
+
   jax.block_until_ready(fn(*args))  # Compile and warm up.
   before, start = thread_cpu_s(), time.perf_counter()
   jax.block_until_ready(fn(*args))
@@ -51,21 +57,29 @@ def profile(name: str, fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
   used = sorted((after[t] - before.get(t, 0.0) for t in after), reverse=True)
   used = [u for u in used if u > 0.005]
   total = sum(used)
-  return {"op": name, "wall_s": round(wall, 4), "cpu_s": round(total, 4),
-          "busiest_threads_share": [round(u / total, 2) for u in used[:4]]}
+  return {
+    "op": name,
+    "wall_s": round(wall, 4),
+    "cpu_s": round(total, 4),
+    "busiest_threads_share": [round(u / total, 2) for u in used[:4]],
+  }
 
 
 def main(argv: list[str]) -> None:
   del argv
   if not FLAGS.ynn_convolutions:
-    from ddpm_jax import xla_flags  # pylint: disable=import-outside-toplevel
+    from ddpm_jax import xla_flags
+
     xla_flags.apply_cpu_defaults()
   # Not bench.common: importing it applies ddpm_jax's flag defaults.
-  import jax  # pylint: disable=import-outside-toplevel
-  from jax import lax  # pylint: disable=import-outside-toplevel
+  import jax
+  from jax import lax
 
   key = jax.random.key(0)
-  normal = lambda i, shape: jax.random.normal(jax.random.fold_in(key, i), shape)
+
+  def normal(i, shape):
+    return jax.random.normal(jax.random.fold_in(key, i), shape)
+
   conv = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), PAD, dimension_numbers=DN))
 
   @jax.jit
@@ -77,16 +91,24 @@ def main(argv: list[str]) -> None:
   small_g = normal(2, (64, 28, 28, 64))
   big_x, big_w = normal(3, (64, 56, 56, 64)), normal(4, (3, 3, 64, 64))
   a = normal(5, (3072, 3072))
-  ops = [("conv3x3 64x28x28x64", conv, small_x, small_w),
-         ("kernel_grad 64x28x28x64", kernel_grad, small_x, small_g),
-         ("conv3x3 64x56x56x64", conv, big_x, big_w),
-         ("matmul 3072^2", jax.jit(lambda m: m @ m), a)]
+  ops = [
+    ("conv3x3 64x28x28x64", conv, small_x, small_w),
+    ("kernel_grad 64x28x28x64", kernel_grad, small_x, small_g),
+    ("conv3x3 64x56x56x64", conv, big_x, big_w),
+    ("matmul 3072^2", jax.jit(lambda m: m @ m), a),
+  ]
   for name, fn, *args in ops:
-    line = json.dumps({
-        "bench": "xla_cpu_conv_threads", "ynn_convolutions": FLAGS.ynn_convolutions,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""), **profile(name, fn, *args),
-        "jax": jax.__version__, "host_cpus": len(os.sched_getaffinity(0)),
-        "load_avg": round(os.getloadavg()[0], 2)})
+    line = json.dumps(
+      {
+        "bench": "xla_cpu_conv_threads",
+        "ynn_convolutions": FLAGS.ynn_convolutions,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        **profile(name, fn, *args),
+        "jax": jax.__version__,
+        "host_cpus": len(os.sched_getaffinity(0)),
+        "load_avg": round(os.getloadavg()[0], 2),
+      }
+    )
     print(line, flush=True)
     if FLAGS.out:
       with open(FLAGS.out, "a") as f:

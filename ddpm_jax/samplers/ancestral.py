@@ -5,7 +5,8 @@ generation of §4.3 (Fig. 6)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from ddpm_jax.samplers.base import ModelFn, ModelSpec
 @dataclasses.dataclass(frozen=True)
 class AncestralOptions:
   """Algorithm 2 over all T steps (T network evaluations per sample)."""
+
   method: ClassVar[str] = "ancestral"
   # Clip the x_0 estimate to [-1, 1] before forming the posterior mean (official code).
   clip_denoised: bool = True
@@ -29,14 +31,27 @@ class AncestralOptions:
   def nfe(self, num_timesteps: int) -> int:
     return num_timesteps
 
-  def sample(self, schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.Array,
-             shape: tuple[int, ...], spec: ModelSpec) -> jnp.ndarray:
+  def sample(
+    self,
+    schedule: diffusion.DiffusionSchedule,
+    model_fn: ModelFn,
+    rng: jax.Array,
+    shape: tuple[int, ...],
+    spec: ModelSpec,
+  ) -> jnp.ndarray:
     return ancestral_loop(schedule, model_fn, rng, shape, spec, self)[0]
 
 
-def ancestral_step(schedule: diffusion.DiffusionSchedule, model_output: jnp.ndarray,
-                   x_t: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray, *, spec: ModelSpec,
-                   clip_denoised: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
+def ancestral_step(
+  schedule: diffusion.DiffusionSchedule,
+  model_output: jnp.ndarray,
+  x_t: jnp.ndarray,
+  t: jnp.ndarray,
+  noise: jnp.ndarray,
+  *,
+  spec: ModelSpec,
+  clip_denoised: bool,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
   """One step of Algorithm 2: x_{t-1} = mu_theta(x_t, t) + sigma_t z, no noise at t=0.
 
   Returns (x_{t-1}, pred_xstart).
@@ -47,8 +62,9 @@ def ancestral_step(schedule: diffusion.DiffusionSchedule, model_output: jnp.ndar
   return x_prev, out["pred_xstart"]
 
 
-def _trajectory_slots(num_timesteps: int, start_t: int,
-                      timesteps: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
+def _trajectory_slots(
+  num_timesteps: int, start_t: int, timesteps: Sequence[int] | None
+) -> tuple[np.ndarray, np.ndarray]:
   """(slot per t: the position of t among the recorded timesteps or -1, recorded timesteps).
 
   Recorded timesteps are the requested ones (default: all) that the loop from start_t
@@ -65,11 +81,18 @@ def _trajectory_slots(num_timesteps: int, start_t: int,
   return slots, ts
 
 
-def ancestral_loop(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.Array,
-                   shape: tuple[int, ...], spec: ModelSpec, options: AncestralOptions, *,
-                   x_init: jnp.ndarray | None = None, start_t: int | None = None,
-                   trajectory_timesteps: Sequence[int] | None | bool = False
-                   ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray] | None]:
+def ancestral_loop(
+  schedule: diffusion.DiffusionSchedule,
+  model_fn: ModelFn,
+  rng: jax.Array,
+  shape: tuple[int, ...],
+  spec: ModelSpec,
+  options: AncestralOptions,
+  *,
+  x_init: jnp.ndarray | None = None,
+  start_t: int | None = None,
+  trajectory_timesteps: Sequence[int] | bool | None = False,
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray] | None]:
   """Algorithm 2 from x_{start_t} (default x_T ~ N(0, I) at t = T-1) down to x_0, one scan.
 
   ``trajectory_timesteps``: False records nothing; None records every step; a list records
@@ -93,15 +116,27 @@ def ancestral_loop(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng
   def step(carry, t_: jnp.ndarray):
     x_t, traj = carry
     t = base.batch_timesteps(t_, shape[0])
-    x_prev, pred_xstart = ancestral_step(schedule, model_fn(x_t, t), x_t, t,
-                                         base.step_noise(step_key, t_, shape), spec=spec,
-                                         clip_denoised=options.clip_denoised)
+    x_prev, pred_xstart = ancestral_step(
+      schedule,
+      model_fn(x_t, t),
+      x_t,
+      t,
+      base.step_noise(step_key, t_, shape),
+      spec=spec,
+      clip_denoised=options.clip_denoised,
+    )
     if record:
       # Steps that are not recorded write slot 0's current content back onto itself.
       slot = jnp.maximum(slots[t_], 0)
-      traj = tuple(jax.lax.dynamic_update_index_in_dim(
-          buf, jnp.where(slots[t_] >= 0, val, jax.lax.dynamic_index_in_dim(buf, slot, 0, False)),
-          slot, 0) for buf, val in zip(traj, (x_t, pred_xstart)))
+      traj = tuple(
+        jax.lax.dynamic_update_index_in_dim(
+          buf,
+          jnp.where(slots[t_] >= 0, val, jax.lax.dynamic_index_in_dim(buf, slot, 0, False)),
+          slot,
+          0,
+        )
+        for buf, val in zip(traj, (x_t, pred_xstart), strict=True)
+      )
     return (x_prev, traj), None
 
   timesteps = jnp.arange(start_t, -1, -1, dtype=jnp.int32)
@@ -111,12 +146,20 @@ def ancestral_loop(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng
   return x_0, None
 
 
-def ancestral_sample(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.Array,
-                     shape: tuple[int, ...], *, model_mean_type: str, model_var_type: str,
-                     return_trajectory: bool = False,
-                     trajectory_timesteps: Sequence[int] | None = None,
-                     x_init: jnp.ndarray | None = None, start_t: int | None = None,
-                     **options) -> jnp.ndarray | tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+def ancestral_sample(
+  schedule: diffusion.DiffusionSchedule,
+  model_fn: ModelFn,
+  rng: jax.Array,
+  shape: tuple[int, ...],
+  *,
+  model_mean_type: str,
+  model_var_type: str,
+  return_trajectory: bool = False,
+  trajectory_timesteps: Sequence[int] | None = None,
+  x_init: jnp.ndarray | None = None,
+  start_t: int | None = None,
+  **options,
+) -> jnp.ndarray | tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """Ancestral sampling (paper Algorithm 2) from x_T ~ N(0, I) down to x_0, in one lax.scan.
 
   Args:
@@ -131,7 +174,14 @@ def ancestral_sample(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, r
   Returns x_0 [*shape] (and the trajectory dict).
   """
   x_0, traj = ancestral_loop(
-      schedule, model_fn, rng, shape, ModelSpec(model_mean_type, model_var_type),
-      AncestralOptions(**options), x_init=x_init, start_t=start_t,
-      trajectory_timesteps=trajectory_timesteps if return_trajectory else False)
+    schedule,
+    model_fn,
+    rng,
+    shape,
+    ModelSpec(model_mean_type, model_var_type),
+    AncestralOptions(**options),
+    x_init=x_init,
+    start_t=start_t,
+    trajectory_timesteps=trajectory_timesteps if return_trajectory else False,
+  )
   return (x_0, traj) if return_trajectory else x_0

@@ -28,6 +28,7 @@ class ModelSpec:
   The one object that carries the pair through the samplers; its methods call the core
   functions of `ddpm_jax.diffusion` with it.
   """
+
   mean_type: str = "eps"
   var_type: str = "fixedlarge"
 
@@ -35,29 +36,53 @@ class ModelSpec:
     check_choice("model_mean_type", self.mean_type, diffusion.MEAN_TYPES)
     check_choice("model_var_type", self.var_type, diffusion.VAR_TYPES)
 
-  def p_mean_variance(self, schedule: diffusion.DiffusionSchedule, model_output: jnp.ndarray,
-                      x_t: jnp.ndarray, t: jnp.ndarray, *,
-                      clip_denoised: bool) -> dict[str, jnp.ndarray]:
+  def p_mean_variance(
+    self,
+    schedule: diffusion.DiffusionSchedule,
+    model_output: jnp.ndarray,
+    x_t: jnp.ndarray,
+    t: jnp.ndarray,
+    *,
+    clip_denoised: bool,
+  ) -> dict[str, jnp.ndarray]:
     """`diffusion.p_mean_variance`: the reverse step p_theta(x_{t-1} | x_t)."""
-    return diffusion.p_mean_variance(schedule, model_output, x_t, t,
-                                     model_mean_type=self.mean_type,
-                                     model_var_type=self.var_type, clip_denoised=clip_denoised)
+    return diffusion.p_mean_variance(
+      schedule,
+      model_output,
+      x_t,
+      t,
+      model_mean_type=self.mean_type,
+      model_var_type=self.var_type,
+      clip_denoised=clip_denoised,
+    )
 
   def mean_output(self, model_output: jnp.ndarray, x_t: jnp.ndarray) -> jnp.ndarray:
     """The mean part of the output (a learned variance's channels dropped)."""
     return diffusion.split_model_output(model_output, x_t, model_var_type=self.var_type)[0]
 
-  def pred_xstart(self, schedule: diffusion.DiffusionSchedule, model_output: jnp.ndarray,
-                  x_t: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+  def pred_xstart(
+    self,
+    schedule: diffusion.DiffusionSchedule,
+    model_output: jnp.ndarray,
+    x_t: jnp.ndarray,
+    t: jnp.ndarray,
+  ) -> jnp.ndarray:
     """The x_0 the output implies at integer t, unclipped (`diffusion.predict_xstart`)."""
-    return diffusion.predict_xstart(schedule, self.mean_output(model_output, x_t), x_t, t,
-                                    model_mean_type=self.mean_type)
+    return diffusion.predict_xstart(
+      schedule, self.mean_output(model_output, x_t), x_t, t, model_mean_type=self.mean_type
+    )
 
-  def score(self, schedule: diffusion.DiffusionSchedule, model_output: jnp.ndarray,
-            x_t: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+  def score(
+    self,
+    schedule: diffusion.DiffusionSchedule,
+    model_output: jnp.ndarray,
+    x_t: jnp.ndarray,
+    t: jnp.ndarray,
+  ) -> jnp.ndarray:
     """grad_x log q(x_t) implied by the output (`diffusion.score`)."""
-    return diffusion.score(schedule, model_output, x_t, t, model_mean_type=self.mean_type,
-                           model_var_type=self.var_type)
+    return diffusion.score(
+      schedule, model_output, x_t, t, model_mean_type=self.mean_type, model_var_type=self.var_type
+    )
 
 
 class SamplerOptions(Protocol):
@@ -65,6 +90,7 @@ class SamplerOptions(Protocol):
   method's defaults (written once, there). ``method`` is its name in config.sampling.method;
   a field holding another method's options (the predictor of "pc") is configured by that
   method's name and group."""
+
   method: ClassVar[str]
 
   def check(self, num_timesteps: int, spec: ModelSpec) -> None:
@@ -74,8 +100,14 @@ class SamplerOptions(Protocol):
   def nfe(self, num_timesteps: int) -> int:
     """Network evaluations per sample."""
 
-  def sample(self, schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.Array,
-             shape: tuple[int, ...], spec: ModelSpec) -> jnp.ndarray:
+  def sample(
+    self,
+    schedule: diffusion.DiffusionSchedule,
+    model_fn: ModelFn,
+    rng: jax.Array,
+    shape: tuple[int, ...],
+    spec: ModelSpec,
+  ) -> jnp.ndarray:
     """Samples x_0 of ``shape`` from x_T drawn from ``rng`` (the streams above)."""
 
 
@@ -114,8 +146,9 @@ def noise_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
   return init_key, step_key
 
 
-def initial_noise(rng: jax.Array, shape: tuple[int, ...],
-                  x_init: jnp.ndarray | None = None) -> jnp.ndarray:
+def initial_noise(
+  rng: jax.Array, shape: tuple[int, ...], x_init: jnp.ndarray | None = None
+) -> jnp.ndarray:
   """x_T ~ N(0, I) from rng's x_T stream, or ``x_init`` (checked against ``shape``)."""
   if x_init is None:
     return jax.random.normal(noise_keys(rng)[0], shape, jnp.float32)

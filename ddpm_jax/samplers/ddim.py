@@ -26,6 +26,7 @@ class DDIMOptions:
   reference code. eta = 0 is deterministic; eta = 1 with num_steps = T is ancestral sampling
   with the 'fixedsmall' variance.
   """
+
   method: ClassVar[str] = "ddim"
   num_steps: int = 100
   eta: float = 0.0
@@ -41,8 +42,14 @@ class DDIMOptions:
     del num_timesteps
     return self.num_steps
 
-  def sample(self, schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.Array,
-             shape: tuple[int, ...], spec: ModelSpec) -> jnp.ndarray:
+  def sample(
+    self,
+    schedule: diffusion.DiffusionSchedule,
+    model_fn: ModelFn,
+    rng: jax.Array,
+    shape: tuple[int, ...],
+    spec: ModelSpec,
+  ) -> jnp.ndarray:
     return ddim_loop(schedule, model_fn, rng, shape, spec, self)
 
 
@@ -62,8 +69,7 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, skip: str = "uniform") ->
   return (np.linspace(0, np.sqrt(num_timesteps * 0.8), num_steps) ** 2).astype(np.int32)
 
 
-def ddim_pairs(num_timesteps: int, num_steps: int,
-               skip: str) -> tuple[jnp.ndarray, jnp.ndarray]:
+def ddim_pairs(num_timesteps: int, num_steps: int, skip: str) -> tuple[jnp.ndarray, jnp.ndarray]:
   """(t, s) of each DDIM step in sampling order: the grid descending and the step it
   lands on (-1 after the last)."""
   steps = ddim_timesteps(num_timesteps, num_steps, skip)
@@ -71,9 +77,18 @@ def ddim_pairs(num_timesteps: int, num_steps: int,
   return jnp.asarray(steps[::-1]), jnp.asarray(prev_steps[::-1])
 
 
-def ddim_step(schedule: diffusion.DiffusionSchedule, model_output: jnp.ndarray,
-              x_t: jnp.ndarray, t: jnp.ndarray, s: jnp.ndarray, noise: jnp.ndarray, *,
-              spec: ModelSpec, eta: float, clip_denoised: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
+def ddim_step(
+  schedule: diffusion.DiffusionSchedule,
+  model_output: jnp.ndarray,
+  x_t: jnp.ndarray,
+  t: jnp.ndarray,
+  s: jnp.ndarray,
+  noise: jnp.ndarray,
+  *,
+  spec: ModelSpec,
+  eta: float,
+  clip_denoised: bool,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
   """One DDIM update (Song, Meng, Ermon 2021, Eq. 12) from timestep t to s < t, both [B].
 
   x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z with
@@ -82,8 +97,7 @@ def ddim_step(schedule: diffusion.DiffusionSchedule, model_output: jnp.ndarray,
   is ignored. Returns (x_s, x0_hat); `DDIMOptions` gives the clipping rule.
   """
   mean_out = spec.mean_output(model_output, x_t)
-  pred_xstart = diffusion.predict_xstart(schedule, mean_out, x_t, t,
-                                         model_mean_type=spec.mean_type)
+  pred_xstart = diffusion.predict_xstart(schedule, mean_out, x_t, t, model_mean_type=spec.mean_type)
   if clip_denoised:
     pred_xstart = jnp.clip(pred_xstart, -1.0, 1.0)
   if spec.mean_type == "eps" and not clip_denoised:
@@ -95,14 +109,24 @@ def ddim_step(schedule: diffusion.DiffusionSchedule, model_output: jnp.ndarray,
   abar_t = abar[t].reshape(per_example)
   abar_s = jnp.where(s >= 0, abar[jnp.maximum(s, 0)], 1.0).reshape(per_example)
   sigma = eta * jnp.sqrt((1 - abar_s) / (1 - abar_t)) * jnp.sqrt(1 - abar_t / abar_s)
-  x_s = (jnp.sqrt(abar_s) * pred_xstart
-         + jnp.sqrt(jnp.maximum(1 - abar_s - sigma**2, 0.0)) * eps + sigma * noise)
+  x_s = (
+    jnp.sqrt(abar_s) * pred_xstart
+    + jnp.sqrt(jnp.maximum(1 - abar_s - sigma**2, 0.0)) * eps
+    + sigma * noise
+  )
   return x_s, pred_xstart
 
 
-def ddim_loop(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.Array,
-              shape: tuple[int, ...], spec: ModelSpec, options: DDIMOptions, *,
-              x_init: jnp.ndarray | None = None) -> jnp.ndarray:
+def ddim_loop(
+  schedule: diffusion.DiffusionSchedule,
+  model_fn: ModelFn,
+  rng: jax.Array,
+  shape: tuple[int, ...],
+  spec: ModelSpec,
+  options: DDIMOptions,
+  *,
+  x_init: jnp.ndarray | None = None,
+) -> jnp.ndarray:
   """DDIM from x_T (drawn from rng, or ``x_init``) to x_0 over the options' grid, one scan."""
   shape = base.check_shape(shape)
   options.check(schedule.num_timesteps, spec)
@@ -113,21 +137,43 @@ def ddim_loop(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax
   def step(x_t: jnp.ndarray, ts: tuple[jnp.ndarray, jnp.ndarray]):
     t_, s_ = ts
     t, s = base.batch_timesteps(t_, shape[0]), base.batch_timesteps(s_, shape[0])
-    x_s, _ = ddim_step(schedule, model_fn(x_t, t), x_t, t, s,
-                       base.step_noise(step_key, t_, shape), spec=spec, eta=options.eta,
-                       clip_denoised=options.clip_denoised)
+    x_s, _ = ddim_step(
+      schedule,
+      model_fn(x_t, t),
+      x_t,
+      t,
+      s,
+      base.step_noise(step_key, t_, shape),
+      spec=spec,
+      eta=options.eta,
+      clip_denoised=options.clip_denoised,
+    )
     return x_s, None
 
   x_0, _ = jax.lax.scan(step, x_start, (steps, prev_steps))
   return x_0
 
 
-def ddim_sample(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.Array,
-                shape: tuple[int, ...], *, model_mean_type: str,
-                model_var_type: str = "fixedlarge", x_init: jnp.ndarray | None = None,
-                **options) -> jnp.ndarray:
+def ddim_sample(
+  schedule: diffusion.DiffusionSchedule,
+  model_fn: ModelFn,
+  rng: jax.Array,
+  shape: tuple[int, ...],
+  *,
+  model_mean_type: str,
+  model_var_type: str = "fixedlarge",
+  x_init: jnp.ndarray | None = None,
+  **options,
+) -> jnp.ndarray:
   """DDIM sampling (Song, Meng, Ermon 2021, Eq. 12); ``options`` are `DDIMOptions` fields
   (num_steps, eta, skip, clip_denoised). ``x_init`` replaces the x_T drawn from ``rng``
   (with eta=0 the map x_T -> x_0 is deterministic: DDIM's latent space)."""
-  return ddim_loop(schedule, model_fn, rng, shape, ModelSpec(model_mean_type, model_var_type),
-                   DDIMOptions(**options), x_init=x_init)
+  return ddim_loop(
+    schedule,
+    model_fn,
+    rng,
+    shape,
+    ModelSpec(model_mean_type, model_var_type),
+    DDIMOptions(**options),
+    x_init=x_init,
+  )

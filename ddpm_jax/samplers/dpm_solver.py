@@ -46,9 +46,10 @@ LOWER_ORDER_FINAL_BELOW = 10
 
 class ContinuousSchedule(NamedTuple):
   """log alpha_t at the knots t_n = (n + 1) / N, n < N; knots past N (dropped) are unused."""
-  t_knots: jnp.ndarray          # [T]
+
+  t_knots: jnp.ndarray  # [T]
   log_alpha_knots: jnp.ndarray  # [T], decreasing
-  num_knots: jnp.ndarray        # N <= T, int32 scalar
+  num_knots: jnp.ndarray  # N <= T, int32 scalar
 
 
 def _log_sigma(log_alpha: jnp.ndarray) -> jnp.ndarray:
@@ -56,8 +57,9 @@ def _log_sigma(log_alpha: jnp.ndarray) -> jnp.ndarray:
   return 0.5 * jnp.log(-jnp.expm1(2.0 * log_alpha))
 
 
-def continuous_schedule(schedule: diffusion.DiffusionSchedule,
-                        dtype: jnp.dtype) -> ContinuousSchedule:
+def continuous_schedule(
+  schedule: diffusion.DiffusionSchedule, dtype: jnp.dtype
+) -> ContinuousSchedule:
   """The knots of DPM-Solver §3.4: log alpha_{t_n} = 0.5 log abar_n at t_n = (n + 1) / N.
 
   N counts the knots with lambda >= LAMBDA_CLIP (all of them for the paper's linear
@@ -71,8 +73,9 @@ def continuous_schedule(schedule: diffusion.DiffusionSchedule,
   return ContinuousSchedule(t_knots, log_alpha, num_knots)
 
 
-def _interpolate(x: jnp.ndarray, xp: jnp.ndarray, yp: jnp.ndarray,
-                 first: jnp.ndarray, last: jnp.ndarray) -> jnp.ndarray:
+def _interpolate(
+  x: jnp.ndarray, xp: jnp.ndarray, yp: jnp.ndarray, first: jnp.ndarray, last: jnp.ndarray
+) -> jnp.ndarray:
   """The piecewise-linear y(x) through the knots xp[first..last] (ascending), extended past
   both ends by the outer segments (as the authors' interpolate_fn)."""
   k = jnp.clip(jnp.searchsorted(xp, x, side="right") - 1, first, last - 1)
@@ -140,8 +143,7 @@ def first_order_weights(h: jnp.ndarray, alpha_t: jnp.ndarray) -> jnp.ndarray:
   return jnp.stack([-alpha_t * jnp.expm1(-h), zero, zero], axis=-1)
 
 
-def second_order_weights(h: jnp.ndarray, h_0: jnp.ndarray,
-                          alpha_t: jnp.ndarray) -> jnp.ndarray:
+def second_order_weights(h: jnp.ndarray, h_0: jnp.ndarray, alpha_t: jnp.ndarray) -> jnp.ndarray:
   """DPM-Solver++(2M) (DPM-Solver++ Alg. 2): D = (1 + 1/(2r)) m_0 - 1/(2r) m_1, r = h_0 / h,
   in place of D_0 in the first-order update."""
   half_over_r = 0.5 * h / h_0
@@ -149,8 +151,9 @@ def second_order_weights(h: jnp.ndarray, h_0: jnp.ndarray,
   return jnp.stack([w * (1.0 + half_over_r), -w * half_over_r, jnp.zeros_like(h)], axis=-1)
 
 
-def third_order_weights(h: jnp.ndarray, h_0: jnp.ndarray, h_1: jnp.ndarray,
-                        alpha_t: jnp.ndarray, d2_factor: float) -> jnp.ndarray:
+def third_order_weights(
+  h: jnp.ndarray, h_0: jnp.ndarray, h_1: jnp.ndarray, alpha_t: jnp.ndarray, d2_factor: float
+) -> jnp.ndarray:
   """DPM-Solver++(3M): the second-order Taylor expansion of x_0 in lambda about s,
   integrated exactly against e^lambda (DPM-Solver++ §4, DPM-Solver §3.2):
 
@@ -172,21 +175,26 @@ def third_order_weights(h: jnp.ndarray, h_0: jnp.ndarray, h_1: jnp.ndarray,
   phi_2 = phi_1 / h + 1.0
   phi_3 = phi_2 / h - 0.5
   a = alpha_t[..., None]
-  return (-a * phi_1[..., None] * basis[0] + a * phi_2[..., None] * d_1
-          - d2_factor * a * phi_3[..., None] * d_2)
+  return (
+    -a * phi_1[..., None] * basis[0]
+    + a * phi_2[..., None] * d_1
+    - d2_factor * a * phi_3[..., None] * d_2
+  )
 
 
 class _StepTables(NamedTuple):
   """Per step i = 1..M of the scan (from t_{i-1} to t_i)."""
+
   model_time: jnp.ndarray  # [M] network input at t_{i-1}
-  alpha_s: jnp.ndarray     # [M] alpha_{t_{i-1}}
-  sigma_s: jnp.ndarray     # [M] sigma_{t_{i-1}}
-  ratio: jnp.ndarray       # [M] sigma_{t_i} / sigma_{t_{i-1}}
-  weights: jnp.ndarray     # [M, order] weights of (m_0, ..., m_{order-1})
+  alpha_s: jnp.ndarray  # [M] alpha_{t_{i-1}}
+  sigma_s: jnp.ndarray  # [M] sigma_{t_{i-1}}
+  ratio: jnp.ndarray  # [M] sigma_{t_i} / sigma_{t_{i-1}}
+  weights: jnp.ndarray  # [M, order] weights of (m_0, ..., m_{order-1})
 
 
-def _step_tables(cs: ContinuousSchedule, t: jnp.ndarray, orders: np.ndarray,
-                 order: int, d2_factor: float) -> _StepTables:
+def _step_tables(
+  cs: ContinuousSchedule, t: jnp.ndarray, orders: np.ndarray, order: int, d2_factor: float
+) -> _StepTables:
   """The coefficients of every step, computed before the scan from the grid t [M + 1].
 
   Two lambdas before t_0 are extrapolated so that the (unused) higher-order weights of the
@@ -196,18 +204,27 @@ def _step_tables(cs: ContinuousSchedule, t: jnp.ndarray, orders: np.ndarray,
   lam = log_alpha - _log_sigma(log_alpha)
   alpha, sigma = jnp.exp(log_alpha), jnp.exp(_log_sigma(log_alpha))
   pad = lam[0] - (lam[1] - lam[0]) * jnp.arange(2, 0, -1, dtype=lam.dtype)
-  h_all = jnp.diff(jnp.concatenate([pad, lam]))   # h_all[i + 1] = lam_i - lam_{i-1}
+  h_all = jnp.diff(jnp.concatenate([pad, lam]))  # h_all[i + 1] = lam_i - lam_{i-1}
   h, h_0, h_1, alpha_t = h_all[2:], h_all[1:-1], h_all[:-2], alpha[1:]
-  by_order = (first_order_weights(h, alpha_t), second_order_weights(h, h_0, alpha_t),
-              third_order_weights(h, h_0, h_1, alpha_t, d2_factor))
+  by_order = (
+    first_order_weights(h, alpha_t),
+    second_order_weights(h, h_0, alpha_t),
+    third_order_weights(h, h_0, h_1, alpha_t, d2_factor),
+  )
   o = jnp.asarray(orders)[:, None]
   weights = jnp.where(o == 1, by_order[0], jnp.where(o == 2, by_order[1], by_order[2]))
-  return _StepTables(model_time(cs, t[:-1]), alpha[:-1], sigma[:-1], sigma[1:] / sigma[:-1],
-                     weights[:, :order])
+  return _StepTables(
+    model_time(cs, t[:-1]), alpha[:-1], sigma[:-1], sigma[1:] / sigma[:-1], weights[:, :order]
+  )
 
 
-def to_data_prediction(mean_output: jnp.ndarray, x_t: jnp.ndarray, alpha_t: jnp.ndarray,
-                       sigma_t: jnp.ndarray, model_mean_type: str) -> jnp.ndarray:
+def to_data_prediction(
+  mean_output: jnp.ndarray,
+  x_t: jnp.ndarray,
+  alpha_t: jnp.ndarray,
+  sigma_t: jnp.ndarray,
+  model_mean_type: str,
+) -> jnp.ndarray:
   """x_0 from the network's mean output at continuous t, x_t = alpha_t x_0 + sigma_t eps.
 
   eps: (x_t - sigma_t eps) / alpha_t; xstart: the output; v (Salimans & Ho 2022, §4):
@@ -223,8 +240,10 @@ def to_data_prediction(mean_output: jnp.ndarray, x_t: jnp.ndarray, alpha_t: jnp.
 
 
 def _mean_type_error(model_mean_type: str) -> str:
-  return (f"model_mean_type={model_mean_type!r} has no x_0 at the non-integer times "
-          f"DPM-Solver visits; allowed: {', '.join(MEAN_TYPES)}.")
+  return (
+    f"model_mean_type={model_mean_type!r} has no x_0 at the non-integer times "
+    f"DPM-Solver visits; allowed: {', '.join(MEAN_TYPES)}."
+  )
 
 
 def dynamic_threshold(x0: jnp.ndarray, quantile: float, max_value: float) -> jnp.ndarray:
@@ -248,6 +267,7 @@ class DPMSolverOptions:
     |x_0| with the floor `threshold_max`; third_order: the D_2 weight of order 3,
     "reference" (the authors' code and diffusers) or "taylor" (`third_order_weights`).
   """
+
   method: ClassVar[str] = "dpm_solver"
   num_steps: int = 20
   order: int = 2
@@ -264,16 +284,20 @@ class DPMSolverOptions:
     base.check_int("order", self.order, 1, max(ORDERS))
     base.check_int("num_steps", self.num_steps, 1)
     if self.num_steps < self.order:
-      raise ValueError(f"num_steps={self.num_steps} must be >= order={self.order} (a "
-                       "multistep solver of order k needs k steps).")
+      raise ValueError(
+        f"num_steps={self.num_steps} must be >= order={self.order} (a "
+        "multistep solver of order k needs k steps)."
+      )
     base.check_choice("spacing", self.spacing, SPACINGS)
     base.check_choice("third_order", self.third_order, THIRD_ORDER_WEIGHTS)
     if not 0.0 < self.threshold_quantile <= 1.0:
       raise ValueError(f"threshold_quantile={self.threshold_quantile!r} must lie in (0, 1].")
     base.check_positive("threshold_max", self.threshold_max)
     if num_timesteps < 2:
-      raise ValueError(f"DPM-Solver needs a schedule of T >= 2 timesteps (log alpha is "
-                       f"interpolated between them), got T={num_timesteps}.")
+      raise ValueError(
+        f"DPM-Solver needs a schedule of T >= 2 timesteps (log alpha is "
+        f"interpolated between them), got T={num_timesteps}."
+      )
     if spec.mean_type not in MEAN_TYPES:
       raise ValueError(_mean_type_error(spec.mean_type))
 
@@ -282,13 +306,24 @@ class DPMSolverOptions:
     del num_timesteps
     return self.num_steps + int(self.denoise_to_zero)
 
-  def sample(self, schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.Array,
-             shape: tuple[int, ...], spec: ModelSpec) -> jnp.ndarray:
+  def sample(
+    self,
+    schedule: diffusion.DiffusionSchedule,
+    model_fn: ModelFn,
+    rng: jax.Array,
+    shape: tuple[int, ...],
+    spec: ModelSpec,
+  ) -> jnp.ndarray:
     """Solves from x_T ~ N(0, I), drawn from rng's x_T stream (base.py)."""
     return self.solve(schedule, model_fn, base.initial_noise(rng, shape), spec)
 
-  def solve(self, schedule: diffusion.DiffusionSchedule, model_fn: ModelFn,
-            x_T: jnp.ndarray, spec: ModelSpec) -> jnp.ndarray:
+  def solve(
+    self,
+    schedule: diffusion.DiffusionSchedule,
+    model_fn: ModelFn,
+    x_T: jnp.ndarray,
+    spec: ModelSpec,
+  ) -> jnp.ndarray:
     """Solves the probability-flow ODE from x_T at t = 1 to t = 1/N in one lax.scan.
 
     `model_fn(x, t)` gets t in x_T's float dtype, shape [B], on the scale of the training
@@ -301,13 +336,19 @@ class DPMSolverOptions:
     dtype = x_T.dtype
     cs = continuous_schedule(schedule, dtype)
     t = time_grid(cs, self.num_steps, self.spacing)
-    tables = _step_tables(cs, t, step_orders(self.order, self.num_steps, self.lower_order_final),
-                          self.order, 2.0 if self.third_order == "taylor" else 1.0)
+    tables = _step_tables(
+      cs,
+      t,
+      step_orders(self.order, self.num_steps, self.lower_order_final),
+      self.order,
+      2.0 if self.third_order == "taylor" else 1.0,
+    )
 
     def data_prediction(x, t_model, alpha, sigma):
       out = model_fn(x, jnp.full((x.shape[0],), t_model, dtype))
-      x0 = to_data_prediction(spec.mean_output(out, x).astype(dtype), x, alpha, sigma,
-                              spec.mean_type)
+      x0 = to_data_prediction(
+        spec.mean_output(out, x).astype(dtype), x, alpha, sigma, spec.mean_type
+      )
       if self.thresholding:
         x0 = dynamic_threshold(x0, self.threshold_quantile, self.threshold_max)
       return x0
@@ -323,17 +364,26 @@ class DPMSolverOptions:
     (x, _), _ = jax.lax.scan(step, (x_T, history), tables)
     if self.denoise_to_zero:
       log_alpha = marginal_log_alpha(cs, t[-1])
-      x = data_prediction(x, model_time(cs, t[-1]), jnp.exp(log_alpha),
-                          jnp.exp(_log_sigma(log_alpha)))
+      x = data_prediction(
+        x, model_time(cs, t[-1]), jnp.exp(log_alpha), jnp.exp(_log_sigma(log_alpha))
+      )
     return x
 
 
-def dpm_solver_sample(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn,
-                      x_T: jnp.ndarray, *, num_steps: int, model_mean_type: str = "eps",
-                      model_var_type: str = "fixedlarge", **options) -> jnp.ndarray:
+def dpm_solver_sample(
+  schedule: diffusion.DiffusionSchedule,
+  model_fn: ModelFn,
+  x_T: jnp.ndarray,
+  *,
+  num_steps: int,
+  model_mean_type: str = "eps",
+  model_var_type: str = "fixedlarge",
+  **options,
+) -> jnp.ndarray:
   """Multistep DPM-Solver++ from x_T (t = 1) to t = 1/N; ``options`` are the other fields of
   `DPMSolverOptions` (order=2, spacing="logSNR", lower_order_final, denoise_to_zero,
   thresholding, threshold_quantile, threshold_max, third_order), with its defaults. A
   learned variance output [mean | var] is split off and ignored."""
   return DPMSolverOptions(num_steps=num_steps, **options).solve(
-      schedule, model_fn, x_T, ModelSpec(model_mean_type, model_var_type))
+    schedule, model_fn, x_T, ModelSpec(model_mean_type, model_var_type)
+  )

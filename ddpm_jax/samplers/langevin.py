@@ -22,7 +22,8 @@ position, not its timestep, keeps a repeated level of the "quad" grid on fresh n
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -46,15 +47,17 @@ class PCOptions:
   target signal-to-noise ratio ``snr`` (score_sde's 0.16), then one ``predictor`` step.
   Network evaluations per sample: levels x (1 + corrector_steps), the levels being the
   predictor's (T for ancestral, num_steps for DDIM)."""
+
   method: ClassVar[str] = "pc"
-  predictor: AncestralOptions | DDIMOptions = AncestralOptions()
+  predictor: AncestralOptions | DDIMOptions = dataclasses.field(default_factory=AncestralOptions)
   corrector_steps: int = 1
   snr: float = 0.16
 
   def check(self, num_timesteps: int, spec: ModelSpec) -> None:
     if not isinstance(self.predictor, tuple(PREDICTORS.values())):
-      raise ValueError(f"predictor={self.predictor!r} is unknown; allowed: "
-                       f"{', '.join(PREDICTORS)}.")
+      raise ValueError(
+        f"predictor={self.predictor!r} is unknown; allowed: {', '.join(PREDICTORS)}."
+      )
     self.predictor.check(num_timesteps, spec)
     base.check_int("corrector_steps", self.corrector_steps, 0)
     if self.corrector_steps:
@@ -63,8 +66,14 @@ class PCOptions:
   def nfe(self, num_timesteps: int) -> int:
     return self.predictor.nfe(num_timesteps) * (1 + self.corrector_steps)
 
-  def sample(self, schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.Array,
-             shape: tuple[int, ...], spec: ModelSpec) -> jnp.ndarray:
+  def sample(
+    self,
+    schedule: diffusion.DiffusionSchedule,
+    model_fn: ModelFn,
+    rng: jax.Array,
+    shape: tuple[int, ...],
+    spec: ModelSpec,
+  ) -> jnp.ndarray:
     return pc_loop(schedule, model_fn, rng, shape, spec, self)
 
 
@@ -76,6 +85,7 @@ class AnnealedLangevinOptions:
   DDPM sigma at t = 1), then one denoising step: num_steps x langevin_steps + 1 network
   evaluations per sample. With ~100 evaluations 2e-5 is too small: Fashion-MNIST needed
   1e-4 to 2e-4."""
+
   method: ClassVar[str] = "annealed_langevin"
   num_steps: int = 100
   skip: str = "uniform"
@@ -92,8 +102,14 @@ class AnnealedLangevinOptions:
     del num_timesteps
     return self.num_steps * self.langevin_steps + 1
 
-  def sample(self, schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.Array,
-             shape: tuple[int, ...], spec: ModelSpec) -> jnp.ndarray:
+  def sample(
+    self,
+    schedule: diffusion.DiffusionSchedule,
+    model_fn: ModelFn,
+    rng: jax.Array,
+    shape: tuple[int, ...],
+    spec: ModelSpec,
+  ) -> jnp.ndarray:
     return annealed_langevin_loop(schedule, model_fn, rng, shape, spec, self)
 
 
@@ -103,16 +119,24 @@ def _per_example_norm(a: jnp.ndarray) -> jnp.ndarray:
   return norm.reshape((-1,) + (1,) * (a.ndim - 1))
 
 
-def _langevin_update(x: jnp.ndarray, score: jnp.ndarray, step_size: jnp.ndarray,
-                     noise: jnp.ndarray) -> jnp.ndarray:
+def _langevin_update(
+  x: jnp.ndarray, score: jnp.ndarray, step_size: jnp.ndarray, noise: jnp.ndarray
+) -> jnp.ndarray:
   """x + step * score + sqrt(2 step) z: Langevin dynamics with step 2 * step_size in the
   x <- x + (eps/2) grad log p(x) + sqrt(eps) z form (Song & Ermon 2019, Eq. 4)."""
   return x + step_size * score + jnp.sqrt(2.0 * step_size) * noise
 
 
-def langevin_corrector_step(schedule: diffusion.DiffusionSchedule, model_output: jnp.ndarray,
-                            x_t: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray, *,
-                            spec: ModelSpec, snr: float | jnp.ndarray) -> jnp.ndarray:
+def langevin_corrector_step(
+  schedule: diffusion.DiffusionSchedule,
+  model_output: jnp.ndarray,
+  x_t: jnp.ndarray,
+  t: jnp.ndarray,
+  noise: jnp.ndarray,
+  *,
+  spec: ModelSpec,
+  snr: float | jnp.ndarray,
+) -> jnp.ndarray:
   """One Langevin corrector step at noise level t (Song et al. 2021, Algorithm 5, VP).
 
   With s the score of ``model_output`` and z = ``noise`` ~ N(0, I), per example
@@ -130,8 +154,12 @@ def langevin_corrector_step(schedule: diffusion.DiffusionSchedule, model_output:
   return _langevin_update(x_t, s, step_size, noise)
 
 
-def _langevin_steps(x: jnp.ndarray, key: jax.Array, num: int,
-                    update: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]) -> jnp.ndarray:
+def _langevin_steps(
+  x: jnp.ndarray,
+  key: jax.Array,
+  num: int,
+  update: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray],
+) -> jnp.ndarray:
   """``num`` Langevin steps x <- update(x, z_j), z_j ~ N(0, I) from fold_in(key, j), as a
   loop nested in the caller's scan (one network evaluation per step)."""
   if num == 0:
@@ -143,8 +171,14 @@ def _langevin_steps(x: jnp.ndarray, key: jax.Array, num: int,
   return jax.lax.fori_loop(0, num, body, x)
 
 
-def pc_loop(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.Array,
-            shape: tuple[int, ...], spec: ModelSpec, options: PCOptions) -> jnp.ndarray:
+def pc_loop(
+  schedule: diffusion.DiffusionSchedule,
+  model_fn: ModelFn,
+  rng: jax.Array,
+  shape: tuple[int, ...],
+  spec: ModelSpec,
+  options: PCOptions,
+) -> jnp.ndarray:
   """Predictor-corrector sampling of the discrete VP chain (Song et al. 2021, Algorithm 5).
 
   From x_T ~ N(0, I), at each noise level t (high to low): the corrector's Langevin steps
@@ -167,22 +201,31 @@ def pc_loop(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.A
   x_init = jax.random.normal(init_key, shape, jnp.float32)
 
   def correct(x: jnp.ndarray, t: jnp.ndarray, z: jnp.ndarray) -> jnp.ndarray:
-    return langevin_corrector_step(schedule, model_fn(x, t), x, t, z, spec=spec,
-                                   snr=options.snr)
+    return langevin_corrector_step(schedule, model_fn(x, t), x, t, z, spec=spec, snr=options.snr)
 
   def level(x: jnp.ndarray, inputs: tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]):
     i, t_, s_ = inputs
     t = base.batch_timesteps(t_, shape[0])
-    x = _langevin_steps(x, jax.random.fold_in(langevin_key, i), options.corrector_steps,
-                        lambda x, z: correct(x, t, z))
+    x = _langevin_steps(
+      x, jax.random.fold_in(langevin_key, i), options.corrector_steps, lambda x, z: correct(x, t, z)
+    )
     noise = base.step_noise(step_key, t_, shape)
     if isinstance(predictor, AncestralOptions):
-      x, _ = ancestral_step(schedule, model_fn(x, t), x, t, noise, spec=spec,
-                            clip_denoised=predictor.clip_denoised)
+      x, _ = ancestral_step(
+        schedule, model_fn(x, t), x, t, noise, spec=spec, clip_denoised=predictor.clip_denoised
+      )
     else:
-      x, _ = ddim_step(schedule, model_fn(x, t), x, t, base.batch_timesteps(s_, shape[0]),
-                       noise, spec=spec, eta=predictor.eta,
-                       clip_denoised=predictor.clip_denoised)
+      x, _ = ddim_step(
+        schedule,
+        model_fn(x, t),
+        x,
+        t,
+        base.batch_timesteps(s_, shape[0]),
+        noise,
+        spec=spec,
+        eta=predictor.eta,
+        clip_denoised=predictor.clip_denoised,
+      )
     return x, None
 
   index = jnp.arange(levels.shape[0], dtype=jnp.int32)
@@ -190,9 +233,14 @@ def pc_loop(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.A
   return x_0
 
 
-def annealed_langevin_loop(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn,
-                           rng: jax.Array, shape: tuple[int, ...], spec: ModelSpec,
-                           options: AnnealedLangevinOptions) -> jnp.ndarray:
+def annealed_langevin_loop(
+  schedule: diffusion.DiffusionSchedule,
+  model_fn: ModelFn,
+  rng: jax.Array,
+  shape: tuple[int, ...],
+  spec: ModelSpec,
+  options: AnnealedLangevinOptions,
+) -> jnp.ndarray:
   """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1) on the DDPM noise levels.
 
   The ladder is the options' ``num_steps`` levels of ``ddim_timesteps(T, num_steps, skip)``,
@@ -229,9 +277,11 @@ def annealed_langevin_loop(schedule: diffusion.DiffusionSchedule, model_fn: Mode
     x = x * jnp.where(t_ == u_, 1.0, jnp.sqrt(abar[t_] / abar[u_]))
     half_step = 0.5 * options.langevin_step_size * one_minus_abar[t_] / sigma_lowest_sq
     x = _langevin_steps(
-        x, jax.random.fold_in(langevin_key, i), options.langevin_steps,
-        lambda x, z: _langevin_update(x, spec.score(schedule, model_fn(x, t), x, t),
-                                      half_step, z))
+      x,
+      jax.random.fold_in(langevin_key, i),
+      options.langevin_steps,
+      lambda x, z: _langevin_update(x, spec.score(schedule, model_fn(x, t), x, t), half_step, z),
+    )
     return x, None
 
   x_init = jax.random.normal(init_key, shape, jnp.float32)
@@ -241,25 +291,44 @@ def annealed_langevin_loop(schedule: diffusion.DiffusionSchedule, model_fn: Mode
   return spec.pred_xstart(schedule, model_fn(x, t), x, t)
 
 
-def pc_sample(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.Array,
-              shape: tuple[int, ...], *, model_mean_type: str, model_var_type: str,
-              predictor: str = AncestralOptions.method, **options) -> jnp.ndarray:
+def pc_sample(
+  schedule: diffusion.DiffusionSchedule,
+  model_fn: ModelFn,
+  rng: jax.Array,
+  shape: tuple[int, ...],
+  *,
+  model_mean_type: str,
+  model_var_type: str,
+  predictor: str = AncestralOptions.method,
+  **options,
+) -> jnp.ndarray:
   """Predictor-corrector sampling (`pc_loop`): ``predictor`` "ancestral" or "ddim";
   ``options`` are `PCOptions` fields (corrector_steps, snr) and the predictor's own
   (`AncestralOptions` / `DDIMOptions` fields)."""
   if predictor not in PREDICTORS:
     raise ValueError(f"predictor={predictor!r} is unknown; allowed: {', '.join(PREDICTORS)}.")
-  own = {f.name: options.pop(f.name) for f in dataclasses.fields(PCOptions)
-         if f.name in options}
+  own = {f.name: options.pop(f.name) for f in dataclasses.fields(PCOptions) if f.name in options}
   pc = PCOptions(PREDICTORS[predictor](**options), **own)
   return pc_loop(schedule, model_fn, rng, shape, ModelSpec(model_mean_type, model_var_type), pc)
 
 
-def annealed_langevin_sample(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn,
-                             rng: jax.Array, shape: tuple[int, ...], *, model_mean_type: str,
-                             model_var_type: str = "fixedlarge", **options) -> jnp.ndarray:
+def annealed_langevin_sample(
+  schedule: diffusion.DiffusionSchedule,
+  model_fn: ModelFn,
+  rng: jax.Array,
+  shape: tuple[int, ...],
+  *,
+  model_mean_type: str,
+  model_var_type: str = "fixedlarge",
+  **options,
+) -> jnp.ndarray:
   """Annealed Langevin dynamics (`annealed_langevin_loop`); ``options`` are
   `AnnealedLangevinOptions` fields (num_steps, skip, langevin_steps, langevin_step_size)."""
-  return annealed_langevin_loop(schedule, model_fn, rng, shape,
-                                ModelSpec(model_mean_type, model_var_type),
-                                AnnealedLangevinOptions(**options))
+  return annealed_langevin_loop(
+    schedule,
+    model_fn,
+    rng,
+    shape,
+    ModelSpec(model_mean_type, model_var_type),
+    AnnealedLangevinOptions(**options),
+  )

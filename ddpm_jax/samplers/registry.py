@@ -25,17 +25,27 @@ from ddpm_jax.samplers.ddim import DDIMOptions
 from ddpm_jax.samplers.dpm_solver import DPMSolverOptions
 from ddpm_jax.samplers.langevin import AnnealedLangevinOptions, PCOptions
 
-METHODS: dict[str, type] = {o.method: o for o in (
-    AncestralOptions, DDIMOptions, PCOptions, AnnealedLangevinOptions, DPMSolverOptions)}
+METHODS: dict[str, type] = {
+  o.method: o
+  for o in (AncestralOptions, DDIMOptions, PCOptions, AnnealedLangevinOptions, DPMSolverOptions)
+}
 
 
-def generate(schedule: diffusion.DiffusionSchedule, model_fn: ModelFn, rng: jax.Array,
-             shape: tuple[int, ...], options: SamplerOptions, *,
-             spec: ModelSpec) -> jnp.ndarray:
+def generate(
+  schedule: diffusion.DiffusionSchedule,
+  model_fn: ModelFn,
+  rng: jax.Array,
+  shape: tuple[int, ...],
+  options: SamplerOptions,
+  *,
+  spec: ModelSpec,
+) -> jnp.ndarray:
   """Samples x_0 of ``shape`` with the method ``options`` belongs to (checked first)."""
   if type(options) not in METHODS.values():
-    raise ValueError(f"options of type {type(options).__name__} are no sampler's; allowed: "
-                     f"{', '.join(o.__name__ for o in METHODS.values())}.")
+    raise ValueError(
+      f"options of type {type(options).__name__} are no sampler's; allowed: "
+      f"{', '.join(o.__name__ for o in METHODS.values())}."
+    )
   options.check(schedule.num_timesteps, spec)
   return options.sample(schedule, model_fn, rng, base.check_shape(shape), spec)
 
@@ -46,8 +56,13 @@ def _is_options(value: Any) -> bool:
 
 def default_groups() -> dict[str, dict[str, Any]]:
   """{method: {field: default}} for config.sampling: one group per method."""
-  return {name: {f.name: (lambda v: v.method if _is_options(v) else v)(getattr(cls(), f.name))
-                 for f in dataclasses.fields(cls)} for name, cls in METHODS.items()}
+  return {
+    name: {
+      f.name: (lambda v: v.method if _is_options(v) else v)(getattr(cls(), f.name))
+      for f in dataclasses.fields(cls)
+    }
+    for name, cls in METHODS.items()
+  }
 
 
 def from_config(sampling: Mapping[str, Any], method: str | None = None) -> SamplerOptions:
@@ -75,8 +90,12 @@ def _nested_methods(cls: type, field: dataclasses.Field) -> tuple[str, ...]:
 def nested(options: SamplerOptions) -> list[tuple[str, SamplerOptions]]:
   """(config group, options) of ``options`` and every options object held in its fields,
   the innermost first: the order in which a config's sampler is checked."""
-  inner = [pair for field in dataclasses.fields(options)
-           if _is_options(value := getattr(options, field.name)) for pair in nested(value)]
+  inner = [
+    pair
+    for field in dataclasses.fields(options)
+    if _is_options(value := getattr(options, field.name))
+    for pair in nested(value)
+  ]
   return inner + [(options.method, options)]
 
 
