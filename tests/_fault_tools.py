@@ -1,6 +1,7 @@
-"""Fault-injection tools for tests/test_reliability.py, test_multiprocess.py and
-test_pod_failures.py: a fork server for main.py's command line, pods of its processes,
-workdir snapshots, checkpoint corruption and kills planted at a point of a run.
+"""Fault-injection tools for tests/test_main.py, test_checkpointing.py, test_train.py,
+test_multiprocess.py and test_pod_failures.py: a fork server for main.py's command line,
+pods of its processes, workdir snapshots, checkpoint corruption and kills planted at a point
+of a run.
 
 `python main.py ARGS` spends ~2.5 s of CPU importing jax, flax and orbax before it even
 parses ARGS. The server (`python -m tests._fault_tools`, from the repository root) pays
@@ -18,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -26,6 +28,7 @@ from typing import Any, Iterator
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO, "main.py")
 TMP_MARK = ".orbax-checkpoint-tmp"
+STEP_LINE = re.compile(r"step (\d+)/\d+ loss ([0-9.]+)")  # train.py's progress line.
 
 
 @dataclasses.dataclass
@@ -40,10 +43,15 @@ class Result:
 
 def free_port() -> int:
   """A TCP port of 127.0.0.1 free right now (for a pod's coordinator)."""
-  import socket  # pylint: disable=import-outside-toplevel
+  import socket
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def step_losses(text: str) -> dict[int, float]:
+  """{step: loss} of the progress lines in a run's log ``text``."""
+  return {int(s): float(v) for s, v in STEP_LINE.findall(text)}
 
 
 def devices_env(count: int) -> dict[str, str]:
@@ -112,9 +120,9 @@ def plant_kill(target: str, *, after: float = 0.0, marker: str, watch_dir: str =
   call, or, with ``watch_dir``, as soon as an Orbax temporary folder appears there (a save
   under way). The wall time of the kill is written to ``marker`` first. Call it in a
   `MainServer.start` prelude: the patch reaches the process that runs JAX."""
-  import importlib  # pylint: disable=import-outside-toplevel
-  import signal  # pylint: disable=import-outside-toplevel
-  import threading  # pylint: disable=import-outside-toplevel
+  import importlib
+  import signal
+  import threading
   module_name, _, path = target.partition(":")
   owner = importlib.import_module(module_name)
   *parents, name = path.split(".")
@@ -157,7 +165,7 @@ class MainServer:
     self._count = 0
     self._prefix: dict[int, str] = {}
     self._reaped: dict[int, bool] = {}
-    self._proc = subprocess.Popen(  # pylint: disable=consider-using-with
+    self._proc = subprocess.Popen(
         [sys.executable, "-m", "tests._fault_tools"], cwd=REPO, stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     self._request(None)  # Waits for the imports.
@@ -232,19 +240,19 @@ class MainServer:
 
 def _child(args: list[str], prefix: str, env: dict[str, str], prelude: str) -> None:
   """In the forked process: redirect stdio, run main.py's command line, exit like it."""
-  import atexit  # pylint: disable=import-outside-toplevel
-  import traceback  # pylint: disable=import-outside-toplevel
+  import atexit
+  import traceback
   os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
   for fd, suffix in ((1, ".out"), (2, ".err")):
     os.dup2(os.open(prefix + suffix, os.O_WRONLY | os.O_APPEND), fd)
   code = 1
   try:
     os.environ.update(env)
-    import jax  # pylint: disable=import-outside-toplevel
+    import jax
     if env.get("JAX_LOG_COMPILES"):
       jax.config.update("jax_log_compiles", True)
-    import main  # pylint: disable=import-outside-toplevel
-    exec(prelude, {})  # pylint: disable=exec-used  (test-only fault injection)
+    import main
+    exec(prelude, {})  # Test-only fault injection.
     sys.argv = [MAIN, *args]
     main.run()
     code = 0
@@ -252,21 +260,21 @@ def _child(args: list[str], prefix: str, env: dict[str, str], prelude: str) -> N
     if isinstance(e.code, str):
       print(e.code, file=sys.stderr)
     code = e.code if isinstance(e.code, int) else int(e.code is not None)
-  except BaseException:  # pylint: disable=broad-except  (as an uncaught exception would)
+  except BaseException:  # As an uncaught exception would.
     traceback.print_exc()
   finally:
     try:
-      atexit._run_exitfuncs()  # pylint: disable=protected-access
+      atexit._run_exitfuncs()
       sys.stdout.flush()
       sys.stderr.flush()
     finally:
-      os._exit(code)  # pylint: disable=protected-access
+      os._exit(code)
 
 
 def _serve() -> None:
   """The server loop: JSON requests on stdin, one JSON reply line each on stdout."""
-  import main  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  from ddpm_jax import evaluate, sample, train  # noqa: F401  pylint: disable=import-outside-toplevel
+  import main  # noqa: F401
+  from ddpm_jax import evaluate, sample, train  # noqa: F401
   reply = lambda obj: (sys.stdout.write(json.dumps(obj) + "\n"), sys.stdout.flush())
   started: dict[int, float] = {}
   reply(dict(ready=True))
@@ -274,7 +282,7 @@ def _serve() -> None:
     request = json.loads(line)
     if request["op"] == "start":
       for suffix in (".out", ".err"):  # Before the fork: they exist once the reply is read.
-        open(request["prefix"] + suffix, "w").close()  # pylint: disable=consider-using-with
+        open(request["prefix"] + suffix, "w").close()
       sys.stdout.flush()
       sys.stderr.flush()
       pid = os.fork()

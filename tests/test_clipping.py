@@ -151,6 +151,7 @@ def _train_20_steps(make_config, num_devices: int, **overrides) -> tuple:
           {k: float(v) for k, v in parallel.unreplicate(metrics).items()})
 
 
+@pytest.mark.slow
 def test_per_replica_training_does_not_depend_on_the_device_count(make_config):
   """With a grad_clip that always binds, 20 steps of per_replica with R = 8 on 1 and on 2
   devices give the parameters of per_device on 8 devices (the official TPU v3-8 layout);

@@ -57,6 +57,7 @@ def sample_set(workdir):
   return sample.run(_checked("sample"), workdir)
 
 
+@pytest.mark.slow
 def test_sample_mode_writes_a_shard_its_index_and_grid_and_never_overwrites(workdir,
                                                                             sample_set):
   path = sample_set
@@ -80,6 +81,7 @@ def test_sample_mode_writes_a_shard_its_index_and_grid_and_never_overwrites(work
   assert _snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_eval_mode_bpd_rate_distortion_and_fid(workdir):
   results = evaluate.run(_checked("eval", **{"eval.fid_num_samples": 16}), workdir)
   result = results["bpd"]
@@ -127,6 +129,7 @@ def test_no_checkpoint(tmp_path):
   assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_fid_over_training_scores_every_kept_checkpoint_and_resumes(workdir):
   """keep_every_steps kept step 10 beside the newest (keep_checkpoints=1); the sweep writes
   fid.json per step and the CSV / PNG over all, and a rerun reads, not recomputes."""
@@ -156,15 +159,15 @@ def test_fid_gathers_statistics_not_images(workdir, sample_set, monkeypatch):
   hosts does not grow with the number of samples and is never an image, whether the
   samples are read from the shards (10 or 12 of the 12) or generated (16). Reading
   the saved samples and generating them again give the same FID."""
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  from ddpm_jax.evaluation import sample_quality  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils
+  from ddpm_jax.evaluation import sample_quality
   config = _checked("eval", **{"eval.fid_num_samples": 12})
   params, _ = checkpointing.restore_ema_params(config, workdir, 20)
   cache = os.path.join(workdir, "eval", "cache")
 
   def score(num, chunks=None):
     if chunks is None:  # What --mode=eval scores: the saved set if it holds enough.
-      chunks, source = evaluate._fid_samples(  # pylint: disable=protected-access
+      chunks, source = evaluate._fid_samples(
           config, workdir, params, 20, num)
       assert (source == sample_set) == (num <= 12), source
     return sample_quality.score_samples(chunks, num, config, cache_dir=cache)

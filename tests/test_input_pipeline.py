@@ -7,7 +7,6 @@ Fashion-MNIST pixel statistics (mean 0.2860, std 0.3530 of x/255 over the traini
 and tfds.testing.mock_data for the tfds code paths.
 """
 
-import gzip
 import os
 import subprocess
 import sys
@@ -18,23 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default as default_config
 from ddpm_jax import config_checks
 from ddpm_jax import data_sources as ds
 from ddpm_jax import input_pipeline as ip
 from ddpm_jax import parallel
 from ddpm_jax.errors import ConfigError
+from tests.conftest import data_config, write_idx
 
 NUM_TRAIN, NUM_TEST = 40, 37  # Not multiples of the global batch: epochs straddle batches.
 GLOBAL_BATCH = 16
 MOCK_EXAMPLES = 24
-
-
-def _write_idx(path, images: np.ndarray, magic: int = 2051, truncate: int = 0) -> None:
-  header = np.array([magic, *images.shape[:3]], dtype=">u4").tobytes()
-  data = header + images.astype(np.uint8).tobytes()
-  with gzip.open(path, "wb") as f:
-    f.write(data[:len(data) - truncate])
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +37,8 @@ def fake_files(tmp_path_factory):
   images = {"train": rng.integers(0, 256, (NUM_TRAIN, 28, 28), dtype=np.uint8),
             "test": rng.integers(0, 256, (NUM_TEST, 28, 28), dtype=np.uint8)}
   for split, array in images.items():
-    _write_idx(folder / ds.FASHION_MNIST_FILES[split], array)
+    write_idx(folder / ds.FASHION_MNIST_FILES[split], [2051, *array.shape], array)
   return str(folder), {k: v[..., None] for k, v in images.items()}
-
-
-def _config(dataset="fashion_mnist_files", **overrides):
-  config = default_config.get_config().data
-  shape = {"fashion_mnist_files": (28, 1), "fashion_mnist": (28, 1), "synthetic": (8, 3)}
-  config.image_size, config.num_channels = shape.get(dataset, (32, 3))
-  config.dataset = dataset
-  config.update(overrides)
-  return config
 
 
 def _take(iterator, n):
@@ -74,19 +57,19 @@ def _identify(batch: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def test_train_batch_shape_and_dtype():
-  batch = next(ip.create_train_iterator(_config("synthetic"), global_batch_size=16, seed=0))
+  batch = next(ip.create_train_iterator(data_config("synthetic"), global_batch_size=16, seed=0))
   chex.assert_shape(batch, (8, 2, 8, 8, 3))
   assert batch.dtype == np.uint8 and batch.std() > 10  # Random images, not zeros.
 
 
 def test_global_batch_not_divisible_names_both_numbers():
   with pytest.raises(ValueError, match=r"global batch 12 is not a positive multiple of the 8"):
-    ip.create_train_iterator(_config("synthetic"), global_batch_size=12, seed=0)
+    ip.create_train_iterator(data_config("synthetic"), global_batch_size=12, seed=0)
 
 
 def test_epochs_cover_every_example_once(fake_files):
   folder, images = fake_files
-  batches = _take(ip.create_train_iterator(_config(data_dir=folder),
+  batches = _take(ip.create_train_iterator(data_config(data_dir=folder),
                                            global_batch_size=GLOBAL_BATCH, seed=3), 5)
   # Flattening each [D, B] batch gives its global order; 5*16 positions = 2 epochs of 40.
   found = [_identify(b, images["train"]) for b in batches]
@@ -98,7 +81,7 @@ def test_epochs_cover_every_example_once(fake_files):
 
 
 def test_same_seed_same_batches_and_exact_resume(fake_files):
-  config = _config(data_dir=fake_files[0])
+  config = data_config(data_dir=fake_files[0])
   make = lambda seed, start=0: ip.create_train_iterator(  # noqa: E731
       config, global_batch_size=GLOBAL_BATCH, seed=seed, start_step=start)
   reference = _take(make(7), 7)
@@ -109,7 +92,7 @@ def test_same_seed_same_batches_and_exact_resume(fake_files):
 
 
 def test_processes_take_contiguous_slices_of_the_global_batch(fake_files, monkeypatch):
-  config = _config(data_dir=fake_files[0])
+  config = data_config(data_dir=fake_files[0])
   single = _take(ip.create_train_iterator(config, global_batch_size=32, seed=1), 3)
   single_eval = list(ip.create_eval_iterator(config, global_batch_size=32))
   per_process, per_process_eval = [], []
@@ -135,7 +118,7 @@ def test_processes_take_contiguous_slices_of_the_global_batch(fake_files, monkey
 @pytest.mark.parametrize("num_examples", [-1, 20])
 def test_eval_iterator_ordered_padded_and_masked(fake_files, num_examples):
   folder, images = fake_files
-  batches = list(ip.create_eval_iterator(_config(data_dir=folder), global_batch_size=16,
+  batches = list(ip.create_eval_iterator(data_config(data_dir=folder), global_batch_size=16,
                                          num_examples=num_examples))
   total = NUM_TEST if num_examples == -1 else num_examples
   assert len(batches) == -(-total // 16)
@@ -150,7 +133,7 @@ def test_eval_iterator_ordered_padded_and_masked(fake_files, num_examples):
 
 def test_eval_num_examples_beyond_split_is_rejected(fake_files):
   with pytest.raises(ConfigError, match="num_examples=38"):
-    ip.create_eval_iterator(_config(data_dir=fake_files[0]), global_batch_size=16,
+    ip.create_eval_iterator(data_config(data_dir=fake_files[0]), global_batch_size=16,
                             num_examples=NUM_TEST + 1)
 
 
@@ -159,7 +142,7 @@ def test_eval_num_examples_beyond_split_is_rejected(fake_files):
 
 def test_idx_reader_parses_a_small_file(tmp_path):
   images = np.random.default_rng(0).integers(0, 256, (3, 5, 4), dtype=np.uint8)
-  _write_idx(tmp_path / "x.gz", images)
+  write_idx(tmp_path / "x.gz", [2051, *images.shape], images)
   parsed = ds.read_idx_images(str(tmp_path / "x.gz"))
   assert parsed.dtype == np.uint8
   np.testing.assert_array_equal(parsed, images[..., None])
@@ -175,7 +158,8 @@ def test_idx_reader_rejects_corrupt_files(tmp_path, corruption, message):
   if isinstance(corruption, str):
     path.write_bytes(b"plain bytes, no gzip header")
   else:
-    _write_idx(path, np.zeros((3, 5, 4), np.uint8), **corruption)
+    write_idx(path, [corruption.get("magic", 2051), 3, 5, 4], np.zeros((3, 5, 4), np.uint8),
+              truncate=corruption.get("truncate", 0))
   with pytest.raises(ValueError, match=message):
     ds.read_idx_images(str(path))
 
@@ -192,7 +176,7 @@ def test_real_fashion_mnist_files():
   scaled = train / 255.0
   assert abs(scaled.mean() - 0.2860) < 5e-4 and abs(scaled.std() - 0.3530) < 5e-4
   # The default folder is used when data_dir is empty; the eval pass serves the file order.
-  images, mask = next(ip.create_eval_iterator(_config(), global_batch_size=16))
+  images, mask = next(ip.create_eval_iterator(data_config(), global_batch_size=16))
   np.testing.assert_array_equal(images.reshape(16, 28, 28, 1), test[:16])
   assert mask.all()
 
@@ -204,15 +188,15 @@ def test_missing_files_without_data_dir_fall_back_then_explain(monkeypatch, tmp_
     raise RuntimeError("Failed to download fashion_mnist\nsecond line")
 
   monkeypatch.setattr("ddpm_jax.data_sources._read_tfds", offline)
-  config_checks.check_data(_config())  # The tfds fallback is allowed: no error yet.
+  config_checks.check_data(data_config())  # The tfds fallback is allowed: no error yet.
   with pytest.raises(ConfigError, match=r"not found; install .*dataset-fashion-mnist.*"
                      r"fallback failed too: RuntimeError: Failed to download fashion_mnist$"):
-    ip.create_train_iterator(_config(), global_batch_size=16, seed=0)
+    ip.create_train_iterator(data_config(), global_batch_size=16, seed=0)
 
 
 def test_eval_split_must_exist():
   with pytest.raises(ConfigError, match=r"split='valid' is not a split of 'synthetic'"):
-    ip.create_eval_iterator(_config("synthetic"), global_batch_size=16, split="valid")
+    ip.create_eval_iterator(data_config("synthetic"), global_batch_size=16, split="valid")
 
 
 # --------------------------------------------------------------------------- tfds paths
@@ -229,7 +213,7 @@ def mock_tfds():
 def test_cifar10_in_memory_through_mock_tfds(mock_tfds):
   stored = np.concatenate([b["image"] for b in mock_tfds.as_numpy(
       mock_tfds.load("cifar10", split="train", shuffle_files=False).batch(64))])
-  config = _config("cifar10")
+  config = data_config("cifar10")
   batches = _take(ip.create_train_iterator(config, global_batch_size=16, seed=0), 3)
   chex.assert_shape(batches, (8, 2, 32, 32, 3))
   order = np.concatenate([_identify(b, stored)[0] for b in batches])
@@ -241,7 +225,7 @@ def test_cifar10_in_memory_through_mock_tfds(mock_tfds):
 
 
 def test_lsun_streams_deterministically_and_resumes(mock_tfds):
-  config = _config("lsun/church_outdoor", image_size=16, shuffle_buffer=8,
+  config = data_config("lsun/church_outdoor", image_size=16, shuffle_buffer=8,
                    eval_split="validation")
   make = lambda seed, start=0: ip.create_train_iterator(  # noqa: E731
       config, global_batch_size=16, seed=seed, start_step=start)
@@ -264,7 +248,7 @@ def test_lsun_streams_deterministically_and_resumes(mock_tfds):
 def test_stylegan_crop_resize_equals_pil_on_the_centre_square(shape, size):
   """dataset_tool's create_lsun: rows/columns [(n - side) // 2, (n + side) // 2) of the
   shorter side, then PIL's Lanczos resize (down, identity and up), done here with PIL."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from PIL import Image
   image = np.random.default_rng(sum(shape) + size).integers(0, 256, shape + (3,), np.uint8)
   side = min(shape)
   rows = slice((shape[0] - side) // 2, (shape[0] + side) // 2)
@@ -290,7 +274,7 @@ def test_lsun_stream_serves_the_stylegan_preparation(mock_tfds):
   """The LSUN train and eval streams (and so the FID reference) decode each image and
   apply stylegan_crop_resize to it."""
   del mock_tfds
-  config = _config("lsun/church_outdoor", image_size=8, eval_split="validation")
+  config = data_config("lsun/church_outdoor", image_size=8, eval_split="validation")
   tf, _, encoded, decode = ds.tfds_stream(config, "train")
   for raw in encoded.take(3):
     image = tf.io.decode_image(raw, channels=3, expand_animations=False).numpy()
@@ -309,8 +293,8 @@ def test_to_model_input_maps_the_byte_range_to_unit_interval():
 
 
 def test_prefetch_to_device_feeds_pmap():
-  source = ip.create_train_iterator(_config("synthetic"), global_batch_size=16, seed=0)
-  host = _take(ip.create_train_iterator(_config("synthetic"), global_batch_size=16, seed=0), 3)
+  source = ip.create_train_iterator(data_config("synthetic"), global_batch_size=16, seed=0)
+  host = _take(ip.create_train_iterator(data_config("synthetic"), global_batch_size=16, seed=0), 3)
   consumed = []
 
   def counting():
@@ -369,14 +353,14 @@ def test_each_process_reads_only_its_share_of_the_first_examples(monkeypatch, fa
   examples (in memory, or a streamed split through tfds' per-process split) together are
   those N examples in stored order, each read once."""
   data_dir, images = fake_files
-  config = _config(data_dir=data_dir)
+  config = data_config(data_dir=data_dir)
   shares = _shares(monkeypatch, lambda: ip.iterate_share(config, "train", batch_size=5,
                                                          num_examples=33), 3)
   assert [len(s) for s in shares] == [11, 11, 11]
   np.testing.assert_array_equal(np.concatenate(shares), images["train"][:33])
   # Streamed: the whole split in stored order on one process; with several, each process
   # asks tfds for its even part of split[:N] only (mock_data serves every split whole).
-  lsun = _config("lsun/church_outdoor", image_size=16)
+  lsun = data_config("lsun/church_outdoor", image_size=16)
   monkeypatch.setattr(jax, "process_count", lambda: 1)
   monkeypatch.setattr(jax, "process_index", lambda: 0)
   whole = np.concatenate(list(ip.iterate_share(lsun, "train", batch_size=5)))

@@ -5,33 +5,18 @@ labels), the published class balance of Fashion-MNIST (6,000 / 1,000 images per 
 train / test), the eval iterator's image order, and tfds.testing.mock_data for tfds.
 """
 
-import gzip
 import os
 
 import numpy as np
 import pytest
 
-from configs import default as default_config
 from ddpm_jax import data_sources as ds
 from ddpm_jax import input_pipeline as ip
+from tests.conftest import data_config, write_idx
 
 _FASHION_MNIST = ds.FASHION_MNIST_DIR
 _LABEL_FILES = {"train": "train-labels-idx1-ubyte.gz", "test": "t10k-labels-idx1-ubyte.gz"}
 NUM = {"train": 30, "test": 21}
-
-
-def _config(dataset="fashion_mnist_files", **overrides):
-  config = default_config.get_config().data
-  shape = {"fashion_mnist_files": (28, 1), "fashion_mnist": (28, 1), "synthetic": (8, 3)}
-  config.image_size, config.num_channels = shape.get(dataset, (32, 3))
-  config.dataset = dataset
-  config.update(overrides)
-  return config
-
-
-def _write(path, header: list[int], payload: np.ndarray) -> None:
-  with gzip.open(path, "wb") as f:
-    f.write(np.array(header, dtype=">u4").tobytes() + payload.astype(np.uint8).tobytes())
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +28,8 @@ def fake_files(tmp_path_factory):
   for split, n in NUM.items():
     images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, n).astype(np.uint8)
-    _write(folder / ds.FASHION_MNIST_FILES[split], [2051, n, 28, 28], images)
-    _write(folder / _LABEL_FILES[split], [2049, n], labels)
+    write_idx(folder / ds.FASHION_MNIST_FILES[split], [2051, n, 28, 28], images)
+    write_idx(folder / _LABEL_FILES[split], [2049, n], labels)
     contents[split] = (images[..., None], labels)
   return str(folder), contents
 
@@ -52,18 +37,18 @@ def fake_files(tmp_path_factory):
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_idx_files(fake_files, split):
   folder, contents = fake_files
-  images, labels = ip.load_labeled_arrays(_config(data_dir=folder), split)
+  images, labels = ip.load_labeled_arrays(data_config(data_dir=folder), split)
   assert images.dtype == np.uint8 and labels.dtype == np.int32
   np.testing.assert_array_equal(images, contents[split][0])
   np.testing.assert_array_equal(labels, contents[split][1])
-  first, first_labels = ip.load_labeled_arrays(_config(data_dir=folder), split, num_examples=5)
+  first, first_labels = ip.load_labeled_arrays(data_config(data_dir=folder), split, num_examples=5)
   np.testing.assert_array_equal(first, contents[split][0][:5])
   np.testing.assert_array_equal(first_labels, contents[split][1][:5])
 
 
 def test_images_in_eval_iterator_order(fake_files):
   folder, _ = fake_files
-  config = _config(data_dir=folder)
+  config = data_config(data_dir=folder)
   images, _ = ip.load_labeled_arrays(config, "test")
   batches = list(ip.create_eval_iterator(config, global_batch_size=16, split="test"))
   served = np.concatenate([b.reshape((-1, 28, 28, 1))[m.reshape(-1)] for b, m in batches])
@@ -81,13 +66,13 @@ def test_bad_label_files(fake_files, tmp_path, case, match):
   labels = contents["train"][1]
   path = tmp_path / _LABEL_FILES["train"]
   if case == "magic":
-    _write(path, [2051, NUM["train"]], labels)
+    write_idx(path, [2051, NUM["train"]], labels)
   elif case == "count":
-    _write(path, [2049, NUM["train"] + 1], labels)
+    write_idx(path, [2049, NUM["train"] + 1], labels)
   elif case == "mismatch":
-    _write(path, [2049, NUM["train"] - 1], labels[:-1])
+    write_idx(path, [2049, NUM["train"] - 1], labels[:-1])
   with pytest.raises(ValueError, match=match):
-    ip.load_labeled_arrays(_config(data_dir=str(tmp_path)), "train")
+    ip.load_labeled_arrays(data_config(data_dir=str(tmp_path)), "train")
 
 
 @pytest.mark.parametrize("num_examples, match", [
@@ -96,20 +81,20 @@ def test_bad_label_files(fake_files, tmp_path, case, match):
 def test_bad_num_examples(fake_files, num_examples, match):
   folder, _ = fake_files
   with pytest.raises(ValueError, match=match):
-    ip.load_labeled_arrays(_config(data_dir=folder), "test", num_examples=num_examples)
+    ip.load_labeled_arrays(data_config(data_dir=folder), "test", num_examples=num_examples)
 
 
 def test_bad_split_and_streamed_dataset(fake_files):
   folder, _ = fake_files
   with pytest.raises(ValueError, match="split='valid'"):
-    ip.load_labeled_arrays(_config(data_dir=folder), "valid")
+    ip.load_labeled_arrays(data_config(data_dir=folder), "valid")
   with pytest.raises(ValueError, match="in-memory dataset with labels"):
-    ip.load_labeled_arrays(_config("lsun/church_outdoor", image_size=64,
+    ip.load_labeled_arrays(data_config("lsun/church_outdoor", image_size=64,
                                    eval_split="validation"), "train")
 
 
 def test_synthetic_labels_are_index_mod_10():
-  config = _config("synthetic")
+  config = data_config("synthetic")
   images, labels = ip.load_labeled_arrays(config, "test", num_examples=25)
   np.testing.assert_array_equal(labels, np.arange(25) % 10)
   assert images.shape == (25, 8, 8, 3) and images.std() > 10
@@ -126,7 +111,7 @@ def test_synthetic_labels_are_index_mod_10():
                            "(apt-get install dataset-fashion-mnist)")
 @pytest.mark.parametrize("split, per_class", [("train", 6000), ("test", 1000)])
 def test_real_fashion_mnist(split, per_class):
-  images, labels = ip.load_labeled_arrays(_config(), split)
+  images, labels = ip.load_labeled_arrays(data_config(), split)
   assert images.shape == (10 * per_class, 28, 28, 1)
   np.testing.assert_array_equal(np.bincount(labels, minlength=10), [per_class] * 10)
 
@@ -135,8 +120,8 @@ def test_cifar10_through_mock_tfds():
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=12):
     stored = list(tfds.as_numpy(tfds.load("cifar10", split="test", shuffle_files=False)))
-    images, labels = ip.load_labeled_arrays(_config("cifar10"), "test")
-    _, first = ip.load_labeled_arrays(_config("cifar10"), "test", num_examples=5)
+    images, labels = ip.load_labeled_arrays(data_config("cifar10"), "test")
+    _, first = ip.load_labeled_arrays(data_config("cifar10"), "test", num_examples=5)
   assert images.shape == (12, 32, 32, 3) and labels.dtype == np.int32
   np.testing.assert_array_equal(images, np.stack([e["image"] for e in stored]))
   np.testing.assert_array_equal(labels, [e["label"] for e in stored])

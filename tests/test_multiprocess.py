@@ -30,6 +30,8 @@ from tests import _fault_tools as ft
 from tests import _released_weights as rw
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.slow  # Real processes: pods of main.py, minutes.
+
 STEPS = 16
 IMPORTED = 790
 FLAGS = (f"--config.training.num_train_steps={STEPS}", "--config.training.log_every_steps=1",
@@ -37,7 +39,6 @@ FLAGS = (f"--config.training.num_train_steps={STEPS}", "--config.training.log_ev
          "--config.training.keep_checkpoints=10", "--config.eval.num_examples=32",
          "--config.eval.fid_num_samples=16", "--config.sampling.num_samples=16",
          "--config.sampling.method=ddim", "--config.sampling.ddim.num_steps=5")
-LOSS = re.compile(r"step (\d+)/\d+ loss ([0-9.]+)")
 
 
 def _args(workdir, *flags) -> list[str]:
@@ -52,10 +53,6 @@ def _start_pod(server, workdir, *flags, name: str) -> list[int]:
 
 def _run_pod(server, workdir, *flags, name: str, timeout: float = 240) -> list[ft.Result]:
   return [server.wait(pid, timeout) for pid in _start_pod(server, workdir, *flags, name=name)]
-
-
-def _losses(text: str) -> dict[int, float]:
-  return {int(s): float(v) for s, v in LOSS.findall(text)}
 
 
 def _state(workdir, step=None):
@@ -84,7 +81,7 @@ def runs(server, tmp_path_factory):
   for result in results:
     assert result.rc == 0, result.stderr[-3000:]
   assert "2 local / 4 global devices" in results[1].stderr
-  return (one, _losses(single.stderr)), (pod, _losses(results[0].stderr))
+  return (one, ft.step_losses(single.stderr)), (pod, ft.step_losses(results[0].stderr))
 
 
 def test_two_processes_train_like_one(runs):
@@ -176,7 +173,7 @@ def test_a_resumed_pod_skips_a_corrupt_checkpoint_and_stops_together_on_sigterm(
                     "--config.training.checkpoint_every_steps=50000",
                     "--config.training.sample_every_steps=0", name="corrupt_preempt")
   deadline = time.monotonic() + 240
-  while max(_losses(server.stderr_so_far(pids[1])), default=0) < STEPS + 2:
+  while max(ft.step_losses(server.stderr_so_far(pids[1])), default=0) < STEPS + 2:
     assert time.monotonic() < deadline, server.stderr_so_far(pids[1])[-3000:]
     time.sleep(0.05)
   os.kill(pids[1], signal.SIGTERM)

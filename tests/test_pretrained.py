@@ -170,7 +170,7 @@ def _ddpm_jax_outputs(params, config, x, t) -> np.ndarray:
   return np.asarray(model.apply({"params": params}, x, t, train=False))
 
 
-@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("name", ["tiny", pytest.param("small", marks=pytest.mark.slow)])
 def test_the_unet_computes_diffusers_outputs_on_the_official_weights(released, name):
   """Within 1e-4 of the output's scale (float32, other operation orders)."""
   rel = released[name]
@@ -375,6 +375,7 @@ def _main(server, workdir, *flags: str) -> ft.Result:
                     timeout=300)
 
 
+@pytest.mark.slow
 def test_fine_tuning_resumes_at_the_step_with_a_fresh_optimizer(released, imported, server,
                                                                tmp_path):
   """--mode=train on the imported workdir: it resumes at the file's step from the raw

@@ -1,38 +1,23 @@
-"""Sample sets at scale: which global indices each process makes (generation.py), its shard
-and the index (sample_files.py), each reader's share, older single files, and the FID
-command line reading a set shard by shard (fid.py)."""
+"""Sample sets at scale (ddpm_jax/sample_files.py): each process's shard and the index, each
+reader's share, older single files. Which indices each process makes: test_generation.py;
+the FID command line reading a set shard by shard: test_fid.py (which uses the helpers
+here to write a set)."""
 
 import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import fid as fid_cli
 from ddpm_jax import generation
 from ddpm_jax import sample_files as sf
-from ddpm_jax.evaluation import features as features_lib
-from ddpm_jax.evaluation import metrics
 
 SHAPE = (4, 4, 3)
 
 
 def _images(num: int) -> np.ndarray:
   return np.random.default_rng(3).integers(0, 256, (num,) + SHAPE, dtype=np.uint8)
-
-
-@pytest.mark.parametrize("num, batch, processes", [(16, 8, 2), (21, 8, 4), (5, 8, 1)])
-def test_each_process_makes_a_block_of_every_global_batch(num, batch, processes):
-  """Process blocks of a batch in process order are the batch (the order hosts.gather
-  used to return), and the processes' indices partition [0, N)."""
-  for i in range(-(-num // batch)):
-    blocks = [generation.batch_share(i, batch, p, processes) for p in range(processes)]
-    np.testing.assert_array_equal(np.concatenate(blocks), np.arange(i * batch, (i + 1) * batch))
-  shares = [generation.process_indices(num, batch, p, processes) for p in range(processes)]
-  assert all(np.all(np.diff(s) > 0) for s in shares)
-  np.testing.assert_array_equal(np.sort(np.concatenate(shares)), np.arange(num))
 
 
 def _write_set(folder, images: np.ndarray, batch: int, processes: int) -> str:
@@ -114,35 +99,3 @@ def test_older_single_files_and_a_lone_shard(tmp_path):
   np.savez_compressed(compressed, samples=images)
   np.testing.assert_array_equal(sf.read(str(compressed))[0], images)
 
-
-def _toy_extractor() -> features_lib.FeatureExtractor:
-  """Features: channel means and the first pixel; logits: 5 linear scores."""
-  weights = np.random.default_rng(0).normal(size=(int(np.prod(SHAPE)), 5)).astype(np.float32)
-
-  def apply_fn(variables, images):
-    x = images.astype(jnp.float32).reshape(images.shape[0], -1) / 255.0
-    features = jnp.concatenate([x.reshape(images.shape[0], -1, 3).mean(1), x[:, :3]], axis=1)
-    return features, x @ variables
-
-  return features_lib.FeatureExtractor("toy", apply_fn, weights, 6, logits_name="toy logits")
-
-
-def test_fid_command_line_streams_a_set_shard_by_shard(tmp_path):
-  """`python -m ddpm_jax.fid` reads an index (or its folder) and computes, batch by batch
-  from the shards, the statistics and the Inception Score of all the images in order."""
-  images = _images(23)
-  path = _write_set(tmp_path, images, batch=8, processes=2)
-  extractor = _toy_extractor()
-  features, logits = extractor(images)
-  for where in (path, str(tmp_path)):
-    source = fid_cli.read_source(where)
-    assert source.num_images == 23 and source.samples.shape == (23,) + SHAPE
-    mu, sigma, scores = fid_cli.sample_statistics(extractor, source.samples, 4, "A")
-    expected_mu, expected_sigma = metrics.compute_statistics(np.asarray(features))
-    np.testing.assert_allclose(mu, expected_mu, rtol=1e-6)
-    np.testing.assert_allclose(sigma, expected_sigma, rtol=1e-5, atol=1e-9)
-    np.testing.assert_allclose(scores.score(), metrics.inception_score(np.asarray(logits), 10),
-                               rtol=1e-6)
-  (tmp_path / "bad.json").write_text('{"format": "something else"}')
-  with pytest.raises(ValueError, match="not a sample-set index"):
-    fid_cli.read_source(str(tmp_path / "bad.json"))

@@ -1,6 +1,6 @@
 """The PyTorch reference of bench/ computes ddpm_jax's function: with one set of trained
-parameters (carried over by reference_torch/jax_to_torch.py) its network gives the same outputs, L_simple
-and gradient, and its DDIM the same samples from the same x_T, as ddpm_jax's.
+parameters (carried over by reference_torch/jax_to_torch.py) its network gives the same
+outputs, L_simple and gradient, and its DDIM the same samples from the same x_T, as ddpm_jax's.
 
 Needs torch and diffusers (`pip install -e '.[bench]'`); skips, saying so, without them. Both
 programs run as child processes, as a user runs them.
@@ -13,6 +13,8 @@ import subprocess
 import sys
 
 import pytest
+
+pytestmark = pytest.mark.slow  # Trains and samples in child processes of both programs.
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _REASON = "the PyTorch reference needs torch and diffusers: pip install -e '.[bench]'"
@@ -38,8 +40,8 @@ def equivalence(tmp_path_factory) -> dict:
   pytest.importorskip("diffusers", reason=_REASON)
   workdir = tmp_path_factory.mktemp("jax_run") / "run"
   _run(["main.py", f"--workdir={workdir}", "--mode=train"] + _OVERRIDES)
-  out = _run(["-m", "reference_torch.torch_reference", "--mode=equivalence", f"--jax_workdir={workdir}",
-              "--ddim_batch=8", "--threads=1"] + _OVERRIDES)
+  out = _run(["-m", "reference_torch.torch_reference", "--mode=equivalence",
+              f"--jax_workdir={workdir}", "--ddim_batch=8", "--threads=1"] + _OVERRIDES)
   return json.loads(out.strip().splitlines()[-1])
 
 

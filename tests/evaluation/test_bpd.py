@@ -15,6 +15,7 @@ from ddpm_jax import train_state
 from ddpm_jax.evaluation import bpd as bpd_lib
 
 
+@pytest.mark.slow
 def test_bpd_does_not_depend_on_device_count(make_config):
   config = make_config()
   model, schedule = factories.create_model(config), factories.create_schedule(config.diffusion)

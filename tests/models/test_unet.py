@@ -173,6 +173,7 @@ def test_cifar_param_tree(cifar_shapes):
 # --- Init, shapes, dtypes ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_init_distribution_and_zero_init(tiny):
   p = tiny["params"]
   # variance_scaling(1, fan_avg, uniform): Var = 1 / fan_avg, |w| <= sqrt(3 / fan_avg).
@@ -290,6 +291,7 @@ def test_upsample_nearest_then_conv(tiny):
 # --- Training behaviour: t-dependence, dropout, bf16, remat -------------------------------
 
 
+@pytest.mark.slow
 def test_few_adam_steps_make_output_depend_on_t(tiny):
   x = jnp.broadcast_to(tiny["x"][:1], tiny["x"].shape)  # One image at four timesteps.
   t = jnp.array([0, 300, 600, 999], jnp.int32)
@@ -336,6 +338,7 @@ def test_bfloat16_compute_close_to_float32(tiny):
   assert 0 < rel < BF16_REL_TOL
 
 
+@pytest.mark.slow
 def test_remat_gives_same_outputs_and_grads(tiny):
   args = (tiny["pparams"], tiny["x"], tiny["t"], jnp.zeros_like(tiny["x"]), jax.random.key(4))
   (loss_a, out_a), grads_a = tiny["loss_and_grad"](*args)

@@ -6,7 +6,6 @@ the statistics of the features computed directly.
 """
 
 import dataclasses
-import gzip
 import os
 
 import chex
@@ -24,6 +23,7 @@ from ddpm_jax.errors import ConfigError
 from ddpm_jax.evaluation import features as features_lib
 from ddpm_jax.evaluation import metrics
 from ddpm_jax.evaluation import inception, sample_quality as sq
+from tests.conftest import write_idx
 
 NUM = {"train": 100, "test": 60}
 _RECIPE = dict(classifier_steps=60, classifier_batch_size=32, classifier_width=8,
@@ -40,19 +40,14 @@ def _quadrant_images(num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
   return images, labels
 
 
-def _write(path, header: list[int], payload: np.ndarray) -> None:
-  with gzip.open(path, "wb") as f:
-    f.write(np.array(header, dtype=">u4").tobytes() + payload.astype(np.uint8).tobytes())
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   folder = tmp_path_factory.mktemp("quadrants")
   for seed, (split, num) in enumerate(NUM.items()):
     images, labels = _quadrant_images(num, seed)
-    _write(folder / data_sources.FASHION_MNIST_FILES[split], [2051, num, 28, 28], images)
+    write_idx(folder / data_sources.FASHION_MNIST_FILES[split], [2051, num, 28, 28], images)
     label_file = data_sources.FASHION_MNIST_FILES[split].replace("images-idx3", "labels-idx1")
-    _write(folder / label_file, [2049, num], labels)
+    write_idx(folder / label_file, [2049, num], labels)
   return str(folder)
 
 
@@ -275,9 +270,9 @@ def test_statistics_merged_across_processes(monkeypatch):
   hosts_pair = _TwoHosts()
   monkeypatch.setattr(hosts, "multi", lambda: True)
   monkeypatch.setattr(hosts, "gather", hosts_pair.record)
-  sq._merge_across_processes(parts[1])  # pylint: disable=protected-access
+  sq._merge_across_processes(parts[1])
   monkeypatch.setattr(hosts, "gather", hosts_pair.gather)
-  merged = sq._merge_across_processes(parts[0])  # pylint: disable=protected-access
+  merged = sq._merge_across_processes(parts[0])
   mu, sigma = merged.statistics()
   expected_mu, expected_sigma = metrics.compute_statistics(features)
   assert merged.count == 90

@@ -1,16 +1,15 @@
-"""Fault injection: kill -9, SIGTERM, a second process, corrupt checkpoints, NaNs and bad
-input lose nothing and leave nothing silently wrong (checkpointing.py, workdir.py, train.py,
-main.py); a genuine bug keeps its traceback.
+"""The training command (main.py) under faults and bad input: kill -9, SIGTERM, a second
+process on the workdir and a corrupt checkpoint lose nothing (the run ends bit-identical to
+the uninterrupted one); bad input and an offline machine give one error line before any
+compute and leave every workdir as it was; a genuine bug keeps its traceback.
 
-main.py runs in processes forked from tests/_fault_tools.py's server, which imported it
-once (see there); the bad-input test checks two cases against a plain `python main.py`.
-Every run is configs/test_tiny.py at batch 16 with the same learning rate, so all share
-the compiled train step: conftest.py's persistent compile cache reaches the forked
-processes through the environment. Determinism (same seed, same bits) is the chaos test's
-last assertion: a run in other processes ends bit-identical to the in-process reference.
+main.py runs in processes forked from tests/_fault_tools.py's server (conftest.py's
+`main_server`), which imported it once (see there); the bad-input test checks two cases
+against a plain `python main.py`. The reference is tests/_reference_run.py's run
+(conftest.py's `reference_run`). Checkpoint fallback in-process: test_checkpointing.py;
+NaNs and 1 vs 8 devices: test_train.py.
 """
 
-import logging
 import os
 import random
 import re
@@ -20,89 +19,13 @@ import subprocess
 import sys
 import time
 
-import chex
-import jax
-import numpy as np
 import pytest
 
 from ddpm_jax import checkpointing
-from ddpm_jax import train
 from ddpm_jax import workdir as workdir_lib
-from ddpm_jax.errors import ConfigError, NonFiniteError
-from ddpm_jax.train_state import TrainState
 from tests import _fault_tools as ft
-from tests.conftest import tiny_config
-
-REF_STEPS = 24
-REF_FLAGS = (f"--config.training.num_train_steps={REF_STEPS}",
-             "--config.training.checkpoint_every_steps=8", "--config.training.log_every_steps=1",
-             "--config.training.sample_every_steps=0")
-KEPT = [REF_STEPS - 16, REF_STEPS - 8, REF_STEPS]  # The reference run's checkpoints (keep 3).
-STEP_LINE = re.compile(r"step (\d+)/\d+ loss ([0-9.]+)")
-
-
-def _config(**overrides):
-  """configs/test_tiny.py with REF_FLAGS applied, then ``overrides`` ("group.field": value)."""
-  ref = dict(flag[len("--config."):].split("=") for flag in REF_FLAGS)
-  return tiny_config(**{**{k: int(v) for k, v in ref.items()}, **overrides})
-
-
-def _args(workdir, *flags):
-  return ["--config", os.path.join(ft.REPO, "configs", "test_tiny.py"), "--workdir",
-          str(workdir), *flags]
-
-
-def _losses(text: str) -> dict[int, float]:
-  return {int(s): float(v) for s, v in STEP_LINE.findall(text)}
-
-
-def _assert_same_bits(a, b) -> None:
-  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(leaves_a) == len(leaves_b)
-  for x, y in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def _restore(workdir, target, step=None):
-  checkpointer = checkpointing.Checkpointer(str(workdir), keep=100)
-  try:
-    return checkpointer.restore(target, step)
-  finally:
-    checkpointer.close()
-
-
-class _Lines(logging.Handler):
-  """Collects the messages of the absl logger (train.py's progress lines, warnings)."""
-
-  def __init__(self):
-    super().__init__(logging.INFO)
-    self.messages = []
-
-  def emit(self, record):
-    self.messages.append(record.getMessage())
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """The uninterrupted run: (workdir, final TrainState, {step: loss}) on 8 devices."""
-  workdir = tmp_path_factory.mktemp("reference")
-  lines, absl_logger = _Lines(), logging.getLogger("absl")
-  level = absl_logger.level
-  absl_logger.addHandler(lines)
-  absl_logger.setLevel(logging.INFO)
-  try:
-    state = train.train(_config(), str(workdir))
-  finally:
-    absl_logger.removeHandler(lines)
-    absl_logger.setLevel(level)
-  return workdir, state, _losses("\n".join(lines.messages))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-  srv = ft.MainServer(str(tmp_path_factory.mktemp("main_logs")))
-  yield srv
-  srv.close()
+from tests import _reference_run as rr
+from tests._reference_run import KEPT, NO_PERIODIC_SAVES, REF_FLAGS, REF_STEPS
 
 
 def _exited(pid: int) -> bool:
@@ -121,7 +44,6 @@ def _wait_for(condition, pid: int, server, what: str, timeout: float = 120.0) ->
 
 
 CHAOS_FLAGS = (*REF_FLAGS, "--config.training.checkpoint_every_steps=2")
-NO_PERIODIC_SAVES = ("--config.training.checkpoint_every_steps=1000",)
 # The lives of one run and how each ends: 'lock' a second process started on the workdir
 # once this one holds the lock is refused, then SIGTERM after this one's first step (this
 # life makes no periodic saves); 'mid_save' kill -9 as soon as Orbax's temporary folder of
@@ -134,14 +56,14 @@ LIVES = (("lock", NO_PERIODIC_SAVES), ("mid_save", ()), ("startup", ()), ("start
 def _end_life(server, pid: int, how: str, ckpt_dir: str, before: list[int], workdir,
               rng: random.Random) -> None:
   """Drives one life of the chaos run to its end (see LIVES)."""
-  logged = lambda: max(_losses(server.stderr_so_far(pid)), default=0)
+  logged = lambda: max(ft.step_losses(server.stderr_so_far(pid)), default=0)
   if how == "startup":
     time.sleep(rng.uniform(0.1, 3.0))
     os.kill(pid, signal.SIGKILL)
     return
   if how == "lock":  # Refused with one line naming the workdir and the PID.
     _wait_for(lambda: "JAX process" in server.stderr_so_far(pid), pid, server, "the lock")
-    second = server.run(_args(workdir, *CHAOS_FLAGS), name="second_process", timeout=60)
+    second = server.run(rr.main_args(workdir, *CHAOS_FLAGS), name="second_process", timeout=60)
     assert second.rc == 2 and second.stderr.count("\n") == 1, second.stderr
     assert (f"workdir '{workdir}' is in use by another training process (PID {pid}, lock "
             in second.stderr)
@@ -154,7 +76,8 @@ def _end_life(server, pid: int, how: str, ckpt_dir: str, before: list[int], work
   os.kill(pid, signal.SIGKILL)
 
 
-def test_kill9_sigterm_lock_and_a_bit_flip_lose_nothing(server, reference, tmp_path):
+@pytest.mark.slow
+def test_kill9_sigterm_lock_and_a_bit_flip_lose_nothing(main_server, reference_run, tmp_path):
   """Kill -9, SIGTERM, the lock, a corrupt checkpoint and determinism, end to end. One run of
   REF_STEPS steps is killed
   5 times (once mid-save, at kill times drawn from a seeded rng), meets a second
@@ -168,10 +91,11 @@ def test_kill9_sigterm_lock_and_a_bit_flip_lose_nothing(server, reference, tmp_p
   for i, (how, flags) in enumerate(LIVES):
     before, tmps_before = ft.step_dirs(ckpt_dir)
     before = before or [0]
-    with server.started(_args(workdir, *CHAOS_FLAGS, *flags), name=f"life{i}_{how}") as pid:
-      _end_life(server, pid, how, ckpt_dir, before, workdir, rng)
+    args = rr.main_args(workdir, *CHAOS_FLAGS, *flags)
+    with main_server.started(args, name=f"life{i}_{how}") as pid:
+      _end_life(main_server, pid, how, ckpt_dir, before, workdir, rng)
       sent = time.monotonic()
-      result = server.wait(pid, timeout=60)
+      result = main_server.wait(pid, timeout=60)
     where = f"life {i} ({how}):\n{result.stderr[-3000:]}"
     steps, tmps = ft.step_dirs(ckpt_dir)
     assert steps and max(steps) < REF_STEPS, where
@@ -181,7 +105,7 @@ def test_kill9_sigterm_lock_and_a_bit_flip_lose_nothing(server, reference, tmp_p
       assert int(resumed.group(1)) == max(before), where
     if how == "lock":  # SIGTERM saves the step it is at and exits 0, promptly.
       assert result.rc == 0 and time.monotonic() - sent < 30, where
-      assert max(steps) == max(_losses(result.stderr)) > max(before), where
+      assert max(steps) == max(ft.step_losses(result.stderr)) > max(before), where
       assert set(tmps) <= set(tmps_before), where  # Its save completed.
       assert f"Saved the checkpoint of step {max(steps)} after SIGTERM" in result.stderr
     else:
@@ -192,175 +116,16 @@ def test_kill9_sigterm_lock_and_a_bit_flip_lose_nothing(server, reference, tmp_p
   assert kills >= 5 and tmp_left, (kills, tmp_left)  # Some kills hit a save under way.
   *_, previous, newest = steps
   bad = workdir / workdir_lib.CHECKPOINT_DIR / str(newest)
-  _corrupt(str(bad), "flip")
+  rr.corrupt(str(bad), "flip")
   flipped = ft.snapshot(str(bad))
-  final = server.run(_args(workdir, *CHAOS_FLAGS, *NO_PERIODIC_SAVES), name="final",
-                     timeout=180)
+  final = main_server.run(rr.main_args(workdir, *CHAOS_FLAGS, *NO_PERIODIC_SAVES),
+                          name="final", timeout=180)
   assert final.rc == 0, final.stderr[-3000:]
   assert f"Checkpoint step {newest} ({bad}) is corrupt or unreadable" in final.stderr
   assert f"Resumed from the checkpoint at step {previous}" in final.stderr
   assert ft.snapshot(str(workdir / checkpointing.CORRUPT_DIR / str(newest))) == flipped
   assert max(ft.step_dirs(ckpt_dir)[0]) == REF_STEPS
-  _assert_same_bits(_restore(workdir, reference[1]), reference[1])
-
-
-def _corrupt(step_dir: str, how: str) -> None:
-  if how == "flip":  # Orbax reads it back without complaint: only the fingerprint sees it.
-    ft.flip_bytes(ft.largest_file(os.path.join(step_dir, checkpointing.STATE_ITEM)))
-  elif how == "truncate":
-    path = ft.largest_file(os.path.join(step_dir, checkpointing.STATE_ITEM))
-    os.truncate(path, os.path.getsize(path) // 2)
-  elif how == "remove_data":
-    shutil.rmtree(os.path.join(step_dir, checkpointing.STATE_ITEM, "ocdbt.process_0"))
-  elif how == "remove_fingerprint":
-    shutil.rmtree(os.path.join(step_dir, checkpointing.FINGERPRINT_ITEM))
-  else:
-    raise AssertionError(how)
-
-
-@pytest.fixture
-def corrupted(reference, tmp_path, request):
-  """A copy of the reference workdir whose latest checkpoint is damaged (request.param)."""
-  workdir = tmp_path / "wd"
-  shutil.copytree(reference[0], workdir)
-  _corrupt(str(workdir / workdir_lib.CHECKPOINT_DIR / str(REF_STEPS)), request.param)
-  return workdir
-
-
-# After a failed read (truncate) Orbax leaves a TensorStore callback aimed at its closed
-# asyncio loop; Python reports it when the loop is collected. Nothing is lost or left open.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("corrupted", ["flip", "truncate", "remove_data", "remove_fingerprint"],
-                         indirect=True)
-def test_corrupt_latest_falls_back_and_is_moved_aside(corrupted, reference, caplog):
-  """Restore warns naming the bad step, restores the newest intact one and
-  moves the bad one (byte for byte) to checkpoints_corrupt/, never deleting it."""
-  ref_dir, ref_state, _ = reference
-  bad = corrupted / workdir_lib.CHECKPOINT_DIR / str(REF_STEPS)
-  before = ft.snapshot(str(bad))
-  with caplog.at_level(logging.WARNING):
-    state = _restore(corrupted, ref_state)
-  assert int(state.step) == KEPT[1]
-  _assert_same_bits(state, _restore(ref_dir, ref_state, KEPT[1]))
-  moved = corrupted / checkpointing.CORRUPT_DIR / str(REF_STEPS)
-  assert not bad.exists() and ft.snapshot(str(moved)) == before
-  assert f"Checkpoint step {REF_STEPS} ({bad}) is corrupt" in caplog.text
-  assert f"to {moved}" in caplog.text
-
-
-@pytest.mark.parametrize("corrupted", ["flip"], indirect=True)
-def test_sample_eval_restore_skips_corrupt_without_moving(corrupted, reference, caplog):
-  """restore_params (sample / eval) falls back too, read-only; an explicit bad step fails."""
-  ref_dir, ref_state, _ = reference
-  before = ft.snapshot(str(corrupted))
-  checkpointer = checkpointing.Checkpointer(str(corrupted), read_only=True)
-  with caplog.at_level(logging.WARNING):
-    params, step = checkpointer.restore_params(-1)
-  assert step == KEPT[1] and f"Checkpoint step {REF_STEPS}" in caplog.text
-  with pytest.raises(ConfigError, match=f"Checkpoint .*{REF_STEPS} is corrupt or unreadable"):
-    checkpointer.restore_params(REF_STEPS)
-  checkpointer.close()
-  assert ft.snapshot(str(corrupted)) == before
-  _assert_same_bits(params, _restore(ref_dir, ref_state, KEPT[1]).ema_params)
-
-
-def test_all_checkpoints_corrupt_is_an_error_and_moves_nothing(reference, tmp_path):
-  workdir = tmp_path / "wd"
-  shutil.copytree(reference[0], workdir)
-  for step in ft.step_dirs(str(workdir / workdir_lib.CHECKPOINT_DIR))[0]:
-    _corrupt(str(workdir / workdir_lib.CHECKPOINT_DIR / str(step)), "flip")
-  before = ft.snapshot(str(workdir))
-  with pytest.raises(ConfigError, match="No intact checkpoint.*Nothing was moved"):
-    _restore(workdir, reference[1])
-  assert ft.snapshot(str(workdir)) == before
-
-
-@pytest.fixture(scope="module")
-def blown_up(reference, tmp_path_factory):
-  """A workdir whose checkpoint (step REF_STEPS) holds weights that blew up: x1e30, still
-  finite, so the next step's loss and gradients overflow to inf / NaN."""
-  workdir = tmp_path_factory.mktemp("blown_up")
-  shutil.copy(reference[0] / workdir_lib.CONFIG_FILE, workdir)
-  state = reference[1]
-  huge = state.replace(params=jax.tree.map(lambda p: p * np.float32(1e30), state.params))
-  checkpointer = checkpointing.Checkpointer(str(workdir), keep=3)
-  checkpointer.save(REF_STEPS, huge)
-  checkpointer.close()
-  return workdir, huge
-
-
-def _nan_config(mode: str):
-  return _config(**{"training.num_train_steps": REF_STEPS + 3,
-                    "training.checkpoint_every_steps": 1000, "training.nonfinite": mode})
-
-
-def _checkpoints(workdir, target) -> dict[int, TrainState]:
-  steps = ft.step_dirs(str(workdir / workdir_lib.CHECKPOINT_DIR))[0]
-  return {s: _restore(workdir, target, s) for s in steps}
-
-
-def _all_finite(tree) -> bool:
-  return all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree)
-             if np.issubdtype(np.asarray(x).dtype, np.inexact))
-
-
-def test_nonfinite_raise_names_the_step_and_saves_no_nan(blown_up, tmp_path):
-  """The default switch: stop with an error naming the step; nothing saved."""
-  workdir = tmp_path / "wd"
-  shutil.copytree(blown_up[0], workdir)
-  with pytest.raises(NonFiniteError, match=rf"Non-finite loss or gradients at step "
-                     rf"{REF_STEPS + 1} .*nothing after step {REF_STEPS} was saved.*nonfinite=skip"):
-    train.train(_nan_config("raise"), str(workdir))
-  assert list(_checkpoints(workdir, blown_up[1])) == [REF_STEPS]
-
-
-def test_nonfinite_skip_counts_and_keeps_the_state(blown_up, tmp_path, caplog):
-  """training.nonfinite='skip': such steps leave the state as it was and are counted in
-  the state (persisted in checkpoints) and in the logs; no checkpoint holds a NaN."""
-  workdir = tmp_path / "wd"
-  shutil.copytree(blown_up[0], workdir)
-  with caplog.at_level(logging.WARNING):
-    state = train.train(_nan_config("skip"), str(workdir))
-  assert (int(state.step), int(state.nonfinite_steps), int(state.last_nonfinite_step)) == (
-      REF_STEPS + 3, 3, REF_STEPS + 3)
-  assert "Skipped the update of 1 step(s)" in caplog.text
-  assert "(3 skipped since step 0)" in caplog.text
-  saved = _checkpoints(workdir, blown_up[1])
-  assert list(saved) == [REF_STEPS, REF_STEPS + 3] and _all_finite(saved[REF_STEPS + 3])
-  assert int(saved[REF_STEPS + 3].nonfinite_steps) == 3
-  last = saved[REF_STEPS + 3]
-  _assert_same_bits((last.params, last.ema_params, last.opt_state),
-                    (blown_up[1].params, blown_up[1].ema_params, blown_up[1].opt_state))
-
-
-def test_a_nonfinite_state_is_never_written(tmp_path):
-  checkpointer = checkpointing.Checkpointer(str(tmp_path), keep=3)
-  state = {"params": {"w": np.array([1.0, np.inf], np.float32)}, "step": np.int32(7)}
-  with pytest.raises(NonFiniteError, match="step 7 holds non-finite values in params/w"):
-    checkpointer.save(7, state)
-  checkpointer.close()
-  assert ft.step_dirs(str(tmp_path / workdir_lib.CHECKPOINT_DIR)) == ([], [])
-
-
-def test_one_device_gives_the_eight_device_loss_trajectory(server, reference, tmp_path):
-  """The same run in a process with 1 CPU device, at the same global batch,
-  has the loss trajectory and the final state of the 8-device run up to float rounding."""
-  workdir = tmp_path / "wd"
-  result = server.run(_args(workdir, *REF_FLAGS, *NO_PERIODIC_SAVES),
-                      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
-                      name="one_device", timeout=240)
-  assert result.rc == 0, result.stderr[-3000:]
-  assert "1 local / 1 global devices" in result.stderr
-  one, eight = _losses(result.stderr), reference[2]
-  assert sorted(one) == sorted(eight) == list(range(1, REF_STEPS + 1))
-  np.testing.assert_allclose([one[s] for s in sorted(one)], [eight[s] for s in sorted(one)],
-                             rtol=1e-4, atol=2e-5)
-  final, ref_state = _restore(workdir, reference[1]), reference[1]
-  assert int(final.step) == REF_STEPS
-  # After 24 Adam steps the largest difference seen is ~3e-6 (params of magnitude ~0.3).
-  chex.assert_trees_all_close((final.params, final.ema_params, final.opt_state),
-                              (ref_state.params, ref_state.ema_params, ref_state.opt_state),
-                              rtol=1e-4, atol=1e-5)
+  rr.assert_same_bits(rr.restore(workdir, reference_run[1]), reference_run[1])
 
 
 D = ("--config={tiny}", "--workdir={run}")  # A workdir holding a run, and its config.
@@ -432,12 +197,13 @@ BAD_INPUT = [  # (what, main.py arguments, the one stderr line must match)
 ]
 
 
-def test_bad_input_table(server, reference, tmp_path):
+@pytest.mark.slow
+def test_bad_input_table(main_server, reference_run, tmp_path):
   """Each bad input exits 2 with one 'error:' line naming the problem, no
   traceback, before anything is compiled (JAX_LOG_COMPILES would add lines), within
   seconds, and every workdir is left byte for byte as it was."""
   paths = dict(run=tmp_path / "run", empty=tmp_path / "empty", file=tmp_path / "file")
-  shutil.copytree(reference[0], paths["run"])
+  shutil.copytree(reference_run[0], paths["run"])
   paths["empty"].mkdir()
   paths["file"].write_text("not a directory")
   before = {k: ft.snapshot(str(v)) for k, v in paths.items()}
@@ -447,7 +213,7 @@ def test_bad_input_table(server, reference, tmp_path):
   plain = {i: subprocess.Popen([sys.executable, ft.MAIN, *arg_lists[i]], cwd=ft.REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i, (name, _, _) in enumerate(BAD_INPUT) if name in ("unknown mode", "negative lr")}
-  results = server.run_many(arg_lists, env={"JAX_LOG_COMPILES": "1"})
+  results = main_server.run_many(arg_lists, env={"JAX_LOG_COMPILES": "1"})
   for i, proc in plain.items():
     out, err = proc.communicate(timeout=120)
     assert (proc.returncode, out, err) == (results[i].rc, "", results[i].stderr)
@@ -463,22 +229,22 @@ def test_bad_input_table(server, reference, tmp_path):
   assert {k: ft.snapshot(str(v)) for k, v in paths.items()} == before
 
 
-def test_a_genuine_bug_keeps_its_traceback(server, tmp_path):
+def test_a_genuine_bug_keeps_its_traceback(main_server, tmp_path):
   """Only bad input (ConfigError) and a diverged run (NonFiniteError) become one line: a
   ValueError raised inside the model function is a bug and surfaces with its traceback."""
   plant = ("import ddpm_jax.diffusion as d\n"
            "def broken(*args, **kwargs):\n"
            "  raise ValueError('planted bug in the model function')\n"
            "d.training_losses = broken\n")
-  result = server.run(_args(tmp_path / "wd", *REF_FLAGS), prelude=plant, name="planted",
-                      timeout=120)
+  result = main_server.run(rr.main_args(tmp_path / "wd", *REF_FLAGS), prelude=plant,
+                           name="planted", timeout=120)
   assert result.rc == 1, result.stderr[-3000:]
   assert "Traceback (most recent call last)" in result.stderr
   assert "ValueError: planted bug in the model function" in result.stderr
   assert "error: planted" not in result.stderr
 
 
-def test_cifar10_offline_stops_before_compute_with_one_line(server, tmp_path):
+def test_cifar10_offline_stops_before_compute_with_one_line(main_server, tmp_path):
   """The main job on a fresh machine without the prepared dataset and without a network
   (every proxy points at a closed port) stops within seconds, before compiling or writing:
   exit 2, one line naming the dataset, the data_dir and what to do, and the workdir exactly
@@ -494,8 +260,8 @@ def test_cifar10_offline_stops_before_compute_with_one_line(server, tmp_path):
   cifar = os.path.join("configs", "cifar10.py")
   for workdir in (tmp_path / "absent", existing):
     before = ft.snapshot(str(workdir)), ft.snapshot(str(data_dir))
-    result = server.run([f"--config={cifar}", f"--workdir={workdir}",
-                         f"--config.data.data_dir={data_dir}"], env=offline, timeout=60)
+    result = main_server.run([f"--config={cifar}", f"--workdir={workdir}",
+                              f"--config.data.data_dir={data_dir}"], env=offline, timeout=60)
     assert result.rc == 2, result.stderr[-3000:]
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and result.stdout == "", result.stderr[-3000:]
