@@ -23,7 +23,8 @@ import re
 import subprocess
 import sys
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO, "main.py")
@@ -35,6 +36,7 @@ STEP_LINE = re.compile(r"step (\d+)/\d+ loss ([0-9.]+)")  # train.py's progress 
 class Result:
   """How a main.py process ended: exit status (negative: killed by that signal), its
   wall time from fork to exit, and what it wrote to stdout and stderr."""
+
   rc: int
   seconds: float
   stdout: str
@@ -44,6 +46,7 @@ class Result:
 def free_port() -> int:
   """A TCP port of 127.0.0.1 free right now (for a pod's coordinator)."""
   import socket
+
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
@@ -59,21 +62,38 @@ def devices_env(count: int) -> dict[str, str]:
   return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={count}"}
 
 
-def start_pod(server: MainServer, args: list[str], *, name: str, processes: int = 2,
-              devices: int = 2, preludes: tuple[str, ...] | None = None) -> list[int]:
+def start_pod(
+  server: MainServer,
+  args: list[str],
+  *,
+  name: str,
+  processes: int = 2,
+  devices: int = 2,
+  preludes: tuple[str, ...] | None = None,
+) -> list[int]:
   """Starts the processes of one pod run of `main.py *args` on loopback (a fresh
   coordinator port), each with ``devices`` CPU devices; returns their PIDs in process
   order. ``preludes``: one `MainServer.start` prelude per process."""
   port = free_port()
-  return [server.start([*args, f"--coordinator_address=127.0.0.1:{port}",
-                        f"--num_processes={processes}", f"--process_id={i}"],
-                       env=devices_env(devices), name=f"{name}_p{i}",
-                       prelude=preludes[i] if preludes else "")
-          for i in range(processes)]
+  return [
+    server.start(
+      [
+        *args,
+        f"--coordinator_address=127.0.0.1:{port}",
+        f"--num_processes={processes}",
+        f"--process_id={i}",
+      ],
+      env=devices_env(devices),
+      name=f"{name}_p{i}",
+      prelude=preludes[i] if preludes else "",
+    )
+    for i in range(processes)
+  ]
 
 
 def snapshot(path: str) -> dict[str, str]:
   """Every file, folder and link under ``path`` (or the file ``path``) -> its sha256 / kind."""
+
   def entry(p: str) -> str:
     if os.path.islink(p):
       return "link:" + os.readlink(p)
@@ -123,6 +143,7 @@ def plant_kill(target: str, *, after: float = 0.0, marker: str, watch_dir: str =
   import importlib
   import signal
   import threading
+
   module_name, _, path = target.partition(":")
   owner = importlib.import_module(module_name)
   *parents, name = path.split(".")
@@ -166,8 +187,13 @@ class MainServer:
     self._prefix: dict[int, str] = {}
     self._reaped: dict[int, bool] = {}
     self._proc = subprocess.Popen(
-        [sys.executable, "-m", "tests._fault_tools"], cwd=REPO, stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+      [sys.executable, "-m", "tests._fault_tools"],
+      cwd=REPO,
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+      env={**os.environ, **(env or {})},
+    )
     self._request(None)  # Waits for the imports.
 
   def _request(self, request: dict | None) -> dict:
@@ -179,14 +205,21 @@ class MainServer:
       raise RuntimeError(f"fork server died (exit status {self._proc.wait()})")
     return json.loads(line)
 
-  def start(self, args: list[str], *, env: dict[str, str] | None = None,
-            name: str | None = None, prelude: str = "") -> int:
+  def start(
+    self,
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    name: str | None = None,
+    prelude: str = "",
+  ) -> int:
     """Starts `main.py *args` in a fresh process; returns its PID. ``prelude`` is Python
     code the child runs first (e.g. to plant a fault in a module)."""
     self._count += 1
     prefix = os.path.join(self.log_dir, name or f"run{self._count}")
-    reply = self._request(dict(op="start", args=list(args), prefix=prefix, env=env or {},
-                               prelude=prelude))
+    reply = self._request(
+      dict(op="start", args=list(args), prefix=prefix, env=env or {}, prelude=prelude)
+    )
     self._prefix[reply["pid"]] = prefix
     return reply["pid"]
 
@@ -209,17 +242,21 @@ class MainServer:
       yield pid
     finally:
       if not self._reaped.get(pid):
-        try:
+        with contextlib.suppress(ProcessLookupError):
           os.kill(pid, 9)
-        except ProcessLookupError:
-          pass
         self.wait(pid, timeout=60)
 
   def run(self, args: list[str], *, timeout: float = 300.0, **kwargs: Any) -> Result:
     return self.wait(self.start(args, **kwargs), timeout)
 
-  def run_many(self, arg_lists: list[list[str]], *, parallel: int = 4, timeout: float = 120.0,
-               env: dict[str, str] | None = None) -> list[Result]:
+  def run_many(
+    self,
+    arg_lists: list[list[str]],
+    *,
+    parallel: int = 4,
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
+  ) -> list[Result]:
     """Runs every argument list, ``parallel`` processes at a time; results in order."""
     results: list[Result | None] = [None] * len(arg_lists)
     running: list[tuple[int, int]] = []
@@ -242,6 +279,7 @@ def _child(args: list[str], prefix: str, env: dict[str, str], prelude: str) -> N
   """In the forked process: redirect stdio, run main.py's command line, exit like it."""
   import atexit
   import traceback
+
   os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
   for fd, suffix in ((1, ".out"), (2, ".err")):
     os.dup2(os.open(prefix + suffix, os.O_WRONLY | os.O_APPEND), fd)
@@ -249,9 +287,11 @@ def _child(args: list[str], prefix: str, env: dict[str, str], prelude: str) -> N
   try:
     os.environ.update(env)
     import jax
+
     if env.get("JAX_LOG_COMPILES"):
       jax.config.update("jax_log_compiles", True)
     import main
+
     exec(prelude, {})  # Test-only fault injection.
     sys.argv = [MAIN, *args]
     main.run()
@@ -275,7 +315,10 @@ def _serve() -> None:
   """The server loop: JSON requests on stdin, one JSON reply line each on stdout."""
   import main  # noqa: F401
   from ddpm_jax import evaluate, sample, train  # noqa: F401
-  reply = lambda obj: (sys.stdout.write(json.dumps(obj) + "\n"), sys.stdout.flush())
+
+  def reply(obj):
+    return (sys.stdout.write(json.dumps(obj) + "\n"), sys.stdout.flush())
+
   started: dict[int, float] = {}
   reply(dict(ready=True))
   for line in sys.stdin:
@@ -301,8 +344,7 @@ def _serve() -> None:
           _, status = os.waitpid(pid, 0)
           break
         time.sleep(0.005)
-      reply(dict(rc=os.waitstatus_to_exitcode(status),
-                 seconds=time.monotonic() - started.pop(pid)))
+      reply(dict(rc=os.waitstatus_to_exitcode(status), seconds=time.monotonic() - started.pop(pid)))
   for pid in started:  # The client is gone (or failed): no child outlives the server.
     os.kill(pid, 9)
     os.waitpid(pid, 0)

@@ -17,35 +17,42 @@ import shutil
 import jax
 import numpy as np
 
-from ddpm_jax import checkpointing
-from ddpm_jax import train
+from ddpm_jax import checkpointing, train
 from tests import _fault_tools as ft
 from tests.conftest import tiny_config
 
 REF_STEPS = 24
-REF_FLAGS = (f"--config.training.num_train_steps={REF_STEPS}",
-             "--config.training.checkpoint_every_steps=8", "--config.training.log_every_steps=1",
-             "--config.training.sample_every_steps=0")
+REF_FLAGS = (
+  f"--config.training.num_train_steps={REF_STEPS}",
+  "--config.training.checkpoint_every_steps=8",
+  "--config.training.log_every_steps=1",
+  "--config.training.sample_every_steps=0",
+)
 KEPT = [REF_STEPS - 16, REF_STEPS - 8, REF_STEPS]  # The reference run's checkpoints (keep 3).
 NO_PERIODIC_SAVES = ("--config.training.checkpoint_every_steps=1000",)
 
 
 def config(**overrides):
   """configs/test_tiny.py with REF_FLAGS applied, then ``overrides`` ("group.field": value)."""
-  ref = dict(flag[len("--config."):].split("=") for flag in REF_FLAGS)
+  ref = dict(flag[len("--config.") :].split("=") for flag in REF_FLAGS)
   return tiny_config(**{**{k: int(v) for k, v in ref.items()}, **overrides})
 
 
 def main_args(workdir, *flags):
   """main.py's arguments for a run of configs/test_tiny.py in ``workdir``."""
-  return ["--config", os.path.join(ft.REPO, "configs", "test_tiny.py"), "--workdir",
-          str(workdir), *flags]
+  return [
+    "--config",
+    os.path.join(ft.REPO, "configs", "test_tiny.py"),
+    "--workdir",
+    str(workdir),
+    *flags,
+  ]
 
 
 def assert_same_bits(a, b) -> None:
   leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
   assert len(leaves_a) == len(leaves_b)
-  for x, y in zip(leaves_a, leaves_b):
+  for x, y in zip(leaves_a, leaves_b, strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 

@@ -22,6 +22,7 @@ EMA = "/ExponentialMovingAverage"
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """The hyper-parameters of diffusion_tf/models/unet.py's model()."""
+
   ch: int
   ch_mult: tuple[int, ...]
   num_res_blocks: int
@@ -32,10 +33,15 @@ class Layout:
 
   def overrides(self) -> dict[str, Any]:
     """The same layout as tests.conftest.tiny_config overrides (32 groups, as tf.contrib)."""
-    return {"model.ch": self.ch, "model.ch_mult": self.ch_mult,
-            "model.num_res_blocks": self.num_res_blocks,
-            "model.attn_resolutions": self.attn_resolutions, "model.num_groups": 32,
-            "data.image_size": self.image_size, "data.num_channels": self.in_ch}
+    return {
+      "model.ch": self.ch,
+      "model.ch_mult": self.ch_mult,
+      "model.num_res_blocks": self.num_res_blocks,
+      "model.attn_resolutions": self.attn_resolutions,
+      "model.num_groups": 32,
+      "data.image_size": self.image_size,
+      "data.num_channels": self.in_ch,
+    }
 
   def flags(self) -> list[str]:
     """The same overrides as main.py flags."""
@@ -126,17 +132,21 @@ def random_weights(variables: dict[str, tuple[int, ...]], seed: int) -> dict[str
   return out
 
 
-def write_official(prefix: str, weights: dict[str, np.ndarray], *, step: int,
-                   ema: bool = True, decoy_seed: int = 1) -> dict[str, np.ndarray]:
+def write_official(
+  prefix: str, weights: dict[str, np.ndarray], *, step: int, ema: bool = True, decoy_seed: int = 1
+) -> dict[str, np.ndarray]:
   """A TF1 checkpoint as the official TPU training wrote it: ``weights`` as the EMA shadows
   ``<name>/ExponentialMovingAverage`` (with ``ema``; without, as the raw weights), other
   raw weights beside them, Adam slots, beta1/2_power and global_step. Returns the raw
   weights written."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
   rng = np.random.default_rng(decoy_seed)
   values: dict[str, np.ndarray] = {}
-  raw = {n: (w + 0.5 * rng.normal(size=w.shape)).astype(np.float32) if ema else w
-         for n, w in weights.items()}
+  raw = {
+    n: (w + 0.5 * rng.normal(size=w.shape)).astype(np.float32) if ema else w
+    for n, w in weights.items()
+  }
   for name, w in weights.items():
     values[name] = raw[name]
     if ema:
@@ -147,14 +157,18 @@ def write_official(prefix: str, weights: dict[str, np.ndarray], *, step: int,
   values["global_step"] = np.int64(step)
   graph = tf.Graph()
   with graph.as_default():  # Placeholders: the values are fed once, not stored in the graph.
-    feeds = {n: tf.compat.v1.placeholder(tf.as_dtype(np.asarray(v).dtype), np.shape(v))
-             for n, v in values.items()}
-    variables = {n: tf.compat.v1.Variable(p, name=f"v{i}")
-                 for i, (n, p) in enumerate(feeds.items())}
+    feeds = {
+      n: tf.compat.v1.placeholder(tf.as_dtype(np.asarray(v).dtype), np.shape(v))
+      for n, v in values.items()
+    }
+    variables = {
+      n: tf.compat.v1.Variable(p, name=f"v{i}") for i, (n, p) in enumerate(feeds.items())
+    }
     saver = tf.compat.v1.train.Saver(var_list=variables)
     with tf.compat.v1.Session(graph=graph) as sess:
-      sess.run(tf.compat.v1.global_variables_initializer(),
-               {feeds[n]: v for n, v in values.items()})
+      sess.run(
+        tf.compat.v1.global_variables_initializer(), {feeds[n]: v for n, v in values.items()}
+      )
       saver.save(sess, prefix, write_meta_graph=False, write_state=False)
   return raw
 
@@ -165,11 +179,20 @@ def diffusers_key(name: str, layout: Layout, *, legacy: bool = False) -> str:
   attention names of diffusers before 0.15 (query, key, value, proj_attn)."""
   parts = name.split("/")[1:]
   leaf = {"W": "weight", "gamma": "weight", "b": "bias", "beta": "bias"}[parts[-1]]
-  layer = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2",
-           "conv2": "conv2", "nin_shortcut": "conv_shortcut", "norm": "group_norm",
-           "q": "query" if legacy else "to_q", "k": "key" if legacy else "to_k",
-           "v": "value" if legacy else "to_v",
-           "proj_out": "proj_attn" if legacy else "to_out.0", "conv": "conv"}
+  layer = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "temb_proj": "time_emb_proj",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "nin_shortcut": "conv_shortcut",
+    "norm": "group_norm",
+    "q": "query" if legacy else "to_q",
+    "k": "key" if legacy else "to_k",
+    "v": "value" if legacy else "to_v",
+    "proj_out": "proj_attn" if legacy else "to_out.0",
+    "conv": "conv",
+  }
   head = parts[0]
   if head == "temb":
     return f"time_embedding.linear_{int(parts[1][-1]) + 1}.{leaf}"
@@ -203,31 +226,52 @@ def torch_layout(name: str, value: np.ndarray) -> np.ndarray:
 def diffusers_config(layout: Layout) -> dict[str, Any]:
   """config.json of the paper's layout as UNet2DModel arguments."""
   attn = [layout.image_size // 2**i in layout.attn_resolutions for i in range(len(layout.ch_mult))]
-  return {"_class_name": "UNet2DModel", "sample_size": layout.image_size,
-          "in_channels": layout.in_ch, "out_channels": layout.out_ch,
-          "block_out_channels": [layout.ch * m for m in layout.ch_mult],
-          "layers_per_block": layout.num_res_blocks,
-          "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-          "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-          "attention_head_dim": None, "norm_eps": 1e-6, "norm_num_groups": 32,
-          "act_fn": "silu", "time_embedding_type": "positional", "flip_sin_to_cos": False,
-          "freq_shift": 1, "downsample_padding": 0, "center_input_sample": False,
-          "mid_block_scale_factor": 1, "dropout": 0.0}
+  return {
+    "_class_name": "UNet2DModel",
+    "sample_size": layout.image_size,
+    "in_channels": layout.in_ch,
+    "out_channels": layout.out_ch,
+    "block_out_channels": [layout.ch * m for m in layout.ch_mult],
+    "layers_per_block": layout.num_res_blocks,
+    "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+    "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+    "attention_head_dim": None,
+    "norm_eps": 1e-6,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "time_embedding_type": "positional",
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "downsample_padding": 0,
+    "center_input_sample": False,
+    "mid_block_scale_factor": 1,
+    "dropout": 0.0,
+  }
 
 
-def diffusers_tensors(weights: dict[str, np.ndarray], layout: Layout, *,
-                      legacy: bool = False) -> dict[str, np.ndarray]:
+def diffusers_tensors(
+  weights: dict[str, np.ndarray], layout: Layout, *, legacy: bool = False
+) -> dict[str, np.ndarray]:
   return {diffusers_key(n, layout, legacy=legacy): torch_layout(n, w) for n, w in weights.items()}
 
 
-def write_diffusers(folder: str, weights: dict[str, np.ndarray], layout: Layout, *,
-                    legacy: bool = False, config: dict[str, Any] | None = None) -> None:
+def write_diffusers(
+  folder: str,
+  weights: dict[str, np.ndarray],
+  layout: Layout,
+  *,
+  legacy: bool = False,
+  config: dict[str, Any] | None = None,
+) -> None:
   """A UNet2DModel folder (config.json, diffusion_pytorch_model.safetensors) of the official
   ``weights``, written with safetensors alone (no diffusers)."""
   import safetensors.numpy  # pylint: disable=import-outside-toplevel
+
   os.makedirs(folder, exist_ok=True)
-  safetensors.numpy.save_file(diffusers_tensors(weights, layout, legacy=legacy),
-                              os.path.join(folder, "diffusion_pytorch_model.safetensors"),
-                              metadata={"format": "pt"})
+  safetensors.numpy.save_file(
+    diffusers_tensors(weights, layout, legacy=legacy),
+    os.path.join(folder, "diffusion_pytorch_model.safetensors"),
+    metadata={"format": "pt"},
+  )
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(config or diffusers_config(layout), f)

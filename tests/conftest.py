@@ -26,8 +26,8 @@ from configs import test_tiny  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update(
-    "jax_persistent_cache_min_compile_time_secs",
-    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+  "jax_persistent_cache_min_compile_time_secs",
+  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
 )
 
 
@@ -66,7 +66,7 @@ def write_idx(path, header: list[int], payload: np.ndarray, truncate: int = 0) -
   uint32, then ``payload`` as uint8, less its last ``truncate`` bytes."""
   data = np.array(header, dtype=">u4").tobytes() + payload.astype(np.uint8).tobytes()
   with gzip.open(path, "wb") as f:
-    f.write(data[:len(data) - truncate])
+    f.write(data[: len(data) - truncate])
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +74,7 @@ def main_server(tmp_path_factory):
   """A fork server of main.py's command line (tests/_fault_tools.py), shared by the files
   that run main.py in processes of its own."""
   from tests import _fault_tools  # Here: only the files that use it.
+
   server = _fault_tools.MainServer(str(tmp_path_factory.mktemp("main_logs")))
   yield server
   server.close()
@@ -84,4 +85,5 @@ def reference_run(tmp_path_factory):
   """tests/_reference_run.py's uninterrupted run, (workdir, final TrainState, {step: loss})
   on 8 devices: trained once per session for every file that compares with it."""
   from tests import _reference_run  # Here: it imports orbax and train.py.
+
   return _reference_run.train_reference(tmp_path_factory.mktemp("reference"))

@@ -12,8 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion
-from ddpm_jax import schedules
+from ddpm_jax import diffusion, schedules
 
 T = 100
 BETAS = schedules.get_beta_schedule("linear", T, beta_start=1e-3, beta_end=0.2)
@@ -29,15 +28,25 @@ def abar(t: jnp.ndarray, ndim: int) -> jnp.ndarray:
 def exact_output_fn(mu: float, s: float, mean_type: str = "eps", var_channels: bool = False):
   """The Bayes-optimal model output of ``mean_type`` for x_0 ~ N(mu, s^2); var_channels
   appends C arbitrary variance channels (a learned-variance model's [mean | variance])."""
+
   def fn(x_t, t):
     a = abar(t, x_t.ndim)
     v = a * s**2 + 1 - a
-    x0 = lambda: mu + jnp.sqrt(a) * s**2 * (x_t - jnp.sqrt(a) * mu) / v
-    eps = lambda: jnp.sqrt(1 - a) * (x_t - jnp.sqrt(a) * mu) / v
-    out = {"eps": eps, "xstart": x0, "v": lambda: jnp.sqrt(a) * eps() - jnp.sqrt(1 - a) * x0(),
-           "xprev": lambda: diffusion.q_posterior_mean_variance(SCHED, x0(), x_t, t)[0]
-           }[mean_type]()  # Only the requested output is traced.
+
+    def x0():
+      return mu + jnp.sqrt(a) * s**2 * (x_t - jnp.sqrt(a) * mu) / v
+
+    def eps():
+      return jnp.sqrt(1 - a) * (x_t - jnp.sqrt(a) * mu) / v
+
+    out = {
+      "eps": eps,
+      "xstart": x0,
+      "v": lambda: jnp.sqrt(a) * eps() - jnp.sqrt(1 - a) * x0(),
+      "xprev": lambda: diffusion.q_posterior_mean_variance(SCHED, x0(), x_t, t)[0],
+    }[mean_type]()  # Only the requested output is traced.
     return jnp.concatenate([out, jnp.full_like(out, 0.3)], -1) if var_channels else out
+
   return fn
 
 
@@ -46,8 +55,9 @@ def closed_form_score(x_t: np.ndarray, t: np.ndarray, mu: float, s: float) -> np
   return -(x_t - np.sqrt(a) * mu) / (a * s**2 + 1 - a)
 
 
-def q_t_samples(rng: jax.Array, t: np.ndarray, shape: tuple[int, ...], mu: float,
-                s: float) -> jnp.ndarray:
+def q_t_samples(
+  rng: jax.Array, t: np.ndarray, shape: tuple[int, ...], mu: float, s: float
+) -> jnp.ndarray:
   """Exact draws of q(x_t) for Gaussian data, float64 moments."""
   a = ABAR[t].reshape((-1,) + (1,) * (len(shape) - 1))
   z = np.asarray(jax.random.normal(rng, shape), np.float64)

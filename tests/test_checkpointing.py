@@ -33,8 +33,9 @@ def corrupted(reference_run, tmp_path, request):
 # asyncio loop; Python reports it when the loop is collected. Nothing is lost or left open.
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("corrupted", ["flip", "truncate", "remove_data", "remove_fingerprint"],
-                         indirect=True)
+@pytest.mark.parametrize(
+  "corrupted", ["flip", "truncate", "remove_data", "remove_fingerprint"], indirect=True
+)
 def test_corrupt_latest_falls_back_and_is_moved_aside(corrupted, reference_run, caplog):
   """Restore warns naming the bad step, restores the newest intact one and
   moves the bad one (byte for byte) to checkpoints_corrupt/, never deleting it."""
@@ -75,7 +76,7 @@ def test_all_checkpoints_corrupt_is_an_error_and_moves_nothing(reference_run, tm
   for step in ft.step_dirs(str(workdir / workdir_lib.CHECKPOINT_DIR))[0]:
     rr.corrupt(str(workdir / workdir_lib.CHECKPOINT_DIR / str(step)), "flip")
   before = ft.snapshot(str(workdir))
-  with pytest.raises(ConfigError, match="No intact checkpoint.*Nothing was moved"):
+  with pytest.raises(ConfigError, match=r"No intact checkpoint.*Nothing was moved"):
     rr.restore(workdir, reference_run[1])
   assert ft.snapshot(str(workdir)) == before
 

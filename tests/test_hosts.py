@@ -44,25 +44,33 @@ def test_my_slice_splits_the_items_exactly_and_evenly(monkeypatch, num, count):
 
 def _other_process_sends(monkeypatch, other: np.ndarray) -> None:
   """process_allgather as process 0 of two sees it: its row, then process 1's."""
+
   def allgather(x, tiled=False):
     x = np.asarray(x)
     return np.concatenate([x, other]) if tiled else np.stack([x, other])
+
   monkeypatch.setattr(hosts, "multi", lambda: True)
   monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
 
 
-@pytest.mark.parametrize("mine, theirs, expected", [
-    (None, None, None), (None, "process 1: no checkpoint", "process 1: no checkpoint"),
-    ("process 0: bad flag", "process 1: no checkpoint", "process 0: bad flag")])
-def test_agree_raises_the_lowest_processs_error_everywhere(monkeypatch, mine, theirs,
-                                                          expected):
+@pytest.mark.parametrize(
+  "mine, theirs, expected",
+  [
+    (None, None, None),
+    (None, "process 1: no checkpoint", "process 1: no checkpoint"),
+    ("process 0: bad flag", "process 1: no checkpoint", "process 0: bad flag"),
+  ],
+)
+def test_agree_raises_the_lowest_processs_error_everywhere(monkeypatch, mine, theirs, expected):
   """Process 0 raises the ConfigError of the lowest-numbered process whose call failed,
   with its message (UTF-8 intact), also when its own call succeeded; with none it
   returns its own result."""
+
   def fn():
     if mine is not None:
       raise ConfigError(mine + " é")
     return "result"
+
   _other_process_sends(monkeypatch, hosts._encode(None if theirs is None else theirs + " é"))
   if expected is None:
     assert hosts.agree(fn) == "result"
@@ -77,7 +85,7 @@ def test_a_long_message_is_cut_to_the_buffer_not_lost(monkeypatch):
   _other_process_sends(monkeypatch, hosts._encode(long))
   with pytest.raises(ConfigError) as raised:
     hosts.agree(lambda: None)
-  assert str(raised.value) == long[:hosts._MESSAGE_BYTES]
+  assert str(raised.value) == long[: hosts._MESSAGE_BYTES]
 
 
 def test_gather_float64_is_exact_across_processes(monkeypatch):

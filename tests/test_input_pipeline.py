@@ -17,10 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import config_checks
+from ddpm_jax import config_checks, parallel
 from ddpm_jax import data_sources as ds
 from ddpm_jax import input_pipeline as ip
-from ddpm_jax import parallel
 from ddpm_jax.errors import ConfigError
 from tests.conftest import data_config, write_idx
 
@@ -34,8 +33,10 @@ def fake_files(tmp_path_factory):
   """A data_dir with small random idx files for both splits, and their images."""
   folder = tmp_path_factory.mktemp("fashion")
   rng = np.random.default_rng(123)
-  images = {"train": rng.integers(0, 256, (NUM_TRAIN, 28, 28), dtype=np.uint8),
-            "test": rng.integers(0, 256, (NUM_TEST, 28, 28), dtype=np.uint8)}
+  images = {
+    "train": rng.integers(0, 256, (NUM_TRAIN, 28, 28), dtype=np.uint8),
+    "test": rng.integers(0, 256, (NUM_TEST, 28, 28), dtype=np.uint8),
+  }
   for split, array in images.items():
     write_idx(folder / ds.FASHION_MNIST_FILES[split], [2051, *array.shape], array)
   return str(folder), {k: v[..., None] for k, v in images.items()}
@@ -69,11 +70,13 @@ def test_global_batch_not_divisible_names_both_numbers():
 
 def test_epochs_cover_every_example_once(fake_files):
   folder, images = fake_files
-  batches = _take(ip.create_train_iterator(data_config(data_dir=folder),
-                                           global_batch_size=GLOBAL_BATCH, seed=3), 5)
+  batches = _take(
+    ip.create_train_iterator(data_config(data_dir=folder), global_batch_size=GLOBAL_BATCH, seed=3),
+    5,
+  )
   # Flattening each [D, B] batch gives its global order; 5*16 positions = 2 epochs of 40.
   found = [_identify(b, images["train"]) for b in batches]
-  order, flipped = (np.concatenate(parts) for parts in zip(*found))
+  order, flipped = (np.concatenate(parts) for parts in zip(*found, strict=True))
   assert not flipped.any()
   np.testing.assert_array_equal(np.sort(order[:NUM_TRAIN]), np.arange(NUM_TRAIN))
   np.testing.assert_array_equal(np.sort(order[NUM_TRAIN:]), np.arange(NUM_TRAIN))
@@ -83,12 +86,13 @@ def test_epochs_cover_every_example_once(fake_files):
 def test_same_seed_same_batches_and_exact_resume(fake_files):
   config = data_config(data_dir=fake_files[0])
   make = lambda seed, start=0: ip.create_train_iterator(  # noqa: E731
-      config, global_batch_size=GLOBAL_BATCH, seed=seed, start_step=start)
+    config, global_batch_size=GLOBAL_BATCH, seed=seed, start_step=start
+  )
   reference = _take(make(7), 7)
   chex.assert_trees_all_equal(reference, _take(make(7), 7))
   chex.assert_trees_all_equal(reference[3:], _take(make(7, start=3), 4))
   other = _take(make(8), 7)
-  assert not all(np.array_equal(a, b) for a, b in zip(reference, other))
+  assert not all(np.array_equal(a, b) for a, b in zip(reference, other, strict=True))
 
 
 def test_processes_take_contiguous_slices_of_the_global_batch(fake_files, monkeypatch):
@@ -106,10 +110,11 @@ def test_processes_take_contiguous_slices_of_the_global_batch(fake_files, monkey
     joined = np.concatenate([p[step].reshape(16, 28, 28, 1) for p in per_process])
     np.testing.assert_array_equal(joined, single[step].reshape(32, 28, 28, 1))
   assert len(per_process_eval[0]) == len(per_process_eval[1]) == len(single_eval) == 2
-  for (images, mask), parts in zip(single_eval, zip(*per_process_eval)):
+  for (images, mask), parts in zip(single_eval, zip(*per_process_eval, strict=True), strict=True):
     np.testing.assert_array_equal(np.concatenate([p[1].ravel() for p in parts]), mask.ravel())
-    np.testing.assert_array_equal(np.concatenate([p[0].reshape(16, 28, 28, 1) for p in parts]),
-                                  images.reshape(32, 28, 28, 1))
+    np.testing.assert_array_equal(
+      np.concatenate([p[0].reshape(16, 28, 28, 1) for p in parts]), images.reshape(32, 28, 28, 1)
+    )
 
 
 # --------------------------------------------------------------------------- eval pass
@@ -118,8 +123,11 @@ def test_processes_take_contiguous_slices_of_the_global_batch(fake_files, monkey
 @pytest.mark.parametrize("num_examples", [-1, 20])
 def test_eval_iterator_ordered_padded_and_masked(fake_files, num_examples):
   folder, images = fake_files
-  batches = list(ip.create_eval_iterator(data_config(data_dir=folder), global_batch_size=16,
-                                         num_examples=num_examples))
+  batches = list(
+    ip.create_eval_iterator(
+      data_config(data_dir=folder), global_batch_size=16, num_examples=num_examples
+    )
+  )
   total = NUM_TEST if num_examples == -1 else num_examples
   assert len(batches) == -(-total // 16)
   flat_images = np.concatenate([b.reshape(16, 28, 28, 1) for b, _ in batches])
@@ -133,8 +141,9 @@ def test_eval_iterator_ordered_padded_and_masked(fake_files, num_examples):
 
 def test_eval_num_examples_beyond_split_is_rejected(fake_files):
   with pytest.raises(ConfigError, match="num_examples=38"):
-    ip.create_eval_iterator(data_config(data_dir=fake_files[0]), global_batch_size=16,
-                            num_examples=NUM_TEST + 1)
+    ip.create_eval_iterator(
+      data_config(data_dir=fake_files[0]), global_batch_size=16, num_examples=NUM_TEST + 1
+    )
 
 
 # ------------------------------------------------------------------------ idx files
@@ -148,18 +157,25 @@ def test_idx_reader_parses_a_small_file(tmp_path):
   np.testing.assert_array_equal(parsed, images[..., None])
 
 
-@pytest.mark.parametrize("corruption,message", [
+@pytest.mark.parametrize(
+  "corruption,message",
+  [
     (dict(magic=2049), "magic number 2049, expected 2051"),
     (dict(truncate=7), "header says 3x5x4"),
     ("not gzip", "not a readable gzip"),
-])
+  ],
+)
 def test_idx_reader_rejects_corrupt_files(tmp_path, corruption, message):
   path = tmp_path / "bad.gz"
   if isinstance(corruption, str):
     path.write_bytes(b"plain bytes, no gzip header")
   else:
-    write_idx(path, [corruption.get("magic", 2051), 3, 5, 4], np.zeros((3, 5, 4), np.uint8),
-              truncate=corruption.get("truncate", 0))
+    write_idx(
+      path,
+      [corruption.get("magic", 2051), 3, 5, 4],
+      np.zeros((3, 5, 4), np.uint8),
+      truncate=corruption.get("truncate", 0),
+    )
   with pytest.raises(ValueError, match=message):
     ds.read_idx_images(str(path))
 
@@ -167,8 +183,10 @@ def test_idx_reader_rejects_corrupt_files(tmp_path, corruption, message):
 def test_real_fashion_mnist_files():
   paths = {s: os.path.join(ds.FASHION_MNIST_DIR, f) for s, f in ds.FASHION_MNIST_FILES.items()}
   if not all(os.path.isfile(p) for p in paths.values()):
-    pytest.skip(reason=f"Fashion-MNIST idx files absent under {ds.FASHION_MNIST_DIR} "
-                       "(apt-get install dataset-fashion-mnist)")
+    pytest.skip(
+      reason=f"Fashion-MNIST idx files absent under {ds.FASHION_MNIST_DIR} "
+      "(apt-get install dataset-fashion-mnist)"
+    )
   train, test = ds.read_idx_images(paths["train"]), ds.read_idx_images(paths["test"])
   chex.assert_shape(train, (60000, 28, 28, 1))
   chex.assert_shape(test, (10000, 28, 28, 1))
@@ -189,8 +207,11 @@ def test_missing_files_without_data_dir_fall_back_then_explain(monkeypatch, tmp_
 
   monkeypatch.setattr("ddpm_jax.data_sources._read_tfds", offline)
   config_checks.check_data(data_config())  # The tfds fallback is allowed: no error yet.
-  with pytest.raises(ConfigError, match=r"not found; install .*dataset-fashion-mnist.*"
-                     r"fallback failed too: RuntimeError: Failed to download fashion_mnist$"):
+  with pytest.raises(
+    ConfigError,
+    match=r"not found; install .*dataset-fashion-mnist.*"
+    r"fallback failed too: RuntimeError: Failed to download fashion_mnist$",
+  ):
     ip.create_train_iterator(data_config(), global_batch_size=16, seed=0)
 
 
@@ -211,8 +232,14 @@ def mock_tfds():
 
 
 def test_cifar10_in_memory_through_mock_tfds(mock_tfds):
-  stored = np.concatenate([b["image"] for b in mock_tfds.as_numpy(
-      mock_tfds.load("cifar10", split="train", shuffle_files=False).batch(64))])
+  stored = np.concatenate(
+    [
+      b["image"]
+      for b in mock_tfds.as_numpy(
+        mock_tfds.load("cifar10", split="train", shuffle_files=False).batch(64)
+      )
+    ]
+  )
   config = data_config("cifar10")
   batches = _take(ip.create_train_iterator(config, global_batch_size=16, seed=0), 3)
   chex.assert_shape(batches, (8, 2, 32, 32, 3))
@@ -220,15 +247,18 @@ def test_cifar10_in_memory_through_mock_tfds(mock_tfds):
   np.testing.assert_array_equal(np.sort(order[:MOCK_EXAMPLES]), np.arange(MOCK_EXAMPLES))
   evaluated = list(ip.create_eval_iterator(config, global_batch_size=16))
   assert [int(m.sum()) for _, m in evaluated] == [16, MOCK_EXAMPLES - 16]
-  np.testing.assert_array_equal(np.concatenate(
-      [b.reshape(16, 32, 32, 3) for b, _ in evaluated])[:MOCK_EXAMPLES], stored)
+  np.testing.assert_array_equal(
+    np.concatenate([b.reshape(16, 32, 32, 3) for b, _ in evaluated])[:MOCK_EXAMPLES], stored
+  )
 
 
 def test_lsun_streams_deterministically_and_resumes(mock_tfds):
-  config = data_config("lsun/church_outdoor", image_size=16, shuffle_buffer=8,
-                   eval_split="validation")
+  config = data_config(
+    "lsun/church_outdoor", image_size=16, shuffle_buffer=8, eval_split="validation"
+  )
   make = lambda seed, start=0: ip.create_train_iterator(  # noqa: E731
-      config, global_batch_size=16, seed=seed, start_step=start)
+    config, global_batch_size=16, seed=seed, start_step=start
+  )
   reference = _take(make(0), 4)  # 64 positions: batches straddle the 24-example epochs.
   chex.assert_shape(reference, (8, 2, 16, 16, 3))
   assert all(b.dtype == np.uint8 for b in reference)
@@ -239,22 +269,28 @@ def test_lsun_streams_deterministically_and_resumes(mock_tfds):
   evaluated = list(ip.create_eval_iterator(config, global_batch_size=16, split="train"))
   decoded = np.concatenate([b.reshape(16, 16, 16, 3) for b, _ in evaluated])[:MOCK_EXAMPLES]
   assert [int(m.sum()) for _, m in evaluated] == [16, MOCK_EXAMPLES - 16]
-  np.testing.assert_array_equal(np.sort(_identify(epoch[:MOCK_EXAMPLES], decoded)[0]),
-                                np.arange(MOCK_EXAMPLES))
+  np.testing.assert_array_equal(
+    np.sort(_identify(epoch[:MOCK_EXAMPLES], decoded)[0]), np.arange(MOCK_EXAMPLES)
+  )
 
 
-@pytest.mark.parametrize("shape,size", [((7, 10), 4), ((10, 7), 4), ((9, 13), 6),
-                                        ((12, 12), 12), ((5, 8), 16)])
+@pytest.mark.parametrize(
+  "shape,size", [((7, 10), 4), ((10, 7), 4), ((9, 13), 6), ((12, 12), 12), ((5, 8), 16)]
+)
 def test_stylegan_crop_resize_equals_pil_on_the_centre_square(shape, size):
   """dataset_tool's create_lsun: rows/columns [(n - side) // 2, (n + side) // 2) of the
   shorter side, then PIL's Lanczos resize (down, identity and up), done here with PIL."""
   from PIL import Image
+
   image = np.random.default_rng(sum(shape) + size).integers(0, 256, shape + (3,), np.uint8)
   side = min(shape)
   rows = slice((shape[0] - side) // 2, (shape[0] + side) // 2)
   cols = slice((shape[1] - side) // 2, (shape[1] + side) // 2)
-  expected = np.asarray(Image.fromarray(np.ascontiguousarray(image[rows, cols])).resize(
-      (size, size), Image.Resampling.LANCZOS))
+  expected = np.asarray(
+    Image.fromarray(np.ascontiguousarray(image[rows, cols])).resize(
+      (size, size), Image.Resampling.LANCZOS
+    )
+  )
   out = ds.stylegan_crop_resize(image, size)
   assert out.dtype == np.uint8 and out.shape == (size, size, 3)
   np.testing.assert_array_equal(out, expected)
@@ -306,28 +342,40 @@ def test_prefetch_to_device_feeds_pmap():
   first = next(device_batches)
   assert len(consumed) == 2  # `size` batches in flight.
   mean = jax.pmap(lambda x: jnp.mean(ip.to_model_input(x)))
-  for expected, batch in zip(host, [first, next(device_batches), next(device_batches)]):
+  for expected, batch in zip(
+    host, [first, next(device_batches), next(device_batches)], strict=True
+  ):
     assert isinstance(batch, jax.Array) and batch.shape == (8, 2, 8, 8, 3)
     for shard in batch.addressable_shards:  # Row i lives on local device i.
       row = shard.index[0].start
       assert shard.device == jax.local_devices()[row]
       np.testing.assert_array_equal(np.asarray(shard.data)[0], expected[row])
-    np.testing.assert_allclose(mean(batch), (expected / 127.5 - 1.0).mean(axis=(1, 2, 3, 4)),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+      mean(batch), (expected / 127.5 - 1.0).mean(axis=(1, 2, 3, 4)), atol=1e-6
+    )
   with pytest.raises(ValueError, match=r"shape \(3, 2\) does not lead with the 8 local"):
     next(parallel.prefetch_to_device(iter([np.zeros((3, 2))])))
 
 
 def test_non_tfds_sources_work_without_tensorflow():
   """TensorFlow is imported lazily: block it and serve the synthetic source."""
-  code = ("import sys; sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None\n"
-          "from configs import default; from ddpm_jax import input_pipeline as ip\n"
-          "c = default.get_config().data; c.dataset = 'synthetic'; c.image_size = 4\n"
-          "print(next(ip.create_train_iterator(c, global_batch_size=2, seed=0)).shape)")
+  code = (
+    "import sys; sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None\n"
+    "from configs import default; from ddpm_jax import input_pipeline as ip\n"
+    "c = default.get_config().data; c.dataset = 'synthetic'; c.image_size = 4\n"
+    "print(next(ip.create_train_iterator(c, global_batch_size=2, seed=0)).shape)"
+  )
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
+  result = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=root,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip().endswith("(1, 2, 4, 4, 3)")
 
@@ -347,15 +395,17 @@ def _shares(monkeypatch, make, processes: int) -> list[np.ndarray]:
   return out
 
 
-def test_each_process_reads_only_its_share_of_the_first_examples(monkeypatch, fake_files,
-                                                                   mock_tfds):
+def test_each_process_reads_only_its_share_of_the_first_examples(
+  monkeypatch, fake_files, mock_tfds
+):
   """iterate_share (the FID reference): the processes' contiguous shares of the first N
   examples (in memory, or a streamed split through tfds' per-process split) together are
   those N examples in stored order, each read once."""
   data_dir, images = fake_files
   config = data_config(data_dir=data_dir)
-  shares = _shares(monkeypatch, lambda: ip.iterate_share(config, "train", batch_size=5,
-                                                         num_examples=33), 3)
+  shares = _shares(
+    monkeypatch, lambda: ip.iterate_share(config, "train", batch_size=5, num_examples=33), 3
+  )
   assert [len(s) for s in shares] == [11, 11, 11]
   np.testing.assert_array_equal(np.concatenate(shares), images["train"][:33])
   # Streamed: the whole split in stored order on one process; with several, each process
@@ -364,14 +414,18 @@ def test_each_process_reads_only_its_share_of_the_first_examples(monkeypatch, fa
   monkeypatch.setattr(jax, "process_count", lambda: 1)
   monkeypatch.setattr(jax, "process_index", lambda: 0)
   whole = np.concatenate(list(ip.iterate_share(lsun, "train", batch_size=5)))
-  stored = np.concatenate([b.reshape(-1, 16, 16, 3)[m.reshape(-1)] for b, m in
-                           ip.create_eval_iterator(lsun, global_batch_size=8, split="train")])
+  stored = np.concatenate(
+    [
+      b.reshape(-1, 16, 16, 3)[m.reshape(-1)]
+      for b, m in ip.create_eval_iterator(lsun, global_batch_size=8, split="train")
+    ]
+  )
   np.testing.assert_array_equal(whole, stored)
   requested, load = [], mock_tfds.load
-  monkeypatch.setattr(mock_tfds, "load", lambda *a, **k: requested.append(k["split"]) or load(
-      *a, **k))
-  _shares(monkeypatch, lambda: ip.iterate_share(lsun, "train", batch_size=5,
-                                                num_examples=15), 2)
+  monkeypatch.setattr(
+    mock_tfds, "load", lambda *a, **k: requested.append(k["split"]) or load(*a, **k)
+  )
+  _shares(monkeypatch, lambda: ip.iterate_share(lsun, "train", batch_size=5, num_examples=15), 2)
   assert requested == [mock_tfds.even_splits("train[:15]", n=2)[p] for p in range(2)]
   with pytest.raises(ConfigError, match="give either the slice or the count"):
     ip.iterate_share(lsun, "train[:10]", batch_size=5, num_examples=5)

@@ -55,14 +55,21 @@ def test_images_in_eval_iterator_order(fake_files):
   np.testing.assert_array_equal(served, images)
 
 
-@pytest.mark.parametrize("case, match", [
-    ("magic", "magic number 2051, expected 2049"), ("count", "corrupt"),
-    ("mismatch", r"labels of shape \(29,\)"), ("absent", "label file .* not found")])
+@pytest.mark.parametrize(
+  "case, match",
+  [
+    ("magic", "magic number 2051, expected 2049"),
+    ("count", "corrupt"),
+    ("mismatch", r"labels of shape \(29,\)"),
+    ("absent", "label file .* not found"),
+  ],
+)
 def test_bad_label_files(fake_files, tmp_path, case, match):
   folder, contents = fake_files
   for split in NUM:
-    os.symlink(os.path.join(folder, ds.FASHION_MNIST_FILES[split]),
-               tmp_path / ds.FASHION_MNIST_FILES[split])
+    os.symlink(
+      os.path.join(folder, ds.FASHION_MNIST_FILES[split]), tmp_path / ds.FASHION_MNIST_FILES[split]
+    )
   labels = contents["train"][1]
   path = tmp_path / _LABEL_FILES["train"]
   if case == "magic":
@@ -75,9 +82,16 @@ def test_bad_label_files(fake_files, tmp_path, case, match):
     ip.load_labeled_arrays(data_config(data_dir=str(tmp_path)), "train")
 
 
-@pytest.mark.parametrize("num_examples, match", [
-    (0, "num_examples=0"), (-2, "num_examples=-2"), (True, "num_examples=True"),
-    (1.5, "num_examples=1.5"), (NUM["test"] + 1, "exceeds the 21 examples")])
+@pytest.mark.parametrize(
+  "num_examples, match",
+  [
+    (0, "num_examples=0"),
+    (-2, "num_examples=-2"),
+    (True, "num_examples=True"),
+    (1.5, "num_examples=1.5"),
+    (NUM["test"] + 1, "exceeds the 21 examples"),
+  ],
+)
 def test_bad_num_examples(fake_files, num_examples, match):
   folder, _ = fake_files
   with pytest.raises(ValueError, match=match):
@@ -89,8 +103,9 @@ def test_bad_split_and_streamed_dataset(fake_files):
   with pytest.raises(ValueError, match="split='valid'"):
     ip.load_labeled_arrays(data_config(data_dir=folder), "valid")
   with pytest.raises(ValueError, match="in-memory dataset with labels"):
-    ip.load_labeled_arrays(data_config("lsun/church_outdoor", image_size=64,
-                                   eval_split="validation"), "train")
+    ip.load_labeled_arrays(
+      data_config("lsun/church_outdoor", image_size=64, eval_split="validation"), "train"
+    )
 
 
 def test_synthetic_labels_are_index_mod_10():
@@ -106,9 +121,10 @@ def test_synthetic_labels_are_index_mod_10():
     ip.load_labeled_arrays(config, "test", num_examples=10_001)
 
 
-@pytest.mark.skipif(not os.path.isdir(_FASHION_MNIST),
-                    reason=f"Fashion-MNIST not installed at {_FASHION_MNIST} "
-                           "(apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+  not os.path.isdir(_FASHION_MNIST),
+  reason=f"Fashion-MNIST not installed at {_FASHION_MNIST} (apt-get install dataset-fashion-mnist)",
+)
 @pytest.mark.parametrize("split, per_class", [("train", 6000), ("test", 1000)])
 def test_real_fashion_mnist(split, per_class):
   images, labels = ip.load_labeled_arrays(data_config(), split)

@@ -22,19 +22,24 @@ import chex
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpointing
-from ddpm_jax import supervisor
+from ddpm_jax import checkpointing, supervisor
 from tests import _fault_tools as ft
 
 STEPS = 16
 HEARTBEAT = 5  # Seconds: --heartbeat_timeout_seconds of every run here.
 # A U-Net of one resolution without attention (half the compile time of test_tiny's:
 # every life compiles anew, as main.py's pods run without the persistent cache on CPU).
-FLAGS = (f"--config.training.num_train_steps={STEPS}", "--config.training.log_every_steps=1",
-         "--config.training.checkpoint_every_steps=4", "--config.training.sample_every_steps=8",
-         "--config.training.keep_checkpoints=10", "--config.eval.num_examples=16",
-         "--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()",
-         f"--heartbeat_timeout_seconds={HEARTBEAT}")
+FLAGS = (
+  f"--config.training.num_train_steps={STEPS}",
+  "--config.training.log_every_steps=1",
+  "--config.training.checkpoint_every_steps=4",
+  "--config.training.sample_every_steps=8",
+  "--config.training.keep_checkpoints=10",
+  "--config.eval.num_examples=16",
+  "--config.model.ch_mult=(1,)",
+  "--config.model.attn_resolutions=()",
+  f"--heartbeat_timeout_seconds={HEARTBEAT}",
+)
 NO_GRIDS = ("--config.training.sample_every_steps=0",)  # Grids change no parameter.
 EVAL = ("--mode=eval", "--config.eval.fid_num_samples=0")  # Bits/dim only.
 LOSS_STEP = re.compile(r"step (\d+)/\d+ loss")
@@ -46,6 +51,7 @@ class KillPoint:
   (`ft.plant_kill`: ``after`` seconds into its first call, or, for "mid_save", as the
   save's temporary folder appears); no target: the test kills the process from outside
   after its loss line of step 6."""
+
   name: str
   victim: int
   target: str = ""
@@ -55,18 +61,20 @@ class KillPoint:
 
 _CHECKPOINTER = "ddpm_jax.checkpointing:Checkpointer"
 KILL_POINTS = (  # In the order of the run's lives.
-    KillPoint("mid_step", victim=1),
-    KillPoint("mid_restore", victim=1, target=f"{_CHECKPOINTER}._restore_verified"),
-    KillPoint("mid_save", victim=0, target=f"{_CHECKPOINTER}.save"),
-    KillPoint("mid_sample_grid", victim=1, target="ddpm_jax.train:SampleGrids.write", after=0.5),
-    KillPoint("mid_eval", victim=0, target="ddpm_jax.evaluation.bpd:compute_bpd", after=0.5,
-              mode="eval"),
+  KillPoint("mid_step", victim=1),
+  KillPoint("mid_restore", victim=1, target=f"{_CHECKPOINTER}._restore_verified"),
+  KillPoint("mid_save", victim=0, target=f"{_CHECKPOINTER}.save"),
+  KillPoint("mid_sample_grid", victim=1, target="ddpm_jax.train:SampleGrids.write", after=0.5),
+  KillPoint(
+    "mid_eval", victim=0, target="ddpm_jax.evaluation.bpd:compute_bpd", after=0.5, mode="eval"
+  ),
 )
 
 
 @dataclasses.dataclass
 class Outcome:
   """One life: the survivor's result, and the workdir once both hosts have ended."""
+
   survivor: ft.Result
   victim_rc: int
   seconds_after_kill: float
@@ -77,13 +85,17 @@ class Outcome:
 
 
 def _args(workdir, *flags) -> list[str]:
-  return ["--config", os.path.join("configs", "test_tiny.py"), f"--workdir={workdir}",
-          *FLAGS, *flags]
+  return [
+    "--config",
+    os.path.join("configs", "test_tiny.py"),
+    f"--workdir={workdir}",
+    *FLAGS,
+    *flags,
+  ]
 
 
 def _run_pod(server, workdir, *flags, name: str) -> list[ft.Result]:
-  return [server.wait(pid, 300) for pid in ft.start_pod(server, _args(workdir, *flags),
-                                                        name=name)]
+  return [server.wait(pid, 300) for pid in ft.start_pod(server, _args(workdir, *flags), name=name)]
 
 
 def _life(server, workdir, point: KillPoint, flags: tuple[str, ...]) -> Outcome:
@@ -93,13 +105,13 @@ def _life(server, workdir, point: KillPoint, flags: tuple[str, ...]) -> Outcome:
   if point.target:
     watch = str(workdir / "checkpoints") if point.name == "mid_save" else ""
     preludes[point.victim] = (
-        f"from tests import _fault_tools as ft; ft.plant_kill({point.target!r}, "
-        f"after={point.after}, marker={marker!r}, watch_dir={watch!r})")
+      f"from tests import _fault_tools as ft; ft.plant_kill({point.target!r}, "
+      f"after={point.after}, marker={marker!r}, watch_dir={watch!r})"
+    )
   pids = ft.start_pod(server, _args(workdir, *flags), name=point.name, preludes=preludes)
   if not point.target:
     deadline = time.monotonic() + 300
-    while max(map(int, LOSS_STEP.findall(server.stderr_so_far(pids[point.victim]))),
-              default=0) < 6:
+    while max(map(int, LOSS_STEP.findall(server.stderr_so_far(pids[point.victim]))), default=0) < 6:
       assert time.monotonic() < deadline, server.stderr_so_far(pids[point.victim])[-3000:]
       time.sleep(0.02)
     os.kill(pids[point.victim], signal.SIGKILL)
@@ -111,13 +123,21 @@ def _life(server, workdir, point: KillPoint, flags: tuple[str, ...]) -> Outcome:
   with open(marker) as f:
     killed = float(f.read())
   eval_dir = workdir / "eval" / f"step_{STEPS}"
-  return Outcome(survivor, victim.rc, ended - killed, *ft.step_dirs(str(workdir / "checkpoints")),
-                 sorted(os.listdir(eval_dir)) if eval_dir.is_dir() else [])
+  return Outcome(
+    survivor,
+    victim.rc,
+    ended - killed,
+    *ft.step_dirs(str(workdir / "checkpoints")),
+    sorted(os.listdir(eval_dir)) if eval_dir.is_dir() else [],
+  )
 
 
 def _resumed_from(results: list[ft.Result]) -> int | None:
-  found = {int(m) for r in results
-           for m in re.findall(r"Resumed from the checkpoint at step (\d+)", r.stderr)}
+  found = {
+    int(m)
+    for r in results
+    for m in re.findall(r"Resumed from the checkpoint at step (\d+)", r.stderr)
+  }
   assert len(found) <= 1, found
   return found.pop() if found else None
 
@@ -147,8 +167,9 @@ def kills(tmp_path_factory):
       if point.mode == "eval" and "train" not in clean:
         clean["train"] = _run_pod(server, workdir, *NO_GRIDS, name="train_to_the_end")
         resumed(clean["train"])
-      outcomes[point.name] = outcome = _life(server, workdir, point,
-                                             () if point.mode == "train" else EVAL)
+      outcomes[point.name] = outcome = _life(
+        server, workdir, point, () if point.mode == "train" else EVAL
+      )
       resumed([outcome.survivor])
       if point.mode == "train":
         pending.append(point.name)
@@ -171,11 +192,20 @@ def test_a_host_killed_stops_the_other_with_one_line_and_status_75(kills, point)
   assert outcome.seconds_after_kill < HEARTBEAT + 15
   lines = text.splitlines()
   assert [line for line in lines if line.startswith("error:")] == lines[-1:], text[-3000:]
-  for dump in ("Check failure", "Terminating process", "Fatal Python error", "Thread 0x",
-               "Traceback", "coordination_service"):
+  for dump in (
+    "Check failure",
+    "Terminating process",
+    "Fatal Python error",
+    "Thread 0x",
+    "Traceback",
+    "coordination_service",
+  ):
     assert dump not in text, (dump, text[-3000:])
-  who = ("the coordinator (process 0)" if point.victim == 0
-         else f"process {point.victim} of this run stopped sending heartbeats")
+  who = (
+    "the coordinator (process 0)"
+    if point.victim == 0
+    else f"process {point.victim} of this run stopped sending heartbeats"
+  )
   assert who in lines[-1]
   assert f"newest complete checkpoint is step {max(outcome.steps_after)}" in lines[-1]
   assert f"same command: python {ft.MAIN} " in lines[-1]

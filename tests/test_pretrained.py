@@ -74,8 +74,9 @@ def released(tmp_path_factory) -> dict[str, Released]:
     weights = rw.random_weights(rw.official_variables(layout), seed)
     raw = rw.write_official(str(root / "model.ckpt-790"), weights, step=STEP)
     rw.write_diffusers(str(root / "diffusers"), weights, layout, legacy=True)
-    out[name] = Released(layout, weights, raw, str(root / "model.ckpt-790"),
-                         str(root / "diffusers"))
+    out[name] = Released(
+      layout, weights, raw, str(root / "model.ckpt-790"), str(root / "diffusers")
+    )
   return out
 
 
@@ -86,13 +87,16 @@ def _by_official_name(params) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------ names and shapes
 
 
-@pytest.mark.parametrize("layout,config,count", [(rw.CIFAR10, cifar10, 35_746_307),
-                                                 (rw.LSUN, lsun_church, 113_673_219)])
+@pytest.mark.parametrize(
+  "layout,config,count", [(rw.CIFAR10, cifar10, 35_746_307), (rw.LSUN, lsun_church, 113_673_219)]
+)
 def test_official_names_and_shapes_of_the_paper_layouts(layout, config, count):
   """Every variable of the official U-Net is one weight of ddpm_jax's, of the same shape."""
   official = rw.official_variables(layout)
-  ours = {pretrained_names.official_name(p): s
-          for p, s in pretrained_names.model_shapes(config.get_config()).items()}
+  ours = {
+    pretrained_names.official_name(p): s
+    for p, s in pretrained_names.model_shapes(config.get_config()).items()
+  }
   assert ours == official
   assert sum(int(np.prod(s)) for s in official.values()) == count
 
@@ -102,11 +106,15 @@ def test_diffusers_names_and_shapes_of_the_cifar10_layout():
   and, where diffusers is installed, of UNet2DModel itself."""
   config = cifar10.get_config()
   shapes = pretrained_names.model_shapes(config)
-  ours = {pretrained_names.diffusers_name(p, 4): pretrained_names.diffusers_shape(p, s)
-          for p, s in shapes.items()}
+  ours = {
+    pretrained_names.diffusers_name(p, 4): pretrained_names.diffusers_shape(p, s)
+    for p, s in shapes.items()
+  }
   official = rw.official_variables(rw.CIFAR10)
-  theirs = {rw.diffusers_key(n, rw.CIFAR10): rw.torch_layout(n, np.zeros(s)).shape
-            for n, s in official.items()}
+  theirs = {
+    rw.diffusers_key(n, rw.CIFAR10): rw.torch_layout(n, np.zeros(s)).shape
+    for n, s in official.items()
+  }
   assert ours == theirs
   torch = pytest.importorskip("torch", reason=_NO_DIFFUSERS)
   diffusers = pytest.importorskip("diffusers", reason=_NO_DIFFUSERS)
@@ -141,8 +149,10 @@ def test_diffusers_folders_give_the_same_weights(released, tmp_path):
   _assert_same_tree(pretrained.load_params(str(tmp_path / "current"), config), expected)
   torch = pytest.importorskip("torch", reason="writing a .bin needs torch")
   tensors = rw.diffusers_tensors(rel.weights, rel.layout)
-  state = {k: torch.from_numpy(np.ascontiguousarray(np.swapaxes(v, 0, -1))).transpose(0, -1)
-           for k, v in tensors.items()}
+  state = {
+    k: torch.from_numpy(np.ascontiguousarray(np.swapaxes(v, 0, -1))).transpose(0, -1)
+    for k, v in tensors.items()
+  }
   assert not all(t.is_contiguous() for t in state.values())
   os.makedirs(tmp_path / "bin")
   torch.save(state, tmp_path / "bin" / pretrained_files.BIN_FILE)
@@ -226,16 +236,18 @@ def test_export_refuses_a_layout_diffusers_lacks(tmp_path):
 # ------------------------------------------------------------------ refusals
 
 
-def _official_file(variables: dict, *, ema: bool = True,
-                   drop_shadow: str = "") -> pretrained_files.TensorFile:
+def _official_file(
+  variables: dict, *, ema: bool = True, drop_shadow: str = ""
+) -> pretrained_files.TensorFile:
   """The names and shapes of an official checkpoint of ``variables`` (never read)."""
   shapes = {"global_step": (), "beta1_power": (), "beta2_power": ()}
   for name, shape in variables.items():
     shapes.update({name: shape, name + "/Adam": shape, name + "/Adam_1": shape})
     if ema and name != drop_shadow:
       shapes[name + rw.EMA] = shape
-  return pretrained_files.TensorFile("ckpt", "official", shapes,
-                                     lambda n: np.zeros(shapes[n], np.float32), step=1)
+  return pretrained_files.TensorFile(
+    "ckpt", "official", shapes, lambda n: np.zeros(shapes[n], np.float32), step=1
+  )
 
 
 def _refusal(file: pretrained_files.TensorFile, config, **kwargs) -> str:
@@ -257,10 +269,10 @@ def test_a_missing_tensor_is_named():
 
 def test_a_missing_shadow_is_named():
   variables = rw.official_variables(rw.TINY)
-  message = _refusal(_official_file(variables, drop_shadow="model/mid/block_2/conv2/b"),
-                     _config(rw.TINY))
-  assert message == ("ckpt: tensor model/mid/block_2/conv2/b/ExponentialMovingAverage is "
-                     "missing.")
+  message = _refusal(
+    _official_file(variables, drop_shadow="model/mid/block_2/conv2/b"), _config(rw.TINY)
+  )
+  assert message == ("ckpt: tensor model/mid/block_2/conv2/b/ExponentialMovingAverage is missing.")
 
 
 def test_an_extra_tensor_is_named():
@@ -274,8 +286,9 @@ def test_a_shape_mismatch_is_named():
   variables = rw.official_variables(rw.TINY)
   variables["model/conv_out/W"] = (3, 3, 32, 6)
   message = _refusal(_official_file(variables), _config(rw.TINY))
-  assert message.startswith("ckpt: model/conv_out/W has shape [3, 3, 32, 6] where the "
-                            "config's U-Net")
+  assert message.startswith(
+    "ckpt: model/conv_out/W has shape [3, 3, 32, 6] where the config's U-Net"
+  )
   assert "has [3, 3, 32, 3]." in message
 
 
@@ -285,12 +298,20 @@ def test_the_config_that_fits_is_named():
   message = _refusal(_official_file(rw.official_variables(rw.CIFAR10)), _config(rw.TINY))
   assert message.endswith("configs/cifar10.py fits it.")
   tiny = test_tiny.get_config()
-  tiny_layout = rw.Layout(tiny.model.ch, tuple(tiny.model.ch_mult), tiny.model.num_res_blocks,
-                          tuple(tiny.model.attn_resolutions), tiny.data.image_size)
-  shapes = {rw.diffusers_key(n, tiny_layout): rw.torch_layout(n, np.zeros(s)).shape
-            for n, s in rw.official_variables(tiny_layout).items()}
-  folder = pretrained_files.TensorFile("folder", "diffusers", shapes, lambda n: None,
-                                       config=rw.diffusers_config(tiny_layout))
+  tiny_layout = rw.Layout(
+    tiny.model.ch,
+    tuple(tiny.model.ch_mult),
+    tiny.model.num_res_blocks,
+    tuple(tiny.model.attn_resolutions),
+    tiny.data.image_size,
+  )
+  shapes = {
+    rw.diffusers_key(n, tiny_layout): rw.torch_layout(n, np.zeros(s)).shape
+    for n, s in rw.official_variables(tiny_layout).items()
+  }
+  folder = pretrained_files.TensorFile(
+    "folder", "diffusers", shapes, lambda n: None, config=rw.diffusers_config(tiny_layout)
+  )
   assert _refusal(folder, _config(rw.SMALL)).endswith("configs/test_tiny.py fits it.")
 
 
@@ -304,8 +325,9 @@ def test_no_ema_shadows_is_refused_unless_the_raw_weights_are_asked_for(tmp_path
   weights = rw.random_weights(rw.official_variables(rw.TINY), 3)
   prefix = str(tmp_path / "model.ckpt-5")
   rw.write_official(prefix, weights, step=5, ema=False)
-  with pytest.raises(ConfigError, match="holds no ExponentialMovingAverage shadows .* pass "
-                     "--weights=raw"):
+  with pytest.raises(
+    ConfigError, match=r"holds no ExponentialMovingAverage shadows .* pass --weights=raw"
+  ):
     pretrained.load(prefix, _config(rw.TINY))
   loaded = pretrained.load(prefix + ".index", _config(rw.TINY), weights="raw")
   assert loaded.raw_params is None and loaded.step == 5
@@ -313,14 +335,19 @@ def test_no_ema_shadows_is_refused_unless_the_raw_weights_are_asked_for(tmp_path
     np.testing.assert_array_equal(value, weights[name], err_msg=name)
 
 
-@pytest.mark.parametrize("change,named", [
+@pytest.mark.parametrize(
+  "change,named",
+  [
     ({"freq_shift": 0}, "freq_shift=0 (ddpm_jax computes with freq_shift=1)"),
-    ({"attention_head_dim": "absent"},
-     "attention_head_dim=8 (ddpm_jax computes with attention_head_dim=None)"),
+    (
+      {"attention_head_dim": "absent"},
+      "attention_head_dim=8 (ddpm_jax computes with attention_head_dim=None)",
+    ),
     ({"norm_eps": 1e-5}, "norm_eps=1e-05"),
     ({"sample_size": 32}, "sample_size=32"),
     ({"up_block_types": ["UpBlock2D", "UpBlock2D", "UpBlock2D"]}, "up_block_types="),
-])
+  ],
+)
 def test_a_diffusers_config_that_computes_another_function_is_refused(tmp_path, change, named):
   weights = rw.random_weights(rw.official_variables(rw.SMALL), 0)
   config_json = rw.diffusers_config(rw.SMALL)
@@ -344,9 +371,15 @@ def test_neither_format_is_refused(tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "ddpm_jax.pretrained", *args], cwd=ft.REPO,
-                        capture_output=True, text=True, timeout=300, check=False,
-                        env=dict(os.environ, XLA_FLAGS=""))
+  return subprocess.run(
+    [sys.executable, "-m", "ddpm_jax.pretrained", *args],
+    cwd=ft.REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+    env=dict(os.environ, XLA_FLAGS=""),
+  )
 
 
 TINY_ARGS = ["--config=configs/test_tiny.py", *rw.TINY.flags()]
@@ -363,21 +396,32 @@ def imported(released, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-  srv = ft.MainServer(str(tmp_path_factory.mktemp("logs")),
-                      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+  srv = ft.MainServer(
+    str(tmp_path_factory.mktemp("logs")),
+    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+  )
   yield srv
   srv.close()
 
 
 def _main(server, workdir, *flags: str) -> ft.Result:
-  return server.run(["--config", "configs/test_tiny.py", *rw.TINY.flags(),
-                     "--config.training.sample_every_steps=0", f"--workdir={workdir}", *flags],
-                    timeout=300)
+  return server.run(
+    [
+      "--config",
+      "configs/test_tiny.py",
+      *rw.TINY.flags(),
+      "--config.training.sample_every_steps=0",
+      f"--workdir={workdir}",
+      *flags,
+    ],
+    timeout=300,
+  )
 
 
 @pytest.mark.slow
-def test_fine_tuning_resumes_at_the_step_with_a_fresh_optimizer(released, imported, server,
-                                                               tmp_path):
+def test_fine_tuning_resumes_at_the_step_with_a_fresh_optimizer(
+  released, imported, server, tmp_path
+):
   """--mode=train on the imported workdir: it resumes at the file's step from the raw
   weights, with a fresh Adam (zero moments, count 0), so the learning rate warms up again:
   lr * 0 / warmup_steps at the first step, logged as such. (Sampling and evaluating an
@@ -392,8 +436,14 @@ def test_fine_tuning_resumes_at_the_step_with_a_fresh_optimizer(released, import
   assert step == STEP
   for name, value in _by_official_name(raw).items():
     np.testing.assert_array_equal(value, released["tiny"].raw[name], err_msg=name)
-  result = _main(server, workdir, "--mode=train", f"--config.training.num_train_steps={STEP + 1}",
-                 "--config.training.warmup_steps=10", "--config.training.log_every_steps=1")
+  result = _main(
+    server,
+    workdir,
+    "--mode=train",
+    f"--config.training.num_train_steps={STEP + 1}",
+    "--config.training.warmup_steps=10",
+    "--config.training.log_every_steps=1",
+  )
   assert result.rc == 0, result.stderr[-3000:]
   assert f"Resumed from the checkpoint at step {STEP} in" in result.stderr
   lines = [line for line in result.stderr.splitlines() if f"step {STEP + 1}/{STEP + 1} " in line]
@@ -410,15 +460,20 @@ def test_export_writes_the_workdirs_ema_weights(released, imported, tmp_path):
     np.testing.assert_array_equal(value, released["tiny"].weights[name], err_msg=name)
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize(
+  "args,message",
+  [
     (["--workdir={wd}", "--input={ckpt}", *TINY_ARGS], "already holds checkpoints"),
     (["--workdir={tmp}/new", "--input={ckpt}"], "importing needs --config"),
-])
-def test_bad_input_is_one_error_line_and_writes_nothing(released, imported, tmp_path, args,
-                                                       message):
+  ],
+)
+def test_bad_input_is_one_error_line_and_writes_nothing(
+  released, imported, tmp_path, args, message
+):
   before = ft.snapshot(str(imported))
-  result = _cli(*[a.format(wd=imported, ckpt=released["tiny"].checkpoint, tmp=tmp_path)
-                  for a in args])
+  result = _cli(
+    *[a.format(wd=imported, ckpt=released["tiny"].checkpoint, tmp=tmp_path) for a in args]
+  )
   assert result.returncode == 2
   assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
   assert message in result.stderr
@@ -447,6 +502,14 @@ def test_the_cifar10_layout_end_to_end(tmp_path):
   theirs = {name: _diffusers_outputs(str(tmp_path / name), x, t) for name in ("folder", "export")}
   scale = float(np.max(np.abs(theirs["folder"])))
   diffs = {name: float(np.max(np.abs(ours - out))) for name, out in theirs.items()}
-  print(json.dumps({"layout": "cifar10", "output_max_abs": scale, "max_abs_diff": diffs,
-                    "relative": {k: v / scale for k, v in diffs.items()}}))
+  print(
+    json.dumps(
+      {
+        "layout": "cifar10",
+        "output_max_abs": scale,
+        "max_abs_diff": diffs,
+        "relative": {k: v / scale for k, v in diffs.items()},
+      }
+    )
+  )
   assert scale > 0.5 and max(diffs.values()) < 1e-4 * scale

@@ -18,14 +18,16 @@ def test_step_keys_are_deterministic_and_distinct_per_step_and_seed():
   """step_key(seed, s) is the same key every time it is derived, and no two (seed, step)
   pairs of a run share one: every train step draws fresh randomness."""
   state_rng = {seed: jax.random.key_data(jax.random.key(seed)) for seed in (0, 1)}
-  keys = {(seed, s): _data(rng_lib.step_key(data, s))
-          for seed, data in state_rng.items() for s in range(5)}
+  keys = {
+    (seed, s): _data(rng_lib.step_key(data, s))
+    for seed, data in state_rng.items()
+    for s in range(5)
+  }
   np.testing.assert_array_equal(keys[0, 3], _data(rng_lib.step_key(state_rng[0], 3)))
   assert len({k.tobytes() for k in keys.values()}) == len(keys)
 
 
-@pytest.mark.parametrize("tags", [rng_lib.StepStream, rng_lib.ExampleStream,
-                                  rng_lib.HostStream])
+@pytest.mark.parametrize("tags", [rng_lib.StepStream, rng_lib.ExampleStream, rng_lib.HostStream])
 def test_the_tags_of_a_stream_family_are_distinct(tags: type[enum.IntEnum]):
   """No tag is an alias of another (IntEnum would silently merge equal values), so the
   streams of one family are independent."""
@@ -43,8 +45,9 @@ def test_example_keys_depend_on_the_global_index_only():
   timesteps and noise of a global batch do not depend on how it is split."""
   key = jax.random.key(3)
   whole = _data(rng_lib.example_keys(key, 0, 8))
-  halves = np.concatenate([_data(rng_lib.example_keys(key, 0, 4)),
-                           _data(rng_lib.example_keys(key, 4, 4))])
+  halves = np.concatenate(
+    [_data(rng_lib.example_keys(key, 0, 4)), _data(rng_lib.example_keys(key, 4, 4))]
+  )
   np.testing.assert_array_equal(whole, halves)
   assert len({k.tobytes() for k in whole}) == 8
 
@@ -59,10 +62,18 @@ def test_batch_keys_differ_per_batch_and_seed_and_from_the_init_key():
 def test_host_generators_are_deterministic_and_distinct_per_entropy():
   """host_rng draws the same numbers from the same (seed, tag, ...) tuple, and different
   ones when any entry changes (the epoch, the tag, the seed)."""
-  draw = lambda *entropy: rng_lib.host_rng(*entropy).integers(0, 2**62, 4)
+
+  def draw(*entropy):
+    return rng_lib.host_rng(*entropy).integers(0, 2**62, 4)
+
   perm = rng_lib.HostStream.PERMUTATION
   np.testing.assert_array_equal(draw(0, perm, 1), draw(0, perm, 1))
-  variants = [draw(0, perm, 1), draw(0, perm, 2), draw(1, perm, 1),
-              draw(0, rng_lib.HostStream.SHUFFLE, 1), draw(np.int64(0), perm, 1)]
+  variants = [
+    draw(0, perm, 1),
+    draw(0, perm, 2),
+    draw(1, perm, 1),
+    draw(0, rng_lib.HostStream.SHUFFLE, 1),
+    draw(np.int64(0), perm, 1),
+  ]
   assert len({v.tobytes() for v in variants[:4]}) == 4
   np.testing.assert_array_equal(variants[4], variants[0])  # NumPy integers count as ints.

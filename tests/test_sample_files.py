@@ -27,7 +27,7 @@ def _write_set(folder, images: np.ndarray, batch: int, processes: int) -> str:
     indices = generation.process_indices(num, batch, p, processes)
     with sf.ShardWriter(str(folder), p, processes, indices, SHAPE) as writer:
       for first in range(0, len(indices), batch // processes):
-        chunk = indices[first:first + batch // processes]
+        chunk = indices[first : first + batch // processes]
         writer.write(chunk, images[chunk])
       writer.close()
   return sf.write_index(str(folder), num, SHAPE, {"method": "ddim", "seed": 0}, processes)
@@ -38,8 +38,10 @@ def test_shards_round_trip_and_each_reader_reads_only_its_share(tmp_path, monkey
   path = _write_set(tmp_path, images, batch=8, processes=2)
   with open(path) as f:
     index = json.load(f)
-  assert index["shards"] == [{"file": "samples_0-of-2.npz", "num_samples": 12},
-                             {"file": "samples_1-of-2.npz", "num_samples": 9}]
+  assert index["shards"] == [
+    {"file": "samples_0-of-2.npz", "num_samples": 12},
+    {"file": "samples_1-of-2.npz", "num_samples": 9},
+  ]
   with np.load(tmp_path / "samples_1-of-2.npz") as shard:
     np.testing.assert_array_equal(shard["indices"], [4, 5, 6, 7, 12, 13, 14, 15, 20])
     np.testing.assert_array_equal(shard["samples"], images[shard["indices"]])
@@ -51,8 +53,9 @@ def test_shards_round_trip_and_each_reader_reads_only_its_share(tmp_path, monkey
   # Readers on 3 processes, first 19 samples: each gets exactly [p 19 // 3, (p+1) 19 // 3),
   # and reads from the files those images only.
   image_reads, fromfile = [], np.fromfile
-  monkeypatch.setattr(np, "fromfile", lambda *a, **k: image_reads.append(fromfile(*a, **k))
-                      or image_reads[-1])
+  monkeypatch.setattr(
+    np, "fromfile", lambda *a, **k: image_reads.append(fromfile(*a, **k)) or image_reads[-1]
+  )
   monkeypatch.setattr(jax, "process_count", lambda: 3)
   for p in range(3):
     monkeypatch.setattr(jax, "process_index", lambda p=p: p)
@@ -78,7 +81,7 @@ def test_incomplete_or_inconsistent_shards_are_refused(tmp_path):
   assert os.listdir(tmp_path) == []  # The unfinished shard is gone.
   _write_set(tmp_path / "ok", _images(8), batch=4, processes=2)
   os.remove(tmp_path / "ok" / "samples.json")
-  with pytest.raises(ValueError, match="do not hold indices 0 .. 8"):
+  with pytest.raises(ValueError, match=r"do not hold indices 0 .. 8"):
     sf.write_index(str(tmp_path / "ok"), 9, SHAPE, {}, 2)  # One image short.
   with pytest.raises(ValueError, match="not uint8"):
     sf.write_index(str(tmp_path / "ok"), 8, (4, 4, 1), {}, 2)
@@ -98,4 +101,3 @@ def test_older_single_files_and_a_lone_shard(tmp_path):
   compressed = tmp_path / "compressed.npz"
   np.savez_compressed(compressed, samples=images)
   np.testing.assert_array_equal(sf.read(str(compressed))[0], images)
-

@@ -24,8 +24,9 @@ def test_quad_is_square_of_linear_in_sqrt_space():
 
 
 def test_const_and_jsd():
-  np.testing.assert_array_equal(schedules.get_beta_schedule("const", 5, beta_end=0.3),
-                                np.full(5, 0.3))
+  np.testing.assert_array_equal(
+    schedules.get_beta_schedule("const", 5, beta_end=0.3), np.full(5, 0.3)
+  )
   np.testing.assert_allclose(schedules.get_beta_schedule("jsd", 4), [1 / 4, 1 / 3, 1 / 2, 1.0])
 
 
@@ -62,13 +63,13 @@ def test_every_schedule_is_valid_and_monotone(name):
 
 
 def test_bad_input():
-  with pytest.raises(ValueError, match="unknown beta schedule 'sigmoid'.*linear"):
+  with pytest.raises(ValueError, match=r"unknown beta schedule 'sigmoid'.*linear"):
     schedules.get_beta_schedule("sigmoid", 10)
-  with pytest.raises(ValueError, match="num_timesteps.*0"):
+  with pytest.raises(ValueError, match=r"num_timesteps.*0"):
     schedules.get_beta_schedule("linear", 0)
-  with pytest.raises(ValueError, match="num_timesteps.*2.5"):
+  with pytest.raises(ValueError, match=r"num_timesteps.*2.5"):
     schedules.get_beta_schedule("linear", 2.5)
-  with pytest.raises(ValueError, match="beta_end.*1.5"):
+  with pytest.raises(ValueError, match=r"beta_end.*1.5"):
     schedules.get_beta_schedule("linear", 10, beta_end=1.5)
-  with pytest.raises(ValueError, match="beta_start.*0"):
+  with pytest.raises(ValueError, match=r"beta_start.*0"):
     schedules.get_beta_schedule("linear", 10, beta_start=0.0)

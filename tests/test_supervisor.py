@@ -57,34 +57,59 @@ Additional GRPC error information from remote target coordination_service while 
 :UNKNOWN:Error received from peer  {grpc_status:14, grpc_message:"Socket closed"}
 """
 PREEMPTION_WARNING = (
-    "W1203 09:37:58.162179    4464 preemption_sync_manager.cc:147] Failed to retrieve "
-    "preemption notice from coordination service: UNAVAILABLE: Socket closed\n")
+  "W1203 09:37:58.162179    4464 preemption_sync_manager.cc:147] Failed to retrieve "
+  "preemption notice from coordination service: UNAVAILABLE: Socket closed\n"
+)
 
 
-@pytest.mark.parametrize("text, expected", [
+@pytest.mark.parametrize(
+  "text, expected",
+  [
     (PEER_LOST, ([1], False)),
     (PEER_LOST_AT_SHUTDOWN, ([1], False)),
     (COORDINATOR_LOST, ([], True)),
-    (("F0101 00:00:00.0 1 client.h:80] Terminating process because ... absl::Status: "
-      "INTERNAL: something else\n"), ([], False)),
-])
+    (
+      (
+        "F0101 00:00:00.0 1 client.h:80] Terminating process because ... absl::Status: "
+        "INTERNAL: something else\n"
+      ),
+      ([], False),
+    ),
+  ],
+)
 def test_the_lost_process_is_read_from_jaxs_fatal_error(text, expected):
   assert supervisor.lost_processes(text) == expected
 
 
 def test_the_error_line_is_one_line_with_what_where_and_how_to_restart():
-  line = supervisor.describe(PEER_LOST, heartbeat_timeout=45, checkpoint_step=20,
-                             restart="python main.py --workdir=/w", log_path="/w/logs/x.log")
-  assert "\n" not in line and line.startswith("error: process 1 of this run stopped sending "
-                                              "heartbeats for 45 s")
+  line = supervisor.describe(
+    PEER_LOST,
+    heartbeat_timeout=45,
+    checkpoint_step=20,
+    restart="python main.py --workdir=/w",
+    log_path="/w/logs/x.log",
+  )
+  assert "\n" not in line and line.startswith(
+    "error: process 1 of this run stopped sending heartbeats for 45 s"
+  )
   assert "exit status 75" in line and "newest complete checkpoint is step 20" in line
   assert line.endswith("same command: python main.py --workdir=/w; full output: /w/logs/x.log")
-  line = supervisor.describe(COORDINATOR_LOST, heartbeat_timeout=45, checkpoint_step=None,
-                             restart="python main.py", log_path=None)
+  line = supervisor.describe(
+    COORDINATOR_LOST,
+    heartbeat_timeout=45,
+    checkpoint_step=None,
+    restart="python main.py",
+    log_path=None,
+  )
   assert line.startswith("error: the coordinator (process 0) of this run stopped answering")
   assert "no checkpoint yet" in line and "full output" not in line
-  line = supervisor.describe("absl::Status: INTERNAL: boom\n", heartbeat_timeout=45,
-                             checkpoint_step=3, restart="python main.py", log_path=None)
+  line = supervisor.describe(
+    "absl::Status: INTERNAL: boom\n",
+    heartbeat_timeout=45,
+    checkpoint_step=3,
+    restart="python main.py",
+    log_path=None,
+  )
   assert "reported a fatal error: INTERNAL: boom," in line
 
 
@@ -104,8 +129,12 @@ def test_lines_before_a_fatal_error_are_held_and_then_kept_from_the_console(tmp_
   stream.tick(100.0)
   stream.flush()  # (What the watcher never does after a fatal error.)
   assert console.read_text() == "I0101 training.py:1] step 1\n"
-  assert stream.log_text() == ("I0101 training.py:1] step 1\n" + PREEMPTION_WARNING
-                               + "I0101 training.py:1] step 2\n" + COORDINATOR_LOST)
+  assert stream.log_text() == (
+    "I0101 training.py:1] step 1\n"
+    + PREEMPTION_WARNING
+    + "I0101 training.py:1] step 2\n"
+    + COORDINATOR_LOST
+  )
 
 
 def test_held_lines_reach_the_console_when_no_fatal_error_follows(tmp_path):
@@ -146,10 +175,14 @@ _CHILD = textwrap.dedent("""\
 
 
 def _start(tmp_path, case: str) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path / "wd"), case],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, "FATAL_TEXT": PEER_LOST},
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return subprocess.Popen(
+    [sys.executable, "-c", _CHILD, str(tmp_path / "wd"), case],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env={**os.environ, "FATAL_TEXT": PEER_LOST},
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
 
 
 def _child_pid(proc: subprocess.Popen) -> int:

@@ -19,17 +19,29 @@ pytestmark = pytest.mark.slow  # Trains and samples in child processes of both p
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _REASON = "the PyTorch reference needs torch and diffusers: pip install -e '.[bench]'"
 # test_tiny has attention at 4x4, so the attention mapping is covered too.
-_OVERRIDES = ["--config=configs/test_tiny.py", "--config.training.num_train_steps=30",
-              "--config.training.checkpoint_every_steps=30",
-              "--config.training.sample_every_steps=0", "--config.sampling.method=ddim",
-              "--config.sampling.ddim.num_steps=20", "--config.sampling.ddim.eta=0.0",
-              "--config.sampling.ddim.clip_denoised=False"]
+_OVERRIDES = [
+  "--config=configs/test_tiny.py",
+  "--config.training.num_train_steps=30",
+  "--config.training.checkpoint_every_steps=30",
+  "--config.training.sample_every_steps=0",
+  "--config.sampling.method=ddim",
+  "--config.sampling.ddim.num_steps=20",
+  "--config.sampling.ddim.eta=0.0",
+  "--config.sampling.ddim.clip_denoised=False",
+]
 
 
 def _run(args: list[str]) -> str:
   env = dict(os.environ, XLA_FLAGS="")  # One CPU device, as a plain `python main.py`.
-  proc = subprocess.run([sys.executable] + args, cwd=_ROOT, env=env, capture_output=True,
-                        text=True, timeout=600, check=False)
+  proc = subprocess.run(
+    [sys.executable] + args,
+    cwd=_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 
@@ -40,8 +52,17 @@ def equivalence(tmp_path_factory) -> dict:
   pytest.importorskip("diffusers", reason=_REASON)
   workdir = tmp_path_factory.mktemp("jax_run") / "run"
   _run(["main.py", f"--workdir={workdir}", "--mode=train"] + _OVERRIDES)
-  out = _run(["-m", "reference_torch.torch_reference", "--mode=equivalence",
-              f"--jax_workdir={workdir}", "--ddim_batch=8", "--threads=1"] + _OVERRIDES)
+  out = _run(
+    [
+      "-m",
+      "reference_torch.torch_reference",
+      "--mode=equivalence",
+      f"--jax_workdir={workdir}",
+      "--ddim_batch=8",
+      "--threads=1",
+    ]
+    + _OVERRIDES
+  )
   return json.loads(out.strip().splitlines()[-1])
 
 

@@ -17,12 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import factories
-from ddpm_jax import input_pipeline
-from ddpm_jax import parallel
+from ddpm_jax import factories, input_pipeline, parallel, train_state, train_step
 from ddpm_jax import rng as rng_lib
-from ddpm_jax import train_state
-from ddpm_jax import train_step
 from tests.conftest import tiny_config
 
 
@@ -38,8 +34,11 @@ def initial(make_config):
 
 
 def _batch(config) -> np.ndarray:
-  return next(input_pipeline.create_train_iterator(
-      config.data, global_batch_size=config.training.batch_size, seed=0))
+  return next(
+    input_pipeline.create_train_iterator(
+      config.data, global_batch_size=config.training.batch_size, seed=0
+    )
+  )
 
 
 def test_ema_update_is_exact(initial):
@@ -58,8 +57,9 @@ def test_ema_update_is_exact(initial):
 
 def test_warmup_schedule(make_config):
   lr_fn = train_state.learning_rate_schedule(make_config(**{"training.warmup_steps": 10}).training)
-  np.testing.assert_allclose([float(lr_fn(s)) for s in (0, 5, 10, 50)],
-                             [0.0, 5e-4, 1e-3, 1e-3], rtol=1e-6)
+  np.testing.assert_allclose(
+    [float(lr_fn(s)) for s in (0, 5, 10, 50)], [0.0, 5e-4, 1e-3, 1e-3], rtol=1e-6
+  )
 
 
 @pytest.mark.slow
@@ -68,26 +68,31 @@ def test_device_flip_equals_flipping_the_input(initial, make_config):
   devices = jax.devices()[:1]
   images = _batch(config).reshape((1, 16, 8, 8, 3))
   key = rng_lib.step_key(state.rng, 0)
-  flips = np.asarray(train_step.example_flips(rng_lib.stream(key, rng_lib.StepStream.FLIP),
-                                              0, 16))
+  flips = np.asarray(train_step.example_flips(rng_lib.stream(key, rng_lib.StepStream.FLIP), 0, 16))
   assert 0 < flips.sum() < 16  # Both kinds occur in this batch.
   flipped = images.copy()
   flipped[0, flips] = flipped[0, flips, :, ::-1]
   results = []
   for random_flip, batch in ((True, images), (False, flipped)):
-    step = train_step.make_p_train_step(make_config(**{"data.random_flip": random_flip}), model,
-                                        schedule, tx, devices=devices, num_steps=1)
+    step = train_step.make_p_train_step(
+      make_config(**{"data.random_flip": random_flip}),
+      model,
+      schedule,
+      tx,
+      devices=devices,
+      num_steps=1,
+    )
     new_state, metrics = step(parallel.replicate(state, devices), batch)
-    results.append((jax.device_get(parallel.unreplicate(new_state)),
-                    parallel.unreplicate(metrics)["loss"]))
+    results.append(
+      (jax.device_get(parallel.unreplicate(new_state)), parallel.unreplicate(metrics)["loss"])
+    )
   (on_device, loss_device), (on_host, loss_host) = results
   np.testing.assert_array_equal(loss_device, loss_host)
   chex.assert_trees_all_equal(on_device.params, on_host.params)
 
 
 @pytest.mark.slow
-def test_per_device_clipping_changes_the_step_when_a_device_exceeds_the_norm(initial,
-                                                                              make_config):
+def test_per_device_clipping_changes_the_step_when_a_device_exceeds_the_norm(initial, make_config):
   """At the tiny config's first step the device-mean gradient norm is ~0.6 < grad_clip = 1,
   so "global" does not clip, while some single devices (batch 2) exceed it and "per_device"
   clips them: the two steps differ, and the logged metrics say so."""
@@ -103,8 +108,12 @@ def test_per_device_clipping_changes_the_step_when_a_device_exceeds_the_norm(ini
   assert metrics["global"]["grad_norm"] < 1.0 and metrics["global"]["clip_fraction"] == 0.0
   assert metrics["per_device"]["replica_grad_norm"] > metrics["global"]["grad_norm"]
   assert metrics["per_device"]["clip_fraction"] > 0.0
-  diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(after["global"]),
-                                                       jax.tree.leaves(after["per_device"])))
+  diff = max(
+    float(np.abs(a - b).max())
+    for a, b in zip(
+      jax.tree.leaves(after["global"]), jax.tree.leaves(after["per_device"]), strict=True
+    )
+  )
   assert diff > 1e-5, diff
 
 
@@ -112,15 +121,17 @@ def test_ema_warmup_schedule(make_config):
   constant = train_state.ema_decay_schedule(make_config().training)
   warm = train_state.ema_decay_schedule(make_config(**{"training.ema_warmup": True}).training)
   assert [constant(s) for s in (0, 10, 10_000)] == [0.99] * 3
-  np.testing.assert_allclose([float(warm(s)) for s in (0, 1, 10, 80, 10_000)],
-                             [0.1, 2 / 11, 11 / 20, 0.9, 0.99], rtol=1e-6)
+  np.testing.assert_allclose(
+    [float(warm(s)) for s in (0, 1, 10, 80, 10_000)], [0.1, 2 / 11, 11 / 20, 0.9, 0.99], rtol=1e-6
+  )
 
 
 def test_ema_warmup_step_forgets_the_init(initial, make_config):
   """With the warm-up the first update keeps only 10% of the (random) initial parameters."""
   config, model, tx, schedule, state0 = initial
-  step = train_step.make_p_train_step(make_config(**{"training.ema_warmup": True}), model,
-                                      schedule, tx)
+  step = train_step.make_p_train_step(
+    make_config(**{"training.ema_warmup": True}), model, schedule, tx
+  )
   state1, _ = step(parallel.replicate(state0), _batch(config))
   state1 = jax.device_get(parallel.unreplicate(state1))
   expected = jax.tree.map(lambda e, p: 0.1 * e + 0.9 * p, state0.ema_params, state1.params)
@@ -141,7 +152,8 @@ def _run(dtype: str):
   p_step = train_step.make_p_train_step(config, model, schedule, tx, devices=devices)
   p_state = parallel.replicate(jax.device_get(state), devices=devices)
   batches = input_pipeline.create_train_iterator(
-      config.data, global_batch_size=config.training.batch_size, seed=0)
+    config.data, global_batch_size=config.training.batch_size, seed=0
+  )
   losses = []
   for _ in range(BF16_STEPS):
     images = next(batches)
@@ -181,6 +193,9 @@ def test_bf16_keeps_float32_state(bf16_runs):
   """Parameters, EMA and Adam state stay float32 under bf16 compute."""
   _, (_, state) = bf16_runs
   for name in ("params", "ema_params", "opt_state"):
-    dtypes = {leaf.dtype for leaf in jax.tree.leaves(getattr(state, name))
-              if jnp.issubdtype(leaf.dtype, jnp.floating)}
+    dtypes = {
+      leaf.dtype
+      for leaf in jax.tree.leaves(getattr(state, name))
+      if jnp.issubdtype(leaf.dtype, jnp.floating)
+    }
     assert dtypes == {np.dtype(np.float32)}, (name, dtypes)

@@ -13,7 +13,7 @@ from ddpm_jax.errors import ConfigError
 def test_unwritable_or_file_workdir_is_refused(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
-  with pytest.raises(ConfigError, match="workdir .* is not writable"):
+  with pytest.raises(ConfigError, match=r"workdir .* is not writable"):
     workdir_lib.prepare(str(blocker / "wd"))
   with pytest.raises(ConfigError, match="not a directory"):
     workdir_lib.prepare(str(blocker))
@@ -24,8 +24,14 @@ def test_training_fields_may_change_on_resume(tmp_path, make_config):
   workdir = str(tmp_path)
   workdir_lib.check_or_write_config(make_config(), workdir)
   (tmp_path / "checkpoints" / "100").mkdir(parents=True)  # As if a step had been saved.
-  changed = make_config(**{"training.learning_rate": 5e-4, "training.batch_size": 32,
-                           "model.dtype": "bfloat16", "training.log_every_steps": 7})
+  changed = make_config(
+    **{
+      "training.learning_rate": 5e-4,
+      "training.batch_size": 32,
+      "model.dtype": "bfloat16",
+      "training.log_every_steps": 7,
+    }
+  )
   workdir_lib.check_or_write_config(changed, workdir)  # No error.
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["training"]["learning_rate"] == 1e-3  # First start's config kept.

@@ -6,12 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import diffusion
-from ddpm_jax import factories
-from ddpm_jax import input_pipeline
-from ddpm_jax import parallel
-from ddpm_jax import schedules
-from ddpm_jax import train_state
+from ddpm_jax import diffusion, factories, input_pipeline, parallel, schedules, train_state
 from ddpm_jax.evaluation import bpd as bpd_lib
 
 
@@ -20,20 +15,27 @@ def test_bpd_does_not_depend_on_device_count(make_config):
   config = make_config()
   model, schedule = factories.create_model(config), factories.create_schedule(config.diffusion)
   params = train_state.create_train_state(
-      config, model, train_state.create_optimizer(config.training)).params
+    config, model, train_state.create_optimizer(config.training)
+  ).params
   # A zero-initialised output layer would make every example alike: perturb the weights.
-  params = jax.tree.map(lambda p: p + 0.05 * jnp.sin(jnp.arange(p.size).reshape(p.shape)),
-                        jax.device_get(params))
-  fn_of = lambda p: factories.model_fn(model, p)
+  params = jax.tree.map(
+    lambda p: p + 0.05 * jnp.sin(jnp.arange(p.size).reshape(p.shape)), jax.device_get(params)
+  )
+
+  def fn_of(p):
+    return factories.model_fn(model, p)
+
   images, _ = next(input_pipeline.create_eval_iterator(config.data, global_batch_size=16))
   rng = jax.random.key(3)
   out8 = bpd_lib.make_p_bpd(config, schedule, fn_of)(parallel.replicate(params), images, rng)
   one = jax.devices()[:1]
   out1 = bpd_lib.make_p_bpd(config, schedule, fn_of, devices=one)(
-      parallel.replicate(params, devices=one), images.reshape((1, 16, 8, 8, 3)), rng)
+    parallel.replicate(params, devices=one), images.reshape((1, 16, 8, 8, 3)), rng
+  )
   for k in ("total_bpd", "terms_bpd", "mse"):
-    np.testing.assert_allclose(np.asarray(out8[k]).reshape(16, -1),
-                               np.asarray(out1[k]).reshape(16, -1), rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(out8[k]).reshape(16, -1), np.asarray(out1[k]).reshape(16, -1), rtol=2e-5, atol=1e-6
+    )
 
 
 def test_bound_terms_of_exact_gaussian_model_match_closed_form():
@@ -54,9 +56,11 @@ def test_bound_terms_of_exact_gaussian_model_match_closed_form():
     return jnp.sqrt(1 - a) * (x_t - jnp.sqrt(a) * mu) / (a * s**2 + 1 - a)
 
   x0 = mu + s * jax.random.normal(jax.random.key(0), (2048, 1, 1, 4))
-  out = jax.jit(lambda x, k: diffusion.calc_bpd_loop(
-      sched, eps_fn, x, k, model_mean_type="eps", model_var_type="fixedsmall",
-      clip_denoised=False))(x0, jax.random.key(1))
+  out = jax.jit(
+    lambda x, k: diffusion.calc_bpd_loop(
+      sched, eps_fn, x, k, model_mean_type="eps", model_var_type="fixedsmall", clip_denoised=False
+    )
+  )(x0, jax.random.key(1))
   post_var = betas * (1 - abar_prev) / (1 - abar)
   coef1 = betas * np.sqrt(abar_prev) / (1 - abar)
   var_x0 = s**2 * (1 - abar) / (abar * s**2 + 1 - abar)
@@ -73,5 +77,3 @@ def test_bound_terms_of_exact_gaussian_model_match_closed_form():
   assert np.all(np.diff(rd["rate"]) <= 1e-7)
   assert np.all(np.diff(rd["distortion"]) > -0.02 * rd["distortion"][1:])
   assert rd["distortion"][-1] == pytest.approx(127.5 * np.sqrt(var_x0[-1]), rel=0.05)
-
-

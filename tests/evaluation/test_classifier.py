@@ -21,7 +21,7 @@ def _separable(num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
   images = rng.integers(0, 61, (num, 8, 8, 1)).astype(np.uint8)
   for i, label in enumerate(labels):
     r, c = divmod(int(label), 2)
-    images[i, 4 * r:4 * r + 4, 4 * c:4 * c + 4] += 180
+    images[i, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] += 180
   return images, labels
 
 
@@ -68,8 +68,7 @@ def test_accuracy_matches_logits(data, params):
   _, (test_images, test_labels) = data
   _, logits = classifier.classifier_feature_extractor(params, (8, 8, 1))(test_images)
   expected = np.mean(np.argmax(np.asarray(logits), -1) == test_labels)
-  assert classifier.classifier_accuracy(params, test_images, test_labels) == pytest.approx(
-      expected)
+  assert classifier.classifier_accuracy(params, test_images, test_labels) == pytest.approx(expected)
 
 
 def test_cache_path_depends_on_recipe(tmp_path):
@@ -79,8 +78,9 @@ def test_cache_path_depends_on_recipe(tmp_path):
   assert os.path.basename(path).startswith("classifier_lsun_cat_") and path.endswith(".npz")
   assert path == classifier.classifier_cache_path(str(tmp_path), "lsun/cat", dict(recipe))
   for change in (dict(steps=1), dict(split="train[:100]")):
-    assert path != classifier.classifier_cache_path(str(tmp_path), "lsun/cat",
-                                                    dict(recipe, **change))
+    assert path != classifier.classifier_cache_path(
+      str(tmp_path), "lsun/cat", dict(recipe, **change)
+    )
 
 
 def test_cache(data, params, tmp_path, monkeypatch):
@@ -88,10 +88,12 @@ def test_cache(data, params, tmp_path, monkeypatch):
   path = str(tmp_path / "classifier_toy.npz")
   kwargs = dict(_SMALL, num_classes=4, steps=3, seed=0)  # Same shapes: no recompilation.
   first, meta = classifier.load_or_train_classifier(
-      path, images, labels, eval_images=test_images, eval_labels=test_labels, **kwargs)
+    path, images, labels, eval_images=test_images, eval_labels=test_labels, **kwargs
+  )
   assert os.path.exists(path)
   assert meta["test_accuracy"] == pytest.approx(
-      classifier.classifier_accuracy(first, test_images, test_labels))
+    classifier.classifier_accuracy(first, test_images, test_labels)
+  )
 
   def fail(*unused_args, **unused_kwargs):
     raise AssertionError("a cached classifier must not be retrained")
@@ -108,9 +110,16 @@ def test_cache(data, params, tmp_path, monkeypatch):
     classifier.load_or_train_classifier(path, images, labels, **dict(kwargs, depth=3))
 
 
-@pytest.mark.parametrize("change, match", [
-    ("float", "uint8"), ("labels_range", r"\[0, 4\)"), ("labels_shape", "labels"),
-    ("classes", "num_classes"), ("batch", "batch_size")])
+@pytest.mark.parametrize(
+  "change, match",
+  [
+    ("float", "uint8"),
+    ("labels_range", r"\[0, 4\)"),
+    ("labels_shape", "labels"),
+    ("classes", "num_classes"),
+    ("batch", "batch_size"),
+  ],
+)
 def test_bad_input(data, change, match):
   (images, labels), _ = data
   kwargs = dict(num_classes=4, steps=1, batch_size=8)
@@ -133,15 +142,17 @@ def _read_idx(name: str, offset: int) -> np.ndarray:
     return np.frombuffer(f.read(), np.uint8, offset=offset)
 
 
-@pytest.mark.skipif(not os.path.isdir(_FASHION_MNIST),
-                    reason=f"Fashion-MNIST not installed at {_FASHION_MNIST} "
-                           "(apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+  not os.path.isdir(_FASHION_MNIST),
+  reason=f"Fashion-MNIST not installed at {_FASHION_MNIST} (apt-get install dataset-fashion-mnist)",
+)
 def test_fashion_mnist_slice():
   images = _read_idx("train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28, 1)[:2000]
   labels = _read_idx("train-labels-idx1-ubyte.gz", 8)[:2000]
   test_images = _read_idx("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28, 1)[:1000]
   test_labels = _read_idx("t10k-labels-idx1-ubyte.gz", 8)[:1000]
-  params = classifier.train_classifier(images, labels, num_classes=10, steps=150,
-                                       batch_size=32, width=16, seed=0)
+  params = classifier.train_classifier(
+    images, labels, num_classes=10, steps=150, batch_size=32, width=16, seed=0
+  )
   # 10 balanced classes: chance is 0.1; 150 steps on 2,000 images give 0.81-0.82 (seeds 0-2).
   assert classifier.classifier_accuracy(params, test_images, test_labels) >= 0.7

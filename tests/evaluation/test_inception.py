@@ -14,8 +14,11 @@ from flax import traverse_util
 from ddpm_jax.evaluation import features as features_lib
 from ddpm_jax.evaluation import inception
 
-_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "scripts",
-                       "convert_inception_weights.py")
+_SCRIPT = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+  "scripts",
+  "convert_inception_weights.py",
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,7 @@ def random_flat(shapes):
     if key.endswith("conv/kernel"):
       fan_in = shape[0] * shape[1] * shape[2]
       flat[key] = rng.normal(scale=np.sqrt(2.0 / fan_in), size=shape)
-    elif key.endswith("bn/var") or key.endswith("bn/scale"):
+    elif key.endswith(("bn/var", "bn/scale")):
       flat[key] = rng.uniform(0.5, 1.5, size=shape)
     else:
       flat[key] = rng.normal(scale=0.05, size=shape)
@@ -59,9 +62,11 @@ def test_parameter_count(shapes):
 @pytest.mark.parametrize("shape", [(2, 299, 299, 3), (3, 32, 32, 3), (1, 28, 28, 1)])
 def test_output_shapes(shapes, shape):
   variables = traverse_util.unflatten_dict(
-      {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}, sep="/")
-  pool3, logits = jax.eval_shape(inception.FIDInceptionV3().apply, variables,
-                                 jax.ShapeDtypeStruct(shape, jnp.uint8))
+    {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}, sep="/"
+  )
+  pool3, logits = jax.eval_shape(
+    inception.FIDInceptionV3().apply, variables, jax.ShapeDtypeStruct(shape, jnp.uint8)
+  )
   chex.assert_shape(pool3, (shape[0], 2048))
   chex.assert_shape(logits, (shape[0], 1008))
 
@@ -102,8 +107,7 @@ def test_forward_pass_on_299x299(forward, random_flat):
   assert np.all(np.isfinite(pool3)) and np.all(pool3 >= 0)  # Mean of ReLUs.
   assert np.std(pool3) > 0 and not np.allclose(pool3[0], pool3[1])
   # OpenAI's IS code: logits = pool3 @ W, without the layer's bias.
-  np.testing.assert_allclose(logits, pool3 @ random_flat["params/fc/kernel"], rtol=1e-4,
-                             atol=1e-4)
+  np.testing.assert_allclose(logits, pool3 @ random_flat["params/fc/kernel"], rtol=1e-4, atol=1e-4)
 
 
 def test_average_pool_excludes_padding():
@@ -112,7 +116,7 @@ def test_average_pool_excludes_padding():
   expected = np.empty((4, 4))
   for i in range(4):
     for j in range(4):
-      window = x[0, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2, 0]
+      window = x[0, max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2, 0]
       expected[i, j] = window.sum() / window.size  # 4 at corners, 6 on edges, 9 inside.
   np.testing.assert_allclose(out, expected, rtol=1e-6)
 
@@ -134,10 +138,16 @@ def test_converted_weights_follow_pytorch_conventions(convert):
   mean, var = rng.normal(size=4), rng.uniform(0.5, 2, size=4)
   gamma, beta = rng.normal(size=4), rng.normal(size=4)
   fc_w, fc_b = rng.normal(size=(1008, 4)), rng.normal(size=1008)
-  state_dict = {"Mixed_6b.conv.weight": w, "Mixed_6b.bn.weight": gamma,
-                "Mixed_6b.bn.bias": beta, "Mixed_6b.bn.running_mean": mean,
-                "Mixed_6b.bn.running_var": var, "Mixed_6b.bn.num_batches_tracked": 7,
-                "fc.weight": fc_w, "fc.bias": fc_b}
+  state_dict = {
+    "Mixed_6b.conv.weight": w,
+    "Mixed_6b.bn.weight": gamma,
+    "Mixed_6b.bn.bias": beta,
+    "Mixed_6b.bn.running_mean": mean,
+    "Mixed_6b.bn.running_var": var,
+    "Mixed_6b.bn.num_batches_tracked": 7,
+    "fc.weight": fc_w,
+    "fc.bias": fc_b,
+  }
   abstract = jax.eval_shape(_Tiny().init, jax.random.PRNGKey(0), x)
   tiny_shapes = {k: v.shape for k, v in traverse_util.flatten_dict(abstract, sep="/").items()}
   flat = convert.convert_state_dict(state_dict, tiny_shapes)
@@ -147,14 +157,15 @@ def test_converted_weights_follow_pytorch_conventions(convert):
   xpad = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (0, 0)))
   conv = np.zeros((2, 5, 6, 4))
   for kw in range(3):
-    conv += np.einsum("nyxi,oi->nyxo", xpad[:, :, kw:kw + 6], w[:, :, 0, kw])
+    conv += np.einsum("nyxi,oi->nyxo", xpad[:, :, kw : kw + 6], w[:, :, 0, kw])
   act = np.maximum((conv - mean) / np.sqrt(var + 1e-3) * gamma + beta, 0.0)
   expected = act.mean(axis=(1, 2)) @ fc_w.T + fc_b
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("edit, match", [("drop", "missing"), ("extra", "unexpected"),
-                                         ("transpose", "shape")])
+@pytest.mark.parametrize(
+  "edit, match", [("drop", "missing"), ("extra", "unexpected"), ("transpose", "shape")]
+)
 def test_converter_rejects_wrong_state_dicts(convert, shapes, random_flat, edit, match):
   state_dict = convert.to_state_dict(random_flat, shapes)
   if edit == "drop":
@@ -173,11 +184,15 @@ def test_missing_weights_message(path):
     inception.load_inception_params(path)
   message = str(info.value)
   assert "\n" not in message and f"eval.inception_weights={path!r}" in message
-  assert ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-          "pt_inception-2015-12-05-6726825d.pth") in message
+  assert (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+    "pt_inception-2015-12-05-6726825d.pth"
+  ) in message
   target = path or "inception_fid.npz"
-  assert (f"python scripts/convert_inception_weights.py "
-          f"--input=pt_inception-2015-12-05-6726825d.pth --output={target}") in message
+  assert (
+    f"python scripts/convert_inception_weights.py "
+    f"--input=pt_inception-2015-12-05-6726825d.pth --output={target}"
+  ) in message
 
 
 def test_converter_cli_refuses_bad_paths(convert, tmp_path, capsys):
@@ -185,8 +200,10 @@ def test_converter_cli_refuses_bad_paths(convert, tmp_path, capsys):
   existing.write_bytes(b"user data")
   weights = tmp_path / "weights.pth"
   weights.write_bytes(b"not checked before the output")
-  for argv, match in (([f"--input={tmp_path}/absent.pth", "--output=x.npz"], "is not a file"),
-                      ([f"--input={weights}", f"--output={existing}"], "already exists")):
+  for argv, match in (
+    ([f"--input={tmp_path}/absent.pth", "--output=x.npz"], "is not a file"),
+    ([f"--input={weights}", f"--output={existing}"], "already exists"),
+  ):
     with pytest.raises(SystemExit):
       convert.main(argv)
     assert match in capsys.readouterr().err
@@ -202,7 +219,8 @@ def test_load_rejects_wrong_file(tmp_path):
 
 def test_extractor(shapes):
   variables = traverse_util.unflatten_dict(
-      {k: np.zeros(s, np.float32) for k, s in shapes.items()}, sep="/")
+    {k: np.zeros(s, np.float32) for k, s in shapes.items()}, sep="/"
+  )
   extractor = inception.inception_feature_extractor(variables)
   assert isinstance(extractor, features_lib.FeatureExtractor)
   assert extractor.feature_dim == 2048 and extractor.name == "inception-2015-12-05-pool3-tf"
@@ -226,8 +244,9 @@ def test_weights_without_logits(shapes, random_flat, tmp_path):
   assert not inception.has_logits(variables)
   extractor = inception.inception_feature_extractor(variables)
   assert extractor.logits_name is None
-  pool3, logits = jax.eval_shape(extractor.apply_fn, variables,
-                                 jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.uint8))
+  pool3, logits = jax.eval_shape(
+    extractor.apply_fn, variables, jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.uint8)
+  )
   chex.assert_shape(pool3, (2, 2048))
   assert logits is None
   np.savez(path, **trunk, **{"params/fc/kernel": random_flat["params/fc/kernel"]})
@@ -239,8 +258,7 @@ def _to_torchscript_state_dict(convert, flat):
   """The inverse of convert_torchscript_state_dict, for synthetic default_1.pt tensors."""
   state_dict = {}
   for layer, block in convert.torchscript_layer_names().items():
-    state_dict[f"{layer}.weight"] = np.transpose(flat[f"params/{block}/conv/kernel"],
-                                                 (3, 2, 0, 1))
+    state_dict[f"{layer}.weight"] = np.transpose(flat[f"params/{block}/conv/kernel"], (3, 2, 0, 1))
     state_dict[f"{layer}.beta"] = flat[f"params/{block}/bn/bias"]
     state_dict[f"{layer}.mean"] = flat[f"batch_stats/{block}/bn/mean"]
     state_dict[f"{layer}.var"] = flat[f"batch_stats/{block}/bn/var"]
@@ -263,8 +281,9 @@ def test_torchscript_mapping_is_one_to_one(convert, random_flat):
       np.testing.assert_array_equal(value, random_flat[key])
 
 
-@pytest.mark.parametrize("edit, match", [("drop", "missing"), ("extra", "unexpected"),
-                                         ("transpose", "shape")])
+@pytest.mark.parametrize(
+  "edit, match", [("drop", "missing"), ("extra", "unexpected"), ("transpose", "shape")]
+)
 def test_torchscript_converter_rejects_wrong_state_dicts(convert, random_flat, edit, match):
   state_dict = _to_torchscript_state_dict(convert, random_flat)
   if edit == "drop":
@@ -285,9 +304,14 @@ _BN_CODE = """def forward(self, x: Tensor) -> Tensor:
 """
 
 
-@pytest.mark.parametrize("weight, eps, match", [("None", "0.001", None),
-                                                ("None", "1.0000000000000001e-05", "eps"),
-                                                ("gamma", "0.001", "without scale")])
+@pytest.mark.parametrize(
+  "weight, eps, match",
+  [
+    ("None", "0.001", None),
+    ("None", "1.0000000000000001e-05", "eps"),
+    ("gamma", "0.001", "without scale"),
+  ],
+)
 def test_torchscript_batch_norm_check(convert, weight, eps, match):
   code = _BN_CODE.format(weight=weight, eps=eps)
   if match is None:

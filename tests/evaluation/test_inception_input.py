@@ -6,17 +6,18 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax.evaluation import inception
-from ddpm_jax.evaluation import inception_input
+from ddpm_jax.evaluation import inception, inception_input
 
 
 def _torch_bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
   """F.interpolate(mode='bilinear', align_corners=False) written out for [H, W, C]."""
+
   def axis(in_size, out_size):
     src = np.maximum((np.arange(out_size) + 0.5) * in_size / out_size - 0.5, 0.0)
     lo = np.minimum(np.floor(src).astype(int), in_size - 1)
     hi = np.minimum(lo + 1, in_size - 1)
     return lo, hi, src - lo
+
   y0, y1, wy = axis(image.shape[0], out_h)
   x0, x1, wx = axis(image.shape[1], out_w)
   rows = image[y0] * (1 - wy)[:, None, None] + image[y1] * wy[:, None, None]
@@ -39,17 +40,20 @@ def _tf_legacy_resize(images: np.ndarray) -> np.ndarray:
   """TensorFlow's own legacy ResizeBilinear to 299x299 (what the 2015-12-05 graph runs)."""
   tf = pytest.importorskip("tensorflow", reason="the legacy-resize reference is TensorFlow's")
   return tf.compat.v1.image.resize_bilinear(
-      images, [299, 299], align_corners=False, half_pixel_centers=False).numpy()
+    images, [299, 299], align_corners=False, half_pixel_centers=False
+  ).numpy()
 
 
-@pytest.mark.parametrize("shape", [(3, 28, 28, 1), (3, 32, 32, 3), (3, 64, 48, 3),
-                                   (2, 320, 301, 3)])
+@pytest.mark.parametrize(
+  "shape", [(3, 28, 28, 1), (3, 32, 32, 3), (3, 64, 48, 3), (2, 320, 301, 3)]
+)
 def test_tf_legacy_resize_matches_tensorflow(shape):
   images = np.random.default_rng(4).integers(0, 256, shape, dtype=np.uint8)
   rgb = np.repeat(images, 3, axis=-1) if shape[-1] == 1 else images
   expected = _tf_legacy_resize(rgb)
-  resized = np.asarray(jax.jit(
-      lambda x: inception_input.resize_bilinear_tf_legacy(x, (299, 299)))(rgb))
+  resized = np.asarray(
+    jax.jit(lambda x: inception_input.resize_bilinear_tf_legacy(x, (299, 299)))(rgb)
+  )
   # Same taps and blend order as TF's kernel; XLA's fused float32 arithmetic (FMA) leaves at
   # most a few ulps at 255: 4.6e-5 measured, i.e. 3.6e-7 on the network's input scale.
   np.testing.assert_allclose(resized, expected, rtol=0, atol=1e-4)
@@ -71,8 +75,11 @@ def test_legacy_resize_taps_have_no_half_pixel_offset():
 
 
 def test_preprocess_choice_is_checked():
-  with pytest.raises(ValueError, match=r"preprocess='torch' is unknown; allowed: tf, "
-                                       r"pytorch_fid"):
+  with pytest.raises(
+    ValueError,
+    match=r"preprocess='torch' is unknown; allowed: tf, "
+    r"pytorch_fid",
+  ):
     inception_input.preprocess(np.zeros((1, 8, 8, 3), np.uint8), "torch")
   with pytest.raises(ValueError, match="unknown"):
     inception.inception_feature_extractor({"params": {}}, preprocess="TF")

@@ -22,12 +22,10 @@ def _reference_fid(mu1, sigma1, mu2, sigma2) -> float:
   root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
   eig = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
   tr_covmean = np.sum(np.sqrt(np.clip(eig, 0, None)))
-  return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2)
-               - 2 * tr_covmean)
+  return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
 class TestStatistics:
-
   def test_mean_and_unbiased_covariance(self):
     x = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
     mu, sigma = metrics.compute_statistics(x)
@@ -43,7 +41,6 @@ class TestStatistics:
 
 
 class TestFrechetDistance:
-
   def test_set_against_itself_is_zero(self):
     mu, sigma = metrics.compute_statistics(np.random.default_rng(1).normal(size=(400, 32)))
     assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
@@ -53,8 +50,9 @@ class TestFrechetDistance:
     a = rng.normal(size=(300, 12)) @ rng.normal(size=(12, 12))
     b = rng.normal(loc=0.5, size=(200, 12)) * 2.0
     stats_a, stats_b = metrics.compute_statistics(a), metrics.compute_statistics(b)
-    np.testing.assert_allclose(metrics.frechet_distance(*stats_a, *stats_b),
-                               _reference_fid(*stats_a, *stats_b), rtol=1e-9)
+    np.testing.assert_allclose(
+      metrics.frechet_distance(*stats_a, *stats_b), _reference_fid(*stats_a, *stats_b), rtol=1e-9
+    )
 
   def test_matches_direct_ttur_computation_on_random_features(self):
     # TTUR's calculate_frechet_distance written out with NumPy / SciPy on raw features.
@@ -74,24 +72,27 @@ class TestFrechetDistance:
     rng = np.random.default_rng(9)
     x = rng.normal(size=(300, 10)) @ rng.normal(size=(10, 10))
     delta = rng.normal(size=10)
-    value = metrics.frechet_distance(*metrics.compute_statistics(x),
-                                     *metrics.compute_statistics(x + delta))
+    value = metrics.frechet_distance(
+      *metrics.compute_statistics(x), *metrics.compute_statistics(x + delta)
+    )
     np.testing.assert_allclose(value, delta @ delta, rtol=1e-7)
 
   def test_shifted_gaussians_equal_covariance(self):
     rng = np.random.default_rng(3)
     sigma = _random_spd(rng, 16)
     mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
-    np.testing.assert_allclose(metrics.frechet_distance(mu1, sigma, mu2, sigma),
-                               np.sum((mu1 - mu2) ** 2), rtol=1e-8)
+    np.testing.assert_allclose(
+      metrics.frechet_distance(mu1, sigma, mu2, sigma), np.sum((mu1 - mu2) ** 2), rtol=1e-8
+    )
 
   def test_diagonal_covariances(self):
     # For commuting (diagonal) covariances: sum_i (sqrt(a_i) - sqrt(b_i))^2.
     a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
     mu = np.zeros(3)
     expected = np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    np.testing.assert_allclose(metrics.frechet_distance(mu, np.diag(a), mu, np.diag(b)),
-                               expected, rtol=1e-12)
+    np.testing.assert_allclose(
+      metrics.frechet_distance(mu, np.diag(a), mu, np.diag(b)), expected, rtol=1e-12
+    )
 
   def test_singular_product_uses_eps_offset(self):
     # [[0, 1], [0, 0]] has no square root: sqrtm is not finite, so eps*I is added.
@@ -113,16 +114,16 @@ class TestFrechetDistance:
     with pytest.raises(ValueError, match="imaginary"):
       metrics.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([-1.0, 1.0]))
 
-  @pytest.mark.parametrize("mu2, sigma2", [(np.zeros(3), np.eye(3)),
-                                           (np.zeros(2), np.eye(3)),
-                                           (np.zeros(2), np.full((2, 2), np.nan))])
+  @pytest.mark.parametrize(
+    "mu2, sigma2",
+    [(np.zeros(3), np.eye(3)), (np.zeros(2), np.eye(3)), (np.zeros(2), np.full((2, 2), np.nan))],
+  )
   def test_bad_shapes_and_values(self, mu2, sigma2):
     with pytest.raises(ValueError):
       metrics.frechet_distance(np.zeros(2), np.eye(2), mu2, sigma2)
 
 
 class TestInceptionScore:
-
   def test_uniform_logits_score_one(self):
     mean, std = metrics.inception_score(np.zeros((100, 1008)), num_splits=10)
     assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
@@ -147,7 +148,7 @@ class TestInceptionScore:
     probs /= probs.sum(1, keepdims=True)
     scores = []
     for i in range(4):
-      part = probs[i * 103 // 4:(i + 1) * 103 // 4]
+      part = probs[i * 103 // 4 : (i + 1) * 103 // 4]
       kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
       scores.append(np.exp(kl.sum(1).mean()))
     mean, std = metrics.inception_score(logits, num_splits=4)
@@ -191,7 +192,6 @@ def test_stats_round_trip(tmp_path):
 
 
 class TestRunningStatistics:
-
   @pytest.mark.parametrize("sizes", [(500,), (7, 0, 130, 1, 62), (1, 1, 1, 1)])
   def test_equals_statistics_of_all_features(self, sizes):
     rng = np.random.default_rng(10)
@@ -212,4 +212,3 @@ class TestRunningStatistics:
     running.update(np.zeros((1, 3)))
     with pytest.raises(ValueError, match="at least 2"):
       running.statistics()
-

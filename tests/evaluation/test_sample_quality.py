@@ -14,20 +14,18 @@ import numpy as np
 import pytest
 
 from configs import default as default_config
-from ddpm_jax import config_checks
-from ddpm_jax import data_sources
-from ddpm_jax import datasets
-from ddpm_jax import hosts
+from ddpm_jax import config_checks, data_sources, datasets, hosts
 from ddpm_jax import input_pipeline as ip
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.evaluation import features as features_lib
-from ddpm_jax.evaluation import metrics
-from ddpm_jax.evaluation import inception, sample_quality as sq
+from ddpm_jax.evaluation import inception, metrics
+from ddpm_jax.evaluation import sample_quality as sq
 from tests.conftest import write_idx
 
 NUM = {"train": 100, "test": 60}
-_RECIPE = dict(classifier_steps=60, classifier_batch_size=32, classifier_width=8,
-               classifier_feature_dim=16)
+_RECIPE = dict(
+  classifier_steps=60, classifier_batch_size=32, classifier_width=8, classifier_feature_dim=16
+)
 
 
 def _quadrant_images(num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,7 +34,7 @@ def _quadrant_images(num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
   images = rng.integers(0, 61, (num, 28, 28)).astype(np.uint8)
   for i, label in enumerate(labels):
     r, c = divmod(int(label), 2)
-    images[i, 14 * r:14 * r + 14, 14 * c:14 * c + 14] += 180
+    images[i, 14 * r : 14 * r + 14, 14 * c : 14 * c + 14] += 180
   return images, labels
 
 
@@ -53,8 +51,9 @@ def data_dir(tmp_path_factory):
 
 def _config(data_dir: str, **eval_overrides):
   config = default_config.get_config()
-  config.data.update(dataset="fashion_mnist_files", data_dir=data_dir, image_size=28,
-                     num_channels=1)
+  config.data.update(
+    dataset="fashion_mnist_files", data_dir=data_dir, image_size=28, num_channels=1
+  )
   config.eval.update(dict(feature_network="classifier", batch_size=32, **_RECIPE))
   config.eval.update(eval_overrides)
   return config
@@ -88,21 +87,35 @@ def test_missing_inception_weights_message(data_dir):
     message = str(info.value)
     assert "\n" not in message and f"eval.inception_weights={path!r}" in message
     assert "github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" in message
-    assert ("python scripts/convert_inception_weights.py --input=pt_inception-2015-12-05-"
-            "6726825d.pth --output=") in message
+    assert (
+      "python scripts/convert_inception_weights.py --input=pt_inception-2015-12-05-"
+      "6726825d.pth --output="
+    ) in message
 
 
-@pytest.mark.parametrize("change, match", [
+@pytest.mark.parametrize(
+  "change, match",
+  [
     (dict(eval=dict(feature_network="vgg")), "eval.feature_network='vgg' is unknown"),
     (dict(eval=dict(batch_size=0)), "eval.batch_size=0"),
     (dict(eval=dict(fid_reference_split="validation")), "eval.fid_reference_split"),
     (dict(eval=dict(classifier_steps=-1)), "eval.classifier_steps=-1"),
     (dict(eval=dict(classifier_learning_rate=0.0)), "eval.classifier_learning_rate=0.0"),
     (dict(eval=dict(classifier_seed=-3)), "eval.classifier_seed=-3"),
-    (dict(data=dict(dataset="lsun/church_outdoor", data_dir="", image_size=64,
-                    num_channels=3, eval_split="validation")),
-     "in-memory dataset with labels"),
-])
+    (
+      dict(
+        data=dict(
+          dataset="lsun/church_outdoor",
+          data_dir="",
+          image_size=64,
+          num_channels=3,
+          eval_split="validation",
+        )
+      ),
+      "in-memory dataset with labels",
+    ),
+  ],
+)
 def test_bad_config(data_dir, change, match):
   config = _config(data_dir)
   config.data.update(change.get("data", {}))
@@ -111,10 +124,14 @@ def test_bad_config(data_dir, change, match):
     _check(config)
 
 
-@pytest.mark.parametrize("samples, match", [
+@pytest.mark.parametrize(
+  "samples, match",
+  [
     (np.zeros((4, 28, 28, 1), np.float32), "uint8"),
     (np.zeros((4, 32, 32, 3), np.uint8), r"uint8 \[N, 28, 28, 1\]"),
-    (np.zeros((1, 28, 28, 1), np.uint8), "at least 2 samples")])
+    (np.zeros((1, 28, 28, 1), np.uint8), "at least 2 samples"),
+  ],
+)
 def test_bad_samples_fail_before_work(data_dir, samples, match, monkeypatch):
   monkeypatch.setattr(sq, "get_feature_extractor", lambda *a, **k: pytest.fail("work done"))
   with pytest.raises(ValueError, match=match):
@@ -141,11 +158,15 @@ def test_classifier_trained_once_and_tested(setup, monkeypatch):
   assert extractor.info["classifier_test_accuracy"] >= 0.95  # Chance: 0.25.
   cached = [f for f in os.listdir(cache_dir) if f.startswith("classifier_")]
   assert len(cached) == 1 and cached[0].startswith("classifier_fashion_mnist_files_")
-  monkeypatch.setattr(sq.classifier, "train_classifier",
-                      lambda *a, **k: pytest.fail("the cached classifier was retrained"))
+  monkeypatch.setattr(
+    sq.classifier,
+    "train_classifier",
+    lambda *a, **k: pytest.fail("the cached classifier was retrained"),
+  )
   again = sq.get_feature_extractor(config, cache_dir=cache_dir)
   assert features_lib.variables_fingerprint(again.variables) == features_lib.variables_fingerprint(
-      extractor.variables)
+    extractor.variables
+  )
   assert again.info == extractor.info
 
 
@@ -172,21 +193,27 @@ def test_reference_cache_reused_and_invalidated(setup, tmp_path, monkeypatch):
   assert meta["num_examples"] == NUM["train"] and meta["fingerprint"] == fingerprint
 
   real_iterate = features_lib.iterate_features
-  monkeypatch.setattr(features_lib, "iterate_features",
-                      lambda *a, **k: pytest.fail("cached statistics were recomputed"))
-  chex.assert_trees_all_equal(sq.reference_statistics(config, extractor, cache_dir=cache_dir),
-                              first)
+  monkeypatch.setattr(
+    features_lib,
+    "iterate_features",
+    lambda *a, **k: pytest.fail("cached statistics were recomputed"),
+  )
+  chex.assert_trees_all_equal(
+    sq.reference_statistics(config, extractor, cache_dir=cache_dir), first
+  )
 
   # Other weights (same name and shapes): new statistics, the old file is kept.
   monkeypatch.setattr(features_lib, "iterate_features", real_iterate)
-  changed = dataclasses.replace(extractor, variables=jax.tree_util.tree_map(
-      lambda w: w * 1.5, extractor.variables))
+  changed = dataclasses.replace(
+    extractor, variables=jax.tree_util.tree_map(lambda w: w * 1.5, extractor.variables)
+  )
   second = sq.reference_statistics(config, changed, cache_dir=cache_dir)
   assert len(os.listdir(cache_dir)) == 2
   assert not np.allclose(second[0], first[0])
   # Another split is another file too.
-  sq.reference_statistics(_config(config.data.data_dir, fid_reference_split="test"),
-                          extractor, cache_dir=cache_dir)
+  sq.reference_statistics(
+    _config(config.data.data_dir, fid_reference_split="test"), extractor, cache_dir=cache_dir
+  )
   assert len(os.listdir(cache_dir)) == 3
 
 
@@ -203,8 +230,11 @@ def test_reference_of_the_first_examples_of_the_split(setup, train_images, tmp_p
   (name,) = os.listdir(tmp_path)
   assert name.startswith("fid_stats_fashion_mnist_files_train_first40_small-cnn_")
   with pytest.raises(ConfigError, match="num_examples=101 exceeds the 100 examples"):
-    sq.reference_statistics(_config(config.data.data_dir, fid_reference_num_examples=101),
-                            extractor, cache_dir=str(tmp_path))
+    sq.reference_statistics(
+      _config(config.data.data_dir, fid_reference_num_examples=101),
+      extractor,
+      cache_dir=str(tmp_path),
+    )
   # A cache file from before the count was recorded covers the whole split: reused.
   whole = sq.reference_statistics(config, extractor, cache_dir=str(tmp_path))
   path = str(tmp_path / name.replace("_first40", ""))
@@ -212,7 +242,8 @@ def test_reference_of_the_first_examples_of_the_split(setup, train_images, tmp_p
   del meta["first"]
   metrics.save_stats(path, np.zeros_like(whole[0]), np.eye(len(whole[0])), meta)
   np.testing.assert_array_equal(
-      sq.reference_statistics(config, extractor, cache_dir=str(tmp_path))[0], 0.0)
+    sq.reference_statistics(config, extractor, cache_dir=str(tmp_path))[0], 0.0
+  )
 
 
 # ------------------------------------------------------------------- evaluate_samples

@@ -21,8 +21,9 @@ import pytest
 from configs import default as default_config
 from ddpm_jax.models import unet as unet_lib
 
-TINY = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=8,
-            dropout=0.1)
+TINY = dict(
+  ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=8, dropout=0.1
+)
 SIZE = 8
 # bfloat16 compute vs float32 on the same (perturbed, O(1)-output) parameters: relative L2
 # error of the output. bfloat16 has an 8-bit mantissa (rel. rounding 2**-9 ~ 0.2%) and the
@@ -45,14 +46,17 @@ def _perturb(params: dict, scale: float = 0.1, seed: int = 7) -> dict:
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   return treedef.unflatten(
-      [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+  )
 
 
 def _loss_and_grad_fn(model):
   """jit(params, x, t, target, dropout_key) -> ((mse, output), grads), train mode."""
+
   def loss(params, x, t, target, key):
     out = model.apply({"params": params}, x, t, train=True, rngs={"dropout": key})
     return jnp.mean((out - target) ** 2), out
+
   return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
@@ -64,15 +68,24 @@ def tiny():
   params = _init(model, SIZE)
   x = jax.random.normal(jax.random.key(1), (4, SIZE, SIZE, 3))
   t = jnp.array([0, 3, 700, 999], jnp.int32)
-  return dict(model=model, params=params, pparams=_perturb(params), x=x, t=t,
-              evaluate=_apply_fn(model), loss_and_grad=_loss_and_grad_fn(model))
+  return dict(
+    model=model,
+    params=params,
+    pparams=_perturb(params),
+    x=x,
+    t=t,
+    evaluate=_apply_fn(model),
+    loss_and_grad=_loss_and_grad_fn(model),
+  )
 
 
 def _apply_fn(model, train=False):
   """jit(params, x, t, dropout_key) -> output."""
+
   def f(params, x, t, key):
     rngs = {"dropout": key} if train else {}
     return model.apply({"params": params}, x, t, train=train, rngs=rngs)
+
   return jax.jit(f)
 
 
@@ -102,7 +115,7 @@ def _np_conv3x3(x, p, stride=1, pads=((1, 1), (1, 1))):
   out = np.zeros((x.shape[0], ho, wo, p["kernel"].shape[-1]))
   for a in range(3):
     for b in range(3):
-      patch = xp[:, a:a + stride * (ho - 1) + 1:stride, b:b + stride * (wo - 1) + 1:stride]
+      patch = xp[:, a : a + stride * (ho - 1) + 1 : stride, b : b + stride * (wo - 1) + 1 : stride]
       out += patch @ p["kernel"][a, b]
   return out + p["bias"]
 
@@ -116,19 +129,22 @@ def _np_dense(x, p):
 
 @pytest.fixture(scope="module")
 def cifar_shapes():
-  model = unet_lib.create_model(default_config.get_config().model, image_size=32,
-                                num_channels=3)
+  model = unet_lib.create_model(default_config.get_config().model, image_size=32, num_channels=3)
   x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
-  return jax.eval_shape(lambda k, x, t: model.init(k, x, t, train=False),
-                        jax.random.key(0), x, t)["params"]
+  return jax.eval_shape(lambda k, x, t: model.init(k, x, t, train=False), jax.random.key(0), x, t)[
+    "params"
+  ]
 
 
-@pytest.mark.parametrize("image_size,ch_mult,out_ch,expected", [
+@pytest.mark.parametrize(
+  "image_size,ch_mult,out_ch,expected",
+  [
     (32, (1, 2, 2, 2), 3, 35_746_307),
     (32, (1, 2, 2, 2), 6, 35_749_766),
     (256, (1, 1, 2, 2, 4, 4), 3, 113_673_219),
-])
+  ],
+)
 def test_param_counts_match_paper_code(image_size, ch_mult, out_ch, expected):
   config = default_config.get_config().model
   config.ch_mult = ch_mult
@@ -138,19 +154,32 @@ def test_param_counts_match_paper_code(image_size, ch_mult, out_ch, expected):
 
 def test_cifar_param_tree(cifar_shapes):
   shapes = jax.tree.map(lambda s: s.shape, cifar_shapes)
-  attn = {"down_1_attn_0", "down_1_attn_1", "mid_attn",
-          "up_1_attn_0", "up_1_attn_1", "up_1_attn_2"}  # Level 1 is 16x16.
+  attn = {
+    "down_1_attn_0",
+    "down_1_attn_1",
+    "mid_attn",
+    "up_1_attn_0",
+    "up_1_attn_1",
+    "up_1_attn_2",
+  }  # Level 1 is 16x16.
   down = {f"down_{i}_block_{j}" for i in range(4) for j in range(2)}
   up = {f"up_{i}_block_{j}" for i in range(4) for j in range(3)}
   resample = {f"down_{i}_downsample" for i in range(3)} | {f"up_{i}_upsample" for i in (1, 2, 3)}
-  assert set(shapes) == (attn | down | up | resample | {"mid_block_0", "mid_block_1"} |
-                         {"temb_dense_0", "temb_dense_1", "conv_in", "norm_out", "conv_out"})
+  assert set(shapes) == (
+    attn
+    | down
+    | up
+    | resample
+    | {"mid_block_0", "mid_block_1"}
+    | {"temb_dense_0", "temb_dense_1", "conv_in", "norm_out", "conv_out"}
+  )
   for name in attn:
     assert set(shapes[name]) == {"norm", "q", "k", "v", "proj_out"}
   # A 1x1 shortcut exactly where channels change: 128 -> 256 entering level 1, and every
   # up block (its input is [h, skip] concatenated).
-  with_shortcut = {n for n in down | up | {"mid_block_0", "mid_block_1"}
-                   if "nin_shortcut" in shapes[n]}
+  with_shortcut = {
+    n for n in down | up | {"mid_block_0", "mid_block_1"} if "nin_shortcut" in shapes[n]
+  }
   assert with_shortcut == {"down_1_block_0"} | up
   # Input widths of the up path from the skip stack [conv_in 128, (128, 128, ds 128),
   # (256, 256, ds 256), (256, 256, ds 256), (256, 256)] popped in reverse.
@@ -196,25 +225,46 @@ def test_output_near_zero_at_init(tiny):
   assert float(jnp.abs(out).max()) < 1e-3
 
 
-@pytest.mark.parametrize("kwargs,size,channels", [
+@pytest.mark.parametrize(
+  "kwargs,size,channels",
+  [
     (dict(TINY, dtype="bfloat16", remat=True, attn_impl="explicit"), 8, 3),
-    (dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(8,), dropout=0.0,
-          resamp_with_conv=False, out_ch=6, num_groups=16), 16, 3),
+    (
+      dict(
+        ch=32,
+        ch_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attn_resolutions=(8,),
+        dropout=0.0,
+        resamp_with_conv=False,
+        out_ch=6,
+        num_groups=16,
+      ),
+      16,
+      3,
+    ),
     (dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(14,), out_ch=1), 28, 1),
     (dict(), 32, 3),  # The CIFAR-10 model.
-])
+  ],
+)
 def test_output_shape_and_dtype(kwargs, size, channels):
   """Shapes and dtypes through jax.eval_shape (traced, not compiled: the numerics of the
   same code paths are checked on TINY by the other tests)."""
   model = unet_lib.UNet(**kwargs)
   x = jax.ShapeDtypeStruct((3, size, size, channels), jnp.float32)
   t = jax.ShapeDtypeStruct((3,), jnp.int32)
-  params = jax.eval_shape(lambda k, x, t: model.init(k, x, t, train=False),
-                          jax.random.key(0), x, t)["params"]
+  params = jax.eval_shape(
+    lambda k, x, t: model.init(k, x, t, train=False), jax.random.key(0), x, t
+  )["params"]
   if not model.resamp_with_conv:  # Average pool / plain nearest: no resampling params.
     assert not any("sample" in name for name in params), sorted(params)
-  out = jax.eval_shape(lambda p, x, t, k: model.apply(
-      {"params": p}, x, t, train=True, rngs={"dropout": k}), params, x, t, jax.random.key(0))
+  out = jax.eval_shape(
+    lambda p, x, t, k: model.apply({"params": p}, x, t, train=True, rngs={"dropout": k}),
+    params,
+    x,
+    t,
+    jax.random.key(0),
+  )
   assert out.shape == (3, size, size, model.out_ch)
   assert out.dtype == jnp.float32
 
@@ -241,7 +291,8 @@ def test_attention_matches_formula(tiny, impl):
   p = _np(tiny["pparams"]["mid_attn"])
   x = np.random.default_rng(0).normal(size=(2, 4, 4, 32))
   out = unet_lib.AttnBlock(8, jnp.float32, impl).apply(
-      {"params": tiny["pparams"]["mid_attn"]}, jnp.asarray(x, jnp.float32))
+    {"params": tiny["pparams"]["mid_attn"]}, jnp.asarray(x, jnp.float32)
+  )
   h = _np_group_norm(x, p["norm"], 8).reshape(2, 16, 32)
   q, k, v = (_np_dense(h, p[n]) for n in "qkv")
   logits = np.einsum("bic,bjc->bij", q, k) / np.sqrt(32)
@@ -257,7 +308,8 @@ def test_res_block_matches_formula(tiny):
   rng = np.random.default_rng(1)
   x, temb = rng.normal(size=(2, 4, 4, 16)), rng.normal(size=(2, 64))
   out = unet_lib.ResBlock(32, 8, 0.1, jnp.float32).apply(
-      {"params": pj}, jnp.asarray(x, jnp.float32), jnp.asarray(temb, jnp.float32), False)
+    {"params": pj}, jnp.asarray(x, jnp.float32), jnp.asarray(temb, jnp.float32), False
+  )
   h = _np_conv3x3(_np_swish(_np_group_norm(x, p["norm_0"], 8)), p["conv_0"])
   h = h + _np_dense(_np_swish(temb), p["temb_proj"])[:, None, None, :]
   h = _np_conv3x3(_np_swish(_np_group_norm(h, p["norm_1"], 8)), p["conv_1"])
@@ -303,7 +355,9 @@ def test_few_adam_steps_make_output_depend_on_t(tiny):
     updates, opt_state = opt.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
-  spread = lambda out: float(jnp.abs(out[0] - out[3]).mean())  # t=0 vs t=999.
+  def spread(out):
+    return float(jnp.abs(out[0] - out[3]).mean())  # t=0 vs t=999.
+
   params, opt_state = tiny["params"], opt.init(tiny["params"])
   assert spread(tiny["evaluate"](params, x, t, None)) < 1e-4
   losses = []
@@ -319,7 +373,10 @@ def test_dropout_only_in_train_mode_and_from_dropout_rng(tiny):
   args = (tiny["pparams"], tiny["x"], tiny["t"])
   eval_out = tiny["evaluate"](*args, None)
   np.testing.assert_array_equal(eval_out, tiny["evaluate"](*args, None))
-  train = lambda key: tiny["loss_and_grad"](*args, jnp.zeros_like(eval_out), key)[0][1]
+
+  def train(key):
+    return tiny["loss_and_grad"](*args, jnp.zeros_like(eval_out), key)[0][1]
+
   a, b = train(jax.random.key(0)), train(jax.random.key(1))
   np.testing.assert_array_equal(a, train(jax.random.key(0)))
   assert float(jnp.abs(a - b).mean()) > 1e-3
@@ -360,21 +417,32 @@ def _trace(model, x_shape, t_shape=(2,), t_dtype=jnp.int32):
   jax.eval_shape(lambda k, x, t: model.init(k, x, t, train=False), jax.random.key(0), x, t)
 
 
-@pytest.mark.parametrize("x_shape,t_shape,t_dtype,match", [
-    ((2, 10, 10, 3), (2,), jnp.int32, r"Image size 10.*= 4"),    # ch_mult (1, 2, 2).
+@pytest.mark.parametrize(
+  "x_shape,t_shape,t_dtype,match",
+  [
+    ((2, 10, 10, 3), (2,), jnp.int32, r"Image size 10.*= 4"),  # ch_mult (1, 2, 2).
     ((2, 8, 16, 3), (2,), jnp.int32, r"square.*\(2, 8, 16, 3\)"),
     ((2, 16, 16, 3), (2,), jnp.int32, r"Attention resolutions \[4\].*\(16, 8\)"),
     ((2, 8, 8, 3), (2, 1), jnp.int32, r"shape \[B\].*\(2, 1\)"),
     ((2, 8, 8, 3), (3,), jnp.int32, r"shape \[B\].*\(3,\)"),
     ((2, 8, 8, 3), (2,), jnp.bool_, "integer.*or float.*bool"),
-])
+  ],
+)
 def test_bad_call_inputs(x_shape, t_shape, t_dtype, match):
   with pytest.raises(ValueError, match=match):
-    _trace(unet_lib.UNet(**{**TINY, "ch_mult": (1, 2, 2)}) if x_shape[1] == 10
-           else unet_lib.UNet(**TINY), x_shape, t_shape, t_dtype)
+    _trace(
+      unet_lib.UNet(**{**TINY, "ch_mult": (1, 2, 2)})
+      if x_shape[1] == 10
+      else unet_lib.UNet(**TINY),
+      x_shape,
+      t_shape,
+      t_dtype,
+    )
 
 
-@pytest.mark.parametrize("overrides,match", [
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
     (dict(ch=12), r"ch=12.*\[12, 24\].*num_groups=8"),
     (dict(num_groups=32), r"ch=16.*num_groups=32"),
     (dict(dtype="float16"), "'float16'"),
@@ -382,17 +450,21 @@ def test_bad_call_inputs(x_shape, t_shape, t_dtype, match):
     (dict(attn_impl="flash"), "'flash'"),
     (dict(dropout=1.0), "dropout=1.0"),
     (dict(num_res_blocks=0), "num_res_blocks=0"),
-])
+  ],
+)
 def test_bad_hyperparameters(overrides, match):
   with pytest.raises(ValueError, match=match):
     unet_lib.UNet(**{**TINY, **overrides})
 
 
-@pytest.mark.parametrize("field,value,image_size,match", [
-    (None, None, 28, r"Image size 28.*8"),                         # 2**(4-1) = 8.
+@pytest.mark.parametrize(
+  "field,value,image_size,match",
+  [
+    (None, None, 28, r"Image size 28.*8"),  # 2**(4-1) = 8.
     ("attn_resolutions", (16, 7), 32, r"\[7\].*\(32, 16, 8, 4\)"),
     ("dtype", "fp16", 32, "'fp16'"),
-])
+  ],
+)
 def test_create_model_validates(field, value, image_size, match):
   config = default_config.get_config().model
   if field is not None:
@@ -406,6 +478,10 @@ def test_create_model_reads_config_and_accepts_dtype_names():
   config.dtype = "bfloat16"
   model = unet_lib.create_model(config, image_size=32, num_channels=3, out_ch=6)
   assert (model.ch, tuple(model.ch_mult), model.num_res_blocks, model.out_ch) == (
-      128, (1, 2, 2, 2), 2, 6)
+    128,
+    (1, 2, 2, 2),
+    2,
+    6,
+  )
   assert unet_lib.resolve_dtype(model.dtype) == jnp.bfloat16
   assert unet_lib.create_model(config, image_size=32, num_channels=1).out_ch == 1

@@ -6,16 +6,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import diffusion
-from ddpm_jax import samplers
+from ddpm_jax import diffusion, samplers
 from tests.gaussian import SCHED, SHAPE, T, exact_output_fn
 
 
 @pytest.mark.parametrize("mean_type", diffusion.MEAN_TYPES)
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_point_mass_recovered(mean_type, eta):
-  x0 = samplers.ddim_sample(SCHED, exact_output_fn(-0.4, 0.0, mean_type), jax.random.key(4),
-                            SHAPE, num_steps=10, eta=eta, model_mean_type=mean_type)
+  x0 = samplers.ddim_sample(
+    SCHED,
+    exact_output_fn(-0.4, 0.0, mean_type),
+    jax.random.key(4),
+    SHAPE,
+    num_steps=10,
+    eta=eta,
+    model_mean_type=mean_type,
+  )
   np.testing.assert_allclose(x0, -0.4, atol=1e-4)
 
 
@@ -36,8 +42,9 @@ def test_full_eta1_is_ancestral_fixedsmall():
   mu, s, shape = 0.2, 0.5, (4096, 1, 1, 8)  # 32768 scalar samples per sampler.
   fn = exact_output_fn(mu, s)
   kw = dict(model_mean_type="eps", clip_denoised=False)
-  anc = samplers.ancestral_sample(SCHED, fn, jax.random.key(8), shape,
-                                  model_var_type="fixedsmall", **kw)
+  anc = samplers.ancestral_sample(
+    SCHED, fn, jax.random.key(8), shape, model_var_type="fixedsmall", **kw
+  )
   ddim = samplers.ddim_sample(SCHED, fn, jax.random.key(9), shape, num_steps=T, eta=1.0, **kw)
   n = anc.size
   # Moments agree within 5 standard errors of their difference (different noise).
@@ -69,7 +76,10 @@ def test_without_clipping_uses_the_predicted_eps():
   """The reference DDIM step: x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s) eps_theta with
   x0_hat from eps_theta, unclipped; with clipping x0_hat is clipped and eps recomputed."""
   eps_value = 0.9
-  fn = lambda x_t, t: jnp.full_like(x_t, eps_value)
+
+  def fn(x_t, t):
+    return jnp.full_like(x_t, eps_value)
+
   x_T = jnp.full(SHAPE, 3.0)
   kw = dict(num_steps=1, eta=0.0, model_mean_type="eps", x_init=x_T)
   # One step from t=0 to "s=-1" (abar_s = 1): x_0 = x0_hat.
@@ -95,19 +105,30 @@ def test_options_defaults_are_the_public_defaults():
   kw = dict(model_mean_type="eps")
   default = samplers.ddim_sample(SCHED, fn, jax.random.key(1), SHAPE, **kw)
   options = samplers.DDIMOptions()
-  explicit = samplers.ddim_sample(SCHED, fn, jax.random.key(1), SHAPE, num_steps=options.num_steps,
-                                  eta=options.eta, skip=options.skip,
-                                  clip_denoised=options.clip_denoised, **kw)
+  explicit = samplers.ddim_sample(
+    SCHED,
+    fn,
+    jax.random.key(1),
+    SHAPE,
+    num_steps=options.num_steps,
+    eta=options.eta,
+    skip=options.skip,
+    clip_denoised=options.clip_denoised,
+    **kw,
+  )
   np.testing.assert_array_equal(default, explicit)
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(num_steps=0), r"num_steps=0 must be an integer in \[1, 100\]"),
     (dict(num_steps=101), r"num_steps=101 must be an integer in \[1, 100\]"),
     (dict(num_steps=10, skip="cubic"), "skip='cubic' is unknown; allowed: uniform, quad"),
     (dict(num_steps=10, eta=-0.5), r"eta=-0.5 must be >= 0"),
     (dict(steps=10), "steps"),
-])
+  ],
+)
 def test_bad_input(kwargs, match):
   with pytest.raises((ValueError, TypeError), match=match):
     samplers.ddim_sample(SCHED, None, jax.random.key(0), SHAPE, model_mean_type="eps", **kwargs)

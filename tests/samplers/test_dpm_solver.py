@@ -24,7 +24,8 @@ MU, S = 0.3, 0.5
 
 def _schedule(num_timesteps: int) -> schedules.DiffusionSchedule:
   return schedules.DiffusionSchedule.from_betas(
-      schedules.get_beta_schedule("linear", num_timesteps))
+    schedules.get_beta_schedule("linear", num_timesteps)
+  )
 
 
 class GaussianData:
@@ -43,6 +44,7 @@ class GaussianData:
 
   def model_fn(self, mean_type: str = "eps", learned_var: bool = False, counter=None):
     """model_fn(x, t_in): t_in = (t - 1/N) N is mapped back to t = (t_in + 1) / N."""
+
     def fn(x, t_in):
       if counter is not None:
         jax.debug.callback(lambda: counter.append(1))
@@ -53,6 +55,7 @@ class GaussianData:
       x0 = (x - sigma * eps) / alpha
       out = {"eps": eps, "xstart": x0, "v": alpha * eps - sigma * x0}[mean_type]
       return jnp.concatenate([out, jnp.full_like(out, 7.0)], -1) if learned_var else out
+
     return fn
 
   def exact(self, x_T):
@@ -90,9 +93,22 @@ def convergence_errors():
     exact = data.exact(x_T)
     for order, third in SOLVERS:
       errors[order, third] = [
-          float(jnp.abs(_solve(sched, data.model_fn(), x_T, num_steps=m, order=order,
-                               third_order=third, lower_order_final=False) - exact).max())
-          for m in STEPS]
+        float(
+          jnp.abs(
+            _solve(
+              sched,
+              data.model_fn(),
+              x_T,
+              num_steps=m,
+              order=order,
+              third_order=third,
+              lower_order_final=False,
+            )
+            - exact
+          ).max()
+        )
+        for m in STEPS
+      ]
   return errors
 
 
@@ -127,9 +143,11 @@ def test_third_order_weights_integrate_quadratics_exactly(degree):
   m = np.array([_quadratic(x, c) for x in (lam_s, lam_1, lam_2)])
   with jax.enable_x64(True):
     args = [jnp.asarray([v], jnp.float64) for v in (h, h_0, h_1, alpha_t)]
-    got = {3: dpm_solver.third_order_weights(*args, d2_factor=2.0),
-           2: dpm_solver.second_order_weights(args[0], args[1], args[3]),
-           1: dpm_solver.first_order_weights(args[0], args[3])}
+    got = {
+      3: dpm_solver.third_order_weights(*args, d2_factor=2.0),
+      2: dpm_solver.second_order_weights(args[0], args[1], args[3]),
+      1: dpm_solver.first_order_weights(args[0], args[3]),
+    }
     reference = dpm_solver.third_order_weights(*args, d2_factor=1.0)
   for order, weights in got.items():
     if order == 3 or degree == 0:
@@ -149,13 +167,24 @@ def test_order_one_is_ddim_and_takes_num_steps_evaluations():
   data = GaussianData(sched, jnp.float32)
   calls = []
   x_T = _x_T()
-  got = _solve(sched, data.model_fn(counter=calls), x_T, num_steps=9, order=1,
-               spacing="time_uniform")
+  got = _solve(
+    sched, data.model_fn(counter=calls), x_T, num_steps=9, order=1, spacing="time_uniform"
+  )
   jax.effects_barrier()
   assert len(calls) == 9
-  step = jax.jit(lambda x, t, s: ddim_step(sched, data.model_fn()(x, t), x, t, s,
-                                           jnp.zeros_like(x), spec=ModelSpec(), eta=0.0,
-                                           clip_denoised=False)[0])
+  step = jax.jit(
+    lambda x, t, s: ddim_step(
+      sched,
+      data.model_fn()(x, t),
+      x,
+      t,
+      s,
+      jnp.zeros_like(x),
+      spec=ModelSpec(),
+      eta=0.0,
+      clip_denoised=False,
+    )[0]
+  )
   x, batch = x_T, x_T.shape[0]
   for n in range(99, 0, -11):
     x = step(x, jnp.full((batch,), n, jnp.int32), jnp.full((batch,), n - 11, jnp.int32))
@@ -172,8 +201,11 @@ def test_time_grids():
   def grids_and_round_trip(t):
     cs = dpm_solver.continuous_schedule(sched, jnp.float64)
     grids = {name: dpm_solver.time_grid(cs, 7, name) for name in dpm_solver.SPACINGS}
-    return (grids, dpm_solver.marginal_lambda(cs, grids["logSNR"]),
-            dpm_solver.inverse_lambda(cs, dpm_solver.marginal_lambda(cs, t)))
+    return (
+      grids,
+      dpm_solver.marginal_lambda(cs, grids["logSNR"]),
+      dpm_solver.inverse_lambda(cs, dpm_solver.marginal_lambda(cs, t)),
+    )
 
   with jax.enable_x64(True):
     grids, lam, t_back = jax.tree.map(np.asarray, grids_and_round_trip(t))
@@ -197,8 +229,11 @@ def test_step_orders():
 def test_one_scan_over_the_steps():
   """The steps are one lax.scan of length num_steps, not unrolled."""
   sched = _schedule(100)
-  jaxpr = jax.make_jaxpr(lambda x: dpm_solver_sample(
-      sched, GaussianData(sched, jnp.float32).model_fn(), x, num_steps=6, order=3))(_x_T())
+  jaxpr = jax.make_jaxpr(
+    lambda x: dpm_solver_sample(
+      sched, GaussianData(sched, jnp.float32).model_fn(), x, num_steps=6, order=3
+    )
+  )(_x_T())
   scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
   assert [e.params["length"] for e in scans] == [6]
 
@@ -213,14 +248,21 @@ def eps_solution():
   return sched, data, _solve(sched, data.model_fn("eps"), _x_T(), num_steps=10)
 
 
-@pytest.mark.parametrize("mean_type,var_type", [
-    ("xstart", "fixedlarge"), ("v", "fixedsmall"), ("eps", "learned_range")])
+@pytest.mark.parametrize(
+  "mean_type,var_type", [("xstart", "fixedlarge"), ("v", "fixedsmall"), ("eps", "learned_range")]
+)
 def test_every_mean_type_gives_the_same_solution(eps_solution, mean_type, var_type):
   """The exact model's eps, x_0 and v outputs (a learned variance half is ignored) give one
   data prediction, hence one solution."""
   sched, data, expected = eps_solution
-  got = _solve(sched, data.model_fn(mean_type, var_type == "learned_range"), _x_T(),
-               num_steps=10, model_mean_type=mean_type, model_var_type=var_type)
+  got = _solve(
+    sched,
+    data.model_fn(mean_type, var_type == "learned_range"),
+    _x_T(),
+    num_steps=10,
+    model_mean_type=mean_type,
+    model_var_type=var_type,
+  )
   chex.assert_trees_all_close(got, expected, atol=1e-5)
 
 
@@ -228,8 +270,13 @@ def test_every_mean_type_gives_the_same_solution(eps_solution, mean_type, var_ty
 def test_mean_types_without_x0_at_continuous_t_are_refused(mean_type):
   sched = _schedule(100)
   with pytest.raises(ValueError, match=rf"model_mean_type='{mean_type}'.*allowed: eps, "):
-    dpm_solver_sample(sched, GaussianData(sched, jnp.float32).model_fn(), _x_T(), num_steps=4,
-                      model_mean_type=mean_type)
+    dpm_solver_sample(
+      sched,
+      GaussianData(sched, jnp.float32).model_fn(),
+      _x_T(),
+      num_steps=4,
+      model_mean_type=mean_type,
+    )
 
 
 # --- Thresholding --------------------------------------------------------------------------
@@ -268,7 +315,9 @@ def test_thresholded_solve_ends_in_the_unit_box():
 # --- Options -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fields,match", [
+@pytest.mark.parametrize(
+  "fields,match",
+  [
     ({"spacing": "cosine"}, r"spacing='cosine' is unknown; allowed: logSNR, time_uniform, "),
     ({"order": 4}, r"order=4 must be an integer in \[1, 3\]"),
     ({"order": 0}, r"order=0 must be an integer in \[1, 3\]"),
@@ -278,7 +327,8 @@ def test_thresholded_solve_ends_in_the_unit_box():
     ({"threshold_quantile": 0.0}, r"threshold_quantile=0.0 must lie in \(0, 1\]"),
     ({"threshold_quantile": 1.5}, r"threshold_quantile=1.5 must lie in \(0, 1\]"),
     ({"threshold_max": 0.0}, r"threshold_max=0.0 must be > 0"),
-])
+  ],
+)
 def test_options_are_checked_with_one_line(fields, match):
   with pytest.raises(ValueError, match=match) as err:
     DPMSolverOptions(**fields).check(1000, ModelSpec())
@@ -290,8 +340,13 @@ def test_options_are_checked_with_one_line(fields, match):
 def test_option_defaults_and_nfe():
   opts = DPMSolverOptions()
   opts.check(1000, ModelSpec())
-  assert (opts.num_steps, opts.order, opts.spacing, opts.lower_order_final,
-          opts.third_order) == (20, 2, "logSNR", True, "reference")
+  assert (opts.num_steps, opts.order, opts.spacing, opts.lower_order_final, opts.third_order) == (
+    20,
+    2,
+    "logSNR",
+    True,
+    "reference",
+  )
   assert opts.nfe(1000) == 20 and DPMSolverOptions(num_steps=7, denoise_to_zero=True).nfe(1000) == 8
   with pytest.raises(ValueError, match=r"T >= 2 .* got T=1"):
     opts.check(1, ModelSpec())
@@ -304,16 +359,19 @@ def test_unet_takes_float_t_and_solves():
   """t = 3.0 gives the output of t = 3; t = 3.5 another, finite one; a 3-step solve through
   the network is finite. Parameters are N(0, 0.1^2) draws (shapes from eval_shape: no init
   compile; a fresh init's zero output layer would hide t)."""
-  model = unet_lib.UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                        num_groups=8, dropout=0.0)
+  model = unet_lib.UNet(
+    ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=8, dropout=0.0
+  )
   x = jnp.concatenate([_x_T((1, 8, 8, 3))] * 2)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, jnp.zeros((2,), jnp.int32),
-                                             train=False))
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), x, jnp.zeros((2,), jnp.int32), train=False)
+  )
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0.0, 0.1, a.shape), a.dtype), shapes)
   apply = jax.jit(lambda x, t: model.apply(params, x, t, train=False))
-  at_int, at_float = jax.jit(lambda x: (apply(x, jnp.array([3, 3], jnp.int32)),
-                                        apply(x, jnp.array([3.0, 3.5], jnp.float32))))(x)
+  at_int, at_float = jax.jit(
+    lambda x: (apply(x, jnp.array([3, 3], jnp.int32)), apply(x, jnp.array([3.0, 3.5], jnp.float32)))
+  )(x)
   chex.assert_trees_all_close(at_float[0], at_int[0], atol=1e-6)
   assert bool(jnp.all(jnp.isfinite(at_float)))
   assert float(jnp.abs(at_float[1] - at_float[0]).max()) > 1e-4

@@ -9,29 +9,40 @@ import numpy as np
 import pytest
 
 from ddpm_jax import samplers
-from tests.gaussian import (ABAR, BETAS, SCHED, SHAPE, T, assert_moments,
-                                     exact_output_fn, q_t_samples)
+from tests.gaussian import (
+  ABAR,
+  BETAS,
+  SCHED,
+  SHAPE,
+  T,
+  assert_moments,
+  exact_output_fn,
+  q_t_samples,
+)
 
 MU, S = 0.2, 0.5
 # N = 8192 values: 32 examples of 256 dimensions (the corrector's step uses per-example
 # norms, which concentrate only in many dimensions, as for images).
 MOMENT_SHAPE = (32, 16, 16, 1)
 EPS = samplers.ModelSpec("eps", "fixedlarge")
-PC_ANCESTRAL = samplers.PCOptions(samplers.AncestralOptions(clip_denoised=False),
-                                  corrector_steps=1, snr=0.08)
-PC_DDIM = samplers.PCOptions(samplers.DDIMOptions(num_steps=T, eta=0.0, clip_denoised=False),
-                             corrector_steps=1, snr=0.08)
-ANNEALED = samplers.AnnealedLangevinOptions(num_steps=T, langevin_steps=40,
-                                            langevin_step_size=2e-3)
+PC_ANCESTRAL = samplers.PCOptions(
+  samplers.AncestralOptions(clip_denoised=False), corrector_steps=1, snr=0.08
+)
+PC_DDIM = samplers.PCOptions(
+  samplers.DDIMOptions(num_steps=T, eta=0.0, clip_denoised=False), corrector_steps=1, snr=0.08
+)
+ANNEALED = samplers.AnnealedLangevinOptions(num_steps=T, langevin_steps=40, langevin_step_size=2e-3)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted_sampler(options: samplers.SamplerOptions, spec: samplers.ModelSpec):
   """jit(rng, mu, s) -> samples of MOMENT_SHAPE from the exact model of N(mu, s^2): one
   compile per sampler configuration, shared by the moment and point-mass tests."""
+
   def run(rng, mu, s):
     fn = exact_output_fn(mu, s, spec.mean_type, spec.var_type in ("learned", "learned_range"))
     return samplers.generate(SCHED, fn, rng, MOMENT_SHAPE, options, spec=spec)
+
   return jax.jit(run)
 
 
@@ -39,19 +50,21 @@ def test_corrector_step_formula():
   """step = 2 (1 - beta_t) (r ||z|| / ||s||)^2 per example; x + step s + sqrt(2 step) z."""
   x = jnp.ones((2, 4, 1, 1))
   t = jnp.array([3, 60], jnp.int32)
-  noise = (jnp.array([1.0, -1.0, 2.0, 0.0])[None, :, None, None]
-           * jnp.array([1.0, 0.5])[:, None, None, None])
+  noise = (
+    jnp.array([1.0, -1.0, 2.0, 0.0])[None, :, None, None]
+    * jnp.array([1.0, 0.5])[:, None, None, None]
+  )
   eps = jnp.full_like(x, 0.7)  # Score -0.7 / sqrt(1 - abar_t) in every dimension.
   got = samplers.langevin_corrector_step(SCHED, eps, x, t, noise, spec=EPS, snr=0.2)
   for b, t_ in enumerate([3, 60]):
     score = -0.7 / np.sqrt(1 - ABAR[t_]) * np.ones(4)
     z = np.asarray(noise[b]).ravel()
     step = 2 * (1 - BETAS[t_]) * (0.2 * np.linalg.norm(z) / np.linalg.norm(score)) ** 2
-    np.testing.assert_allclose(np.asarray(got[b]).ravel(),
-                               1.0 + step * score + np.sqrt(2 * step) * z, rtol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(got[b]).ravel(), 1.0 + step * score + np.sqrt(2 * step) * z, rtol=1e-5
+    )
   # A zero score takes no step.
-  zero = samplers.langevin_corrector_step(SCHED, jnp.zeros_like(x), x, t, noise, spec=EPS,
-                                          snr=0.2)
+  zero = samplers.langevin_corrector_step(SCHED, jnp.zeros_like(x), x, t, noise, spec=EPS, snr=0.2)
   np.testing.assert_array_equal(zero, x)
 
 
@@ -74,9 +87,10 @@ def test_corrector_leaves_q_t_invariant():
   out = np.asarray(correct(x, jax.random.key(2)))
   assert float(jnp.abs(out - x).mean()) > 1e-2  # The steps moved the samples.
   for i, t_ in enumerate([5, 50, 95]):
-    group = out[i * MOMENT_SHAPE[0]:(i + 1) * MOMENT_SHAPE[0]]
-    assert_moments(group, np.sqrt(ABAR[t_]) * MU, np.sqrt(ABAR[t_] * S**2 + 1 - ABAR[t_]),
-                   label=f"t={t_}")
+    group = out[i * MOMENT_SHAPE[0] : (i + 1) * MOMENT_SHAPE[0]]
+    assert_moments(
+      group, np.sqrt(ABAR[t_]) * MU, np.sqrt(ABAR[t_] * S**2 + 1 - ABAR[t_]), label=f"t={t_}"
+    )
 
 
 @pytest.mark.parametrize("options", [PC_ANCESTRAL, PC_DDIM], ids=["ancestral", "ddim"])
@@ -98,10 +112,17 @@ def test_annealed_langevin_matches_gaussian_data():
   assert_moments(x, MU, S**2 / np.sqrt(S**2 + sigma0_sq))
 
 
-@pytest.mark.parametrize("options,spec", [
-    (PC_ANCESTRAL, EPS), (PC_ANCESTRAL, samplers.ModelSpec("xprev", "learned_range")),
-    (PC_DDIM, EPS), (ANNEALED, EPS), (ANNEALED, samplers.ModelSpec("v", "learned")),
-], ids=["pc_ancestral", "pc_ancestral_xprev", "pc_ddim", "annealed", "annealed_v"])
+@pytest.mark.parametrize(
+  "options,spec",
+  [
+    (PC_ANCESTRAL, EPS),
+    (PC_ANCESTRAL, samplers.ModelSpec("xprev", "learned_range")),
+    (PC_DDIM, EPS),
+    (ANNEALED, EPS),
+    (ANNEALED, samplers.ModelSpec("v", "learned")),
+  ],
+  ids=["pc_ancestral", "pc_ancestral_xprev", "pc_ddim", "annealed", "annealed_v"],
+)
 def test_point_mass_model_returns_the_point(options, spec):
   """The exact model of the point mass at -0.4: every sampler returns the point (the last
   predictor step or the final denoising step returns the exact x_0 estimate)."""
@@ -117,11 +138,15 @@ def test_pc_without_corrector_is_the_predictor_draw_for_draw():
   kw = dict(model_mean_type="eps", model_var_type="fixedlarge")
   anc = samplers.ancestral_sample(SCHED, fn, rng, SHAPE, **kw)
   np.testing.assert_array_equal(
-      samplers.pc_sample(SCHED, fn, rng, SHAPE, corrector_steps=0, **kw), anc)
+    samplers.pc_sample(SCHED, fn, rng, SHAPE, corrector_steps=0, **kw), anc
+  )
   ddim = samplers.ddim_sample(SCHED, fn, rng, SHAPE, num_steps=20, eta=1.0, **kw)
   np.testing.assert_array_equal(
-      samplers.pc_sample(SCHED, fn, rng, SHAPE, predictor="ddim", num_steps=20, eta=1.0,
-                         corrector_steps=0, **kw), ddim)
+    samplers.pc_sample(
+      SCHED, fn, rng, SHAPE, predictor="ddim", num_steps=20, eta=1.0, corrector_steps=0, **kw
+    ),
+    ddim,
+  )
 
 
 def test_public_functions_build_the_options():
@@ -129,38 +154,102 @@ def test_public_functions_build_the_options():
   options object their keywords describe."""
   fn = exact_output_fn(MU, S)
   kw = dict(model_mean_type="eps", model_var_type="fixedlarge")
-  trace = lambda f: str(jax.make_jaxpr(f)(jax.random.key(9)))  # The same program, not run.
-  pc = samplers.PCOptions(samplers.DDIMOptions(num_steps=5, eta=0.5, skip="quad",
-                                               clip_denoised=False), corrector_steps=2, snr=0.1)
+
+  def trace(f):
+    return str(jax.make_jaxpr(f)(jax.random.key(9)))  # The same program, not run.
+
+  pc = samplers.PCOptions(
+    samplers.DDIMOptions(num_steps=5, eta=0.5, skip="quad", clip_denoised=False),
+    corrector_steps=2,
+    snr=0.1,
+  )
   assert trace(lambda rng: samplers.generate(SCHED, fn, rng, SHAPE, pc, spec=EPS)) == trace(
-      lambda rng: samplers.pc_sample(SCHED, fn, rng, SHAPE, predictor="ddim", num_steps=5,
-                                     eta=0.5, skip="quad", corrector_steps=2, snr=0.1,
-                                     clip_denoised=False, **kw))
-  annealed = samplers.AnnealedLangevinOptions(num_steps=5, skip="quad", langevin_steps=3,
-                                              langevin_step_size=1e-3)
+    lambda rng: samplers.pc_sample(
+      SCHED,
+      fn,
+      rng,
+      SHAPE,
+      predictor="ddim",
+      num_steps=5,
+      eta=0.5,
+      skip="quad",
+      corrector_steps=2,
+      snr=0.1,
+      clip_denoised=False,
+      **kw,
+    )
+  )
+  annealed = samplers.AnnealedLangevinOptions(
+    num_steps=5, skip="quad", langevin_steps=3, langevin_step_size=1e-3
+  )
   assert trace(lambda rng: samplers.generate(SCHED, fn, rng, SHAPE, annealed, spec=EPS)) == trace(
-      lambda rng: samplers.annealed_langevin_sample(
-          SCHED, fn, rng, SHAPE, num_steps=5, skip="quad", langevin_steps=3,
-          langevin_step_size=1e-3, **kw))
+    lambda rng: samplers.annealed_langevin_sample(
+      SCHED,
+      fn,
+      rng,
+      SHAPE,
+      num_steps=5,
+      skip="quad",
+      langevin_steps=3,
+      langevin_step_size=1e-3,
+      **kw,
+    )
+  )
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: samplers.pc_sample(SCHED, None, jax.random.key(0), SHAPE, model_mean_type="eps",
-                                model_var_type="fixedlarge", predictor="euler"),
-     "predictor='euler' is unknown; allowed: ancestral, ddim"),
-    (lambda: samplers.pc_sample(SCHED, None, jax.random.key(0), SHAPE, model_mean_type="eps",
-                                model_var_type="fixedlarge", corrector_steps=-1),
-     "corrector_steps=-1 must be an integer >= 0"),
-    (lambda: samplers.pc_sample(SCHED, None, jax.random.key(0), SHAPE, model_mean_type="eps",
-                                model_var_type="fixedlarge", snr=0.0), "snr=0.0 must be > 0"),
-    (lambda: samplers.annealed_langevin_sample(SCHED, None, jax.random.key(0), SHAPE,
-                                               num_steps=10, langevin_steps=0,
-                                               model_mean_type="eps"),
-     "langevin_steps=0 must be an integer >= 1"),
-    (lambda: samplers.annealed_langevin_sample(SCHED, None, jax.random.key(0), SHAPE,
-                                               num_steps=101, model_mean_type="eps"),
-     r"num_steps=101 must be an integer in \[1, 100\]"),
-])
+@pytest.mark.parametrize(
+  "call,match",
+  [
+    (
+      lambda: samplers.pc_sample(
+        SCHED,
+        None,
+        jax.random.key(0),
+        SHAPE,
+        model_mean_type="eps",
+        model_var_type="fixedlarge",
+        predictor="euler",
+      ),
+      "predictor='euler' is unknown; allowed: ancestral, ddim",
+    ),
+    (
+      lambda: samplers.pc_sample(
+        SCHED,
+        None,
+        jax.random.key(0),
+        SHAPE,
+        model_mean_type="eps",
+        model_var_type="fixedlarge",
+        corrector_steps=-1,
+      ),
+      "corrector_steps=-1 must be an integer >= 0",
+    ),
+    (
+      lambda: samplers.pc_sample(
+        SCHED,
+        None,
+        jax.random.key(0),
+        SHAPE,
+        model_mean_type="eps",
+        model_var_type="fixedlarge",
+        snr=0.0,
+      ),
+      "snr=0.0 must be > 0",
+    ),
+    (
+      lambda: samplers.annealed_langevin_sample(
+        SCHED, None, jax.random.key(0), SHAPE, num_steps=10, langevin_steps=0, model_mean_type="eps"
+      ),
+      "langevin_steps=0 must be an integer >= 1",
+    ),
+    (
+      lambda: samplers.annealed_langevin_sample(
+        SCHED, None, jax.random.key(0), SHAPE, num_steps=101, model_mean_type="eps"
+      ),
+      r"num_steps=101 must be an integer in \[1, 100\]",
+    ),
+  ],
+)
 def test_bad_input(call, match):
   with pytest.raises(ValueError, match=match):
     call()

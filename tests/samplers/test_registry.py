@@ -14,11 +14,11 @@ from tests.gaussian import SCHED, SHAPE, T
 EPS = samplers.ModelSpec()
 # Every method at a setting whose levels are T (the scan length checked below).
 AT_T_LEVELS = {
-    "ancestral": samplers.AncestralOptions(),
-    "ddim": samplers.DDIMOptions(num_steps=T),
-    "pc": samplers.PCOptions(samplers.DDIMOptions(num_steps=T)),
-    "annealed_langevin": samplers.AnnealedLangevinOptions(num_steps=T),
-    "dpm_solver": samplers.DPMSolverOptions(num_steps=T, order=3),
+  "ancestral": samplers.AncestralOptions(),
+  "ddim": samplers.DDIMOptions(num_steps=T),
+  "pc": samplers.PCOptions(samplers.DDIMOptions(num_steps=T)),
+  "annealed_langevin": samplers.AnnealedLangevinOptions(num_steps=T),
+  "dpm_solver": samplers.DPMSolverOptions(num_steps=T, order=3),
 }
 
 
@@ -32,8 +32,9 @@ def smooth_model(x, t):
 
 
 def _jaxpr(options):
-  return jax.make_jaxpr(lambda rng: samplers.generate(
-      SCHED, smooth_model, rng, SHAPE, options, spec=EPS))(jax.random.key(0)).jaxpr
+  return jax.make_jaxpr(
+    lambda rng: samplers.generate(SCHED, smooth_model, rng, SHAPE, options, spec=EPS)
+  )(jax.random.key(0)).jaxpr
 
 
 @pytest.mark.parametrize("method", sorted(AT_T_LEVELS))
@@ -46,8 +47,11 @@ def test_one_scan_not_unrolled(method):
   assert len(scans) == 1 and scans[0].params["length"] == T
   fewer = {f.name: T // 2 for f in dataclasses.fields(options) if f.name == "num_steps"}
   inner = options.predictor if method == "pc" else None
-  half = (dataclasses.replace(options, predictor=dataclasses.replace(inner, num_steps=T // 2))
-          if inner is not None else dataclasses.replace(options, **fewer))
+  half = (
+    dataclasses.replace(options, predictor=dataclasses.replace(inner, num_steps=T // 2))
+    if inner is not None
+    else dataclasses.replace(options, **fewer)
+  )
   if half != options:
     assert len(_jaxpr(half).eqns) == len(jaxpr.eqns)
 
@@ -60,8 +64,9 @@ def test_every_method_starts_from_the_same_x_T():
   rng = jax.random.key(3)
   x_T = jax.random.normal(jax.random.split(rng)[0], SHAPE, jnp.float32)
   np.testing.assert_array_equal(
-      samplers.generate(SCHED, fn, rng, SHAPE, options, spec=EPS),
-      samplers.dpm_solver_sample(SCHED, fn, x_T, num_steps=5))
+    samplers.generate(SCHED, fn, rng, SHAPE, options, spec=EPS),
+    samplers.dpm_solver_sample(SCHED, fn, x_T, num_steps=5),
+  )
 
 
 def test_config_groups_are_the_options_fields(make_config):
@@ -80,17 +85,30 @@ def test_config_groups_are_the_options_fields(make_config):
 
 
 def test_from_config_resolves_the_predictor_group(make_config):
-  config = make_config(**{"sampling.method": "pc", "sampling.pc.predictor": "ddim",
-                          "sampling.pc.snr": 0.3, "sampling.ddim.num_steps": 10,
-                          "sampling.ddim.skip": "quad"})
+  config = make_config(
+    **{
+      "sampling.method": "pc",
+      "sampling.pc.predictor": "ddim",
+      "sampling.pc.snr": 0.3,
+      "sampling.ddim.num_steps": 10,
+      "sampling.ddim.skip": "quad",
+    }
+  )
   options = samplers.from_config(config.sampling)
   assert options == samplers.PCOptions(
-      samplers.DDIMOptions(num_steps=10, skip="quad", clip_denoised=False), snr=0.3)
+    samplers.DDIMOptions(num_steps=10, skip="quad", clip_denoised=False), snr=0.3
+  )
   assert [group for group, _ in samplers.nested(options)] == ["ddim", "pc"]
   assert samplers.settings(options) == {
-      "method": "pc", "predictor.method": "ddim", "predictor.num_steps": 10,
-      "predictor.eta": 0.0, "predictor.skip": "quad", "predictor.clip_denoised": False,
-      "corrector_steps": 1, "snr": 0.3}
+    "method": "pc",
+    "predictor.method": "ddim",
+    "predictor.num_steps": 10,
+    "predictor.eta": 0.0,
+    "predictor.skip": "quad",
+    "predictor.clip_denoised": False,
+    "corrector_steps": 1,
+    "snr": 0.3,
+  }
   assert options.nfe(T) == 20
 
 
