@@ -147,7 +147,7 @@ def _open_safetensors(path: str) -> tuple[dict[str, tuple[int, ...]], Callable]:
       "Reading a diffusers folder needs the safetensors package: pip install safetensors."
     ) from e
   with safetensors.safe_open(path, framework="numpy") as f:
-    shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f}
+    shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118  (safe_open is not iterable)
 
   def read(name: str) -> np.ndarray:
     with safetensors.safe_open(path, framework="numpy") as f:
