@@ -313,8 +313,9 @@ def _child(args: list[str], prefix: str, env: dict[str, str], prelude: str) -> N
 
 def _serve() -> None:
   """The server loop: JSON requests on stdin, one JSON reply line each on stdout."""
-  import main  # noqa: F401
-  from ddpm_jax import evaluate, sample, train  # noqa: F401
+  # Imported before any fork, so each child starts with the modes loaded.
+  import main  # noqa: F401  (loaded, not called here)
+  from ddpm_jax import evaluate, sample, train  # noqa: F401  (loaded, not called here)
 
   def reply(obj):
     return (sys.stdout.write(json.dumps(obj) + "\n"), sys.stdout.flush())

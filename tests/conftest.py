@@ -19,10 +19,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/ddpm_jax_test_compile_c
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402  (after the environment above)
-import pytest  # noqa: E402
+import pytest  # noqa: E402  (after the environment above)
 
-from configs import default as default_config  # noqa: E402
-from configs import test_tiny  # noqa: E402
+from configs import default as default_config  # noqa: E402  (after the environment above)
+from configs import test_tiny  # noqa: E402  (after the environment above)
 
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update(

@@ -85,9 +85,12 @@ def test_epochs_cover_every_example_once(fake_files):
 
 def test_same_seed_same_batches_and_exact_resume(fake_files):
   config = data_config(data_dir=fake_files[0])
-  make = lambda seed, start=0: ip.create_train_iterator(  # noqa: E731
-    config, global_batch_size=GLOBAL_BATCH, seed=seed, start_step=start
-  )
+
+  def make(seed, start=0):
+    return ip.create_train_iterator(
+      config, global_batch_size=GLOBAL_BATCH, seed=seed, start_step=start
+    )
+
   reference = _take(make(7), 7)
   chex.assert_trees_all_equal(reference, _take(make(7), 7))
   chex.assert_trees_all_equal(reference[3:], _take(make(7, start=3), 4))
@@ -256,9 +259,10 @@ def test_lsun_streams_deterministically_and_resumes(mock_tfds):
   config = data_config(
     "lsun/church_outdoor", image_size=16, shuffle_buffer=8, eval_split="validation"
   )
-  make = lambda seed, start=0: ip.create_train_iterator(  # noqa: E731
-    config, global_batch_size=16, seed=seed, start_step=start
-  )
+
+  def make(seed, start=0):
+    return ip.create_train_iterator(config, global_batch_size=16, seed=seed, start_step=start)
+
   reference = _take(make(0), 4)  # 64 positions: batches straddle the 24-example epochs.
   chex.assert_shape(reference, (8, 2, 16, 16, 3))
   assert all(b.dtype == np.uint8 for b in reference)

@@ -48,8 +48,8 @@ LOSS_STEP = re.compile(r"step (\d+)/\d+ loss")
 @dataclasses.dataclass(frozen=True)
 class KillPoint:
   """Where one host of a pod run dies by SIGKILL: ``target`` is a function it dies in
-  (`ft.plant_kill`: ``after`` seconds into its first call, or, for "mid_save", as the
-  save's temporary folder appears); no target: the test kills the process from outside
+  (`ft.plant_kill`: ``after`` seconds into its first call; "mid_save" as Orbax is about to
+  rename the save's complete temporary folder); no target: the test kills the process from outside
   after its loss line of step 6."""
 
   name: str
@@ -60,10 +60,13 @@ class KillPoint:
 
 
 _CHECKPOINTER = "ddpm_jax.checkpointing:Checkpointer"
+_ORBAX_COMMIT = "orbax.checkpoint._src.path.atomicity:AtomicRenameTemporaryPath.finalize"
 KILL_POINTS = (  # In the order of the run's lives.
   KillPoint("mid_step", victim=1),
   KillPoint("mid_restore", victim=1, target=f"{_CHECKPOINTER}._restore_verified"),
-  KillPoint("mid_save", victim=0, target=f"{_CHECKPOINTER}.save"),
+  # Orbax's commit of a written save: the temporary folder is complete, not yet renamed.
+  # Deterministic, where watching for the folder could miss a fast save.
+  KillPoint("mid_save", victim=0, target=f"{_ORBAX_COMMIT}"),
   KillPoint("mid_sample_grid", victim=1, target="ddpm_jax.train:SampleGrids.write", after=0.5),
   KillPoint(
     "mid_eval", victim=0, target="ddpm_jax.evaluation.bpd:compute_bpd", after=0.5, mode="eval"
@@ -103,10 +106,9 @@ def _life(server, workdir, point: KillPoint, flags: tuple[str, ...]) -> Outcome:
   marker = str(workdir) + f".{point.name}.killed"  # Holds the wall time of the kill.
   preludes = ["", ""]
   if point.target:
-    watch = str(workdir / "checkpoints") if point.name == "mid_save" else ""
     preludes[point.victim] = (
       f"from tests import _fault_tools as ft; ft.plant_kill({point.target!r}, "
-      f"after={point.after}, marker={marker!r}, watch_dir={watch!r})"
+      f"after={point.after}, marker={marker!r})"
     )
   pids = ft.start_pod(server, _args(workdir, *flags), name=point.name, preludes=preludes)
   if not point.target:
