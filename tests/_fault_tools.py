@@ -58,8 +58,11 @@ def step_losses(text: str) -> dict[int, float]:
 
 
 def devices_env(count: int) -> dict[str, str]:
-  """The environment of a process with ``count`` CPU devices."""
-  return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={count}"}
+  """The environment of a process with ``count`` CPU devices and this process's other XLA
+  flags (the tests' compile flags: runs compared with in-process ones compile alike)."""
+  count_flag = "--xla_force_host_platform_device_count"
+  others = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count_flag)]
+  return {"XLA_FLAGS": " ".join([f"{count_flag}={count}", *others])}
 
 
 def start_pod(
