@@ -212,7 +212,8 @@ def test_fid_gathers_statistics_not_images(workdir, sample_set, monkeypatch):
     traffic[num] = sum(a.nbytes for a in sent)
     sent.clear()
     if num == 12:
-      # The same images (batched differently: float64 rounding of the merges).
-      assert result["fid"] == pytest.approx(fresh["fid"], rel=1e-9)
+      # The same images, batched differently: the features of two programs and the
+      # float64 rounding of the merges.
+      assert result["fid"] == pytest.approx(fresh["fid"], rel=1e-7)
       assert result["inception_score"] == pytest.approx(fresh["inception_score"], rel=1e-12)
   assert len(set(traffic.values())) == 1 and traffic[10] > 0, traffic

@@ -45,30 +45,31 @@ FLAGS = (
   "--config.sampling.num_samples=16",
   "--config.sampling.method=ddim",
   "--config.sampling.ddim.num_steps=5",
-  # A U-Net of one resolution without attention: each process compiles anew, and this
-  # halves it (the imported-weights test passes its own layout after these).
-  "--config.model.ch_mult=(1,)",
-  "--config.model.attn_resolutions=()",
 )
+# The trained runs' U-Net: one resolution, no attention. Each process compiles anew, and
+# this halves it; the imported weights keep their own layout.
+SMALL_MODEL = ("--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()")
 
 
-def _args(workdir, *flags) -> list[str]:
+def _args(workdir, *flags, model: tuple[str, ...] = SMALL_MODEL) -> list[str]:
   return [
     "--config",
     os.path.join("configs", "test_tiny.py"),
     f"--workdir={workdir}",
     *FLAGS,
+    *model,
     *flags,
   ]
 
 
-def _start_pod(server, workdir, *flags, name: str) -> list[int]:
+def _start_pod(server, workdir, *flags, name: str, model=SMALL_MODEL) -> list[int]:
   """Starts the 2 processes of one pod run; returns their PIDs (process 0 first)."""
-  return ft.start_pod(server, _args(workdir, *flags), name=name)
+  return ft.start_pod(server, _args(workdir, *flags, model=model), name=name)
 
 
-def _run_pod(server, workdir, *flags, name: str, timeout: float = 240) -> list[ft.Result]:
-  return [server.wait(pid, timeout) for pid in _start_pod(server, workdir, *flags, name=name)]
+def _run_pod(server, workdir, *flags, name: str, timeout: float = 240, model=SMALL_MODEL):
+  pids = _start_pod(server, workdir, *flags, name=name, model=model)
+  return [server.wait(pid, timeout) for pid in pids]
 
 
 def _state(workdir, step=None):
@@ -155,7 +156,7 @@ def test_sample_and_eval_of_imported_weights_on_a_pod_equal_one_process(server, 
     shutil.copytree(workdir, tmp_path / name)
   single = [
     server.run(
-      _args(tmp_path / "one", f"--mode={m}", *layout_flags, *extra),
+      _args(tmp_path / "one", f"--mode={m}", *layout_flags, *extra, model=()),
       env=ft.devices_env(4),
       name=f"one_{m}",
       timeout=240,
@@ -163,7 +164,7 @@ def test_sample_and_eval_of_imported_weights_on_a_pod_equal_one_process(server, 
     for m, extra in (("sample", ["--config.sampling.tag=one"]), ("eval", []))
   ]
   pod = [
-    _run_pod(server, tmp_path / "pod", f"--mode={m}", *layout_flags, name=f"pod_{m}")
+    _run_pod(server, tmp_path / "pod", f"--mode={m}", *layout_flags, name=f"pod_{m}", model=())
     for m in ("sample", "eval")
   ]
   for result in single + pod[0] + pod[1]:

@@ -88,7 +88,9 @@ def test_device_flip_equals_flipping_the_input(initial, make_config):
     )
   (on_device, loss_device), (on_host, loss_host) = results
   np.testing.assert_array_equal(loss_device, loss_host)
-  chex.assert_trees_all_equal(on_device.params, on_host.params)
+  # Two programs: equal to float rounding (bit-equal with LLVM's optimisations on; the
+  # tests compile without them, see conftest).
+  chex.assert_trees_all_close(on_device.params, on_host.params, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.slow
