@@ -119,17 +119,24 @@ def sample_timed(config: Any, params: Any, num: int) -> tuple[np.ndarray, float,
   return np.concatenate(out)[:num], first_call_s, rate
 
 
+def kept_samples(name: str) -> np.ndarray | None:
+  """The samples of row ``name`` kept in --samples_dir, from its largest <name>_n<N>.npz."""
+  sizes = {}
+  for f in os.listdir(FLAGS.samples_dir):
+    prefix, _, rest = f.rpartition("_n")
+    if prefix == name and rest.endswith(".npz") and rest[:-4].isdigit():
+      sizes[int(rest[:-4])] = f
+  if not sizes:
+    return None
+  with np.load(os.path.join(FLAGS.samples_dir, sizes[max(sizes)])) as saved:
+    return saved["samples"]
+
+
 def ode_distance(samples: np.ndarray) -> dict[str, Any]:
   """RMS pixel difference (0..255) to the --ode_reference samples kept in --samples_dir."""
-  found = sorted(
-    f
-    for f in os.listdir(FLAGS.samples_dir)
-    if f.startswith(FLAGS.ode_reference + "_n") and f.endswith(".npz")
-  )
-  if not found:
+  reference = kept_samples(FLAGS.ode_reference)
+  if reference is None:
     return {}
-  with np.load(os.path.join(FLAGS.samples_dir, found[-1])) as saved:
-    reference = saved["samples"]
   n = min(len(reference), len(samples))
   diff = samples[:n].astype(np.float64) - reference[:n].astype(np.float64)
   return {
@@ -137,19 +144,6 @@ def ode_distance(samples: np.ndarray) -> dict[str, Any]:
     "ode_rms_levels": float(np.sqrt(np.mean(diff**2))),
     "ode_compared": n,
   }
-
-
-def kept_samples(name: str, num: int) -> tuple[np.ndarray, str]:
-  """The first ``num`` samples of ``name`` kept in --samples_dir, from its largest file."""
-  sizes = {}
-  for f in os.listdir(FLAGS.samples_dir):
-    prefix, _, rest = f.rpartition("_n")
-    if prefix == name and rest.endswith(".npz") and rest[:-4].isdigit():
-      sizes[int(rest[:-4])] = f
-  if not sizes or max(sizes) < num:
-    raise app.UsageError(f"--rescore={num}: {name} has no kept file of >= {num} samples")
-  with np.load(os.path.join(FLAGS.samples_dir, sizes[max(sizes)])) as saved:
-    return saved["samples"][:num], sizes[max(sizes)]
 
 
 def main(argv: list[str]) -> None:
@@ -167,14 +161,16 @@ def main(argv: list[str]) -> None:
     config_checks.check_config(config, "sample")
     options = samplers.from_config(config.sampling)
     if FLAGS.rescore:
-      samples, source = kept_samples(name, FLAGS.rescore)
+      kept = kept_samples(name)
+      if kept is None or len(kept) < FLAGS.rescore:
+        raise app.UsageError(f"--rescore={FLAGS.rescore}: {name} has no kept file that large")
+      samples = kept[: FLAGS.rescore]
       scores = sample_quality.evaluate_samples(samples, config, cache_dir=cache)
       record = {
         "bench": "sampler_quality_rescored",
         "row": name,
         "step": step,
         "num_samples": FLAGS.rescore,
-        "kept_file": source,
         "nfe": options.nfe(int(config.diffusion.num_timesteps)),
         **{k: scores[k] for k in ("fid", "inception_score", "feature_network")},
       }

@@ -91,10 +91,8 @@ def torchscript(torch, torchscript_path):
 def image_sets() -> dict[str, np.ndarray]:
   """Fashion-MNIST train / test subsets and the train subset with Gaussian noise added."""
   if not _FASHION_MNIST.is_dir():
-    pytest.skip(
-      reason=f"Fashion-MNIST idx files not found under {_FASHION_MNIST} "
-      "(apt-get install dataset-fashion-mnist)"
-    )
+    why = f"Fashion-MNIST idx files not found under {_FASHION_MNIST} (apt-get install"
+    pytest.skip(reason=f"{why} dataset-fashion-mnist)")
   train = data_sources.read_idx_images(str(_FASHION_MNIST / "train-images-idx3-ubyte.gz"))
   test = data_sources.read_idx_images(str(_FASHION_MNIST / "t10k-images-idx3-ubyte.gz"))
   train = np.ascontiguousarray(train[:_NUM])

@@ -186,10 +186,8 @@ def test_idx_reader_rejects_corrupt_files(tmp_path, corruption, message):
 def test_real_fashion_mnist_files():
   paths = {s: os.path.join(ds.FASHION_MNIST_DIR, f) for s, f in ds.FASHION_MNIST_FILES.items()}
   if not all(os.path.isfile(p) for p in paths.values()):
-    pytest.skip(
-      reason=f"Fashion-MNIST idx files absent under {ds.FASHION_MNIST_DIR} "
-      "(apt-get install dataset-fashion-mnist)"
-    )
+    why = f"Fashion-MNIST idx files absent under {ds.FASHION_MNIST_DIR} (apt-get install"
+    pytest.skip(reason=f"{why} dataset-fashion-mnist)")
   train, test = ds.read_idx_images(paths["train"]), ds.read_idx_images(paths["test"])
   chex.assert_shape(train, (60000, 28, 28, 1))
   chex.assert_shape(test, (10000, 28, 28, 1))

@@ -104,69 +104,16 @@ def test_start_mid_chain_from_a_given_x_t():
 
 
 @pytest.mark.parametrize(
-  "call,match",
+  "shape,kwargs,match",
   [
-    (
-      lambda: samplers.ancestral_sample(
-        SCHED,
-        None,
-        jax.random.key(0),
-        (0, 2, 2, 3),
-        model_mean_type="eps",
-        model_var_type="fixedlarge",
-      ),
-      "positive",
-    ),
-    (
-      lambda: samplers.ancestral_sample(
-        SCHED,
-        None,
-        jax.random.key(0),
-        SHAPE,
-        model_mean_type="eps",
-        model_var_type="fixedlarge",
-        return_trajectory=True,
-        trajectory_timesteps=[100],
-      ),
-      r"\[0, T=100\)",
-    ),
-    (
-      lambda: samplers.ancestral_sample(
-        SCHED,
-        None,
-        jax.random.key(0),
-        SHAPE,
-        model_mean_type="eps",
-        model_var_type="fixedlarge",
-        start_t=100,
-      ),
-      r"start_t=100 must lie in \[0, T=100\)",
-    ),
-    (
-      lambda: samplers.ancestral_sample(
-        SCHED,
-        None,
-        jax.random.key(0),
-        SHAPE,
-        model_mean_type="epsilon",
-        model_var_type="fixedlarge",
-      ),
-      "model_mean_type='epsilon' is unknown",
-    ),
-    (
-      lambda: samplers.ancestral_sample(
-        SCHED,
-        None,
-        jax.random.key(0),
-        SHAPE,
-        model_mean_type="eps",
-        model_var_type="fixedlarge",
-        clip=True,
-      ),
-      "clip",
-    ),
+    ((0, 2, 2, 3), {}, "positive"),
+    (SHAPE, dict(return_trajectory=True, trajectory_timesteps=[100]), r"\[0, T=100\)"),
+    (SHAPE, dict(start_t=100), r"start_t=100 must lie in \[0, T=100\)"),
+    (SHAPE, dict(model_mean_type="epsilon"), "model_mean_type='epsilon' is unknown"),
+    (SHAPE, dict(clip=True), "clip"),
   ],
 )
-def test_bad_input(call, match):
+def test_bad_input(shape, kwargs, match):
+  kwargs = {"model_mean_type": "eps", "model_var_type": "fixedlarge", **kwargs}
   with pytest.raises((ValueError, TypeError), match=match):
-    call()
+    samplers.ancestral_sample(SCHED, None, jax.random.key(0), shape, **kwargs)

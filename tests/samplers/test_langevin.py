@@ -197,59 +197,37 @@ def test_public_functions_build_the_options():
   )
 
 
+_PC = {"model_var_type": "fixedlarge"}
+_ANNEALED = {"num_steps": 10}
+
+
 @pytest.mark.parametrize(
-  "call,match",
+  "sample,kwargs,match",
   [
     (
-      lambda: samplers.pc_sample(
-        SCHED,
-        None,
-        jax.random.key(0),
-        SHAPE,
-        model_mean_type="eps",
-        model_var_type="fixedlarge",
-        predictor="euler",
-      ),
+      samplers.pc_sample,
+      dict(_PC, predictor="euler"),
       "predictor='euler' is unknown; allowed: ancestral, ddim",
     ),
     (
-      lambda: samplers.pc_sample(
-        SCHED,
-        None,
-        jax.random.key(0),
-        SHAPE,
-        model_mean_type="eps",
-        model_var_type="fixedlarge",
-        corrector_steps=-1,
-      ),
+      samplers.pc_sample,
+      dict(_PC, corrector_steps=-1),
       "corrector_steps=-1 must be an integer >= 0",
     ),
+    (samplers.pc_sample, dict(_PC, snr=0.0), "snr=0.0 must be > 0"),
     (
-      lambda: samplers.pc_sample(
-        SCHED,
-        None,
-        jax.random.key(0),
-        SHAPE,
-        model_mean_type="eps",
-        model_var_type="fixedlarge",
-        snr=0.0,
-      ),
-      "snr=0.0 must be > 0",
-    ),
-    (
-      lambda: samplers.annealed_langevin_sample(
-        SCHED, None, jax.random.key(0), SHAPE, num_steps=10, langevin_steps=0, model_mean_type="eps"
-      ),
+      samplers.annealed_langevin_sample,
+      dict(_ANNEALED, langevin_steps=0),
       "langevin_steps=0 must be an integer >= 1",
     ),
     (
-      lambda: samplers.annealed_langevin_sample(
-        SCHED, None, jax.random.key(0), SHAPE, num_steps=101, model_mean_type="eps"
-      ),
+      samplers.annealed_langevin_sample,
+      dict(num_steps=101),
       r"num_steps=101 must be an integer in \[1, 100\]",
     ),
   ],
+  ids=["predictor", "corrector_steps", "snr", "langevin_steps", "num_steps"],
 )
-def test_bad_input(call, match):
+def test_bad_input(sample, kwargs, match):
   with pytest.raises(ValueError, match=match):
-    call()
+    sample(SCHED, None, jax.random.key(0), SHAPE, model_mean_type="eps", **kwargs)
